@@ -1,0 +1,77 @@
+"""The backend registry: one table from name to module, availability and the reason why not.
+
+Every backend module implements the same ops with the same signatures (see
+``numpy_backend``'s docstring for the contract). The estimators only call ops; they never
+branch on the backend.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+# Fastest first: the order ``backend="auto"`` tries.
+AUTO_ORDER = ("cpp", "numba", "numpy")
+
+_MODULES = {
+    "numpy": "nudgefast._backends.numpy_backend",
+    "numba": "nudgefast._backends.numba_backend",
+    "cpp": "nudgefast._backends.cpp_backend",
+}
+
+_INSTALL_HINT = {
+    "numpy": "pip install numpy",
+    "numba": "pip install numba",
+    "cpp": "reinstall nudgefast from source so the extension builds: pip install . "
+           "(needs a C++17 compiler with OpenMP)",
+}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Whether a backend can be used here and, if not, why and how to fix it."""
+
+    name: str
+    available: bool
+    reason: str
+
+
+_cache: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    if name not in _cache:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            _cache[name] = (module, "available")
+        except Exception as exc:  # ImportError, or a broken compiled module
+            _cache[name] = (None, f"{type(exc).__name__}: {exc}; fix: {_INSTALL_HINT[name]}")
+    return _cache[name]
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every known backend, in ``auto`` order, with availability and the reason when missing."""
+    out = {}
+    for name in AUTO_ORDER:
+        module, reason = _load(name)
+        out[name] = BackendInfo(name, module is not None, reason)
+    return out
+
+
+def get(name: str = "auto") -> ModuleType:
+    """The backend module for ``name`` (``"auto"``: the fastest available)."""
+    if name == "auto":
+        tried = []
+        for candidate in AUTO_ORDER:
+            module, reason = _load(candidate)
+            if module is not None:
+                return module
+            tried.append(f"{candidate}: {reason}")
+        raise RuntimeError("no nudgefast backend is available; tried " + "; ".join(tried))
+    if name not in _MODULES:
+        raise ValueError(f"backend={name!r} is not known; choose one of "
+                         f"{['auto', *AUTO_ORDER]}")
+    module, reason = _load(name)
+    if module is None:
+        raise RuntimeError(f"backend={name!r} is not available here: {reason}")
+    return module

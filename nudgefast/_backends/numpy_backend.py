@@ -1,0 +1,178 @@
+"""NumPy reference implementation of every op.
+
+This module is the specification the compiled backends are tested against. Every op takes
+arrays that the API layer has already validated (shapes, dtypes, finiteness of the small
+inputs); the ops trust their inputs. ``float64`` inputs give the float64 reference mode used
+by the tests; ``float32`` queries give the float32 production path.
+
+Op contract (identical signatures in every backend; every op also takes a keyword
+``n_threads=None``: the number of CPU threads, ``None`` for all cores; ignored here):
+
+``query_gradient(queries, order, seg_ptr) -> (t, d) float64``
+    Segmented sum: row ``j`` is ``sum(queries[order[seg_ptr[j]:seg_ptr[j+1]]])``.
+
+``topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index) -> int``
+    Merge the corpus rows ``chunk`` (global rows ``row_offset + r``) into the running top-k
+    ``best_scores``/``best_index`` ((n_q, k), updated in place, kept sorted by score descending
+    then index ascending; empty slots hold ``-inf`` / ``-1``). Rows listed in ``exclude``
+    (sorted int64, local to the chunk) are not candidates. With ``normalize`` the score is
+    ``q . x / |x|`` (cosine up to the query norm), else ``q . x``. Returns the global index of
+    the first row whose norm is not finite (or zero when ``normalize``), else ``-1``; such rows
+    are never candidates.
+
+``nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps) -> (low, high, feasible)``
+    Per validation pair ``p`` (query ``i = pair_query[p]``, answer ``x``): the closed interval
+    of gamma >= 0 on which ``x`` is top-1. ``S``, ``G`` (n_b, t) are ``v . e_j`` and
+    ``v . c_j/|c_j|`` over the touched records; ``pair_pos`` is the position of ``x`` among the
+    touched records (``-1`` when untouched), ``s_x``/``g_x`` its score and gradient score,
+    ``u_score`` the best untouched score other than ``x`` (``-inf`` when none; its ``g`` is 0).
+    With ``D = g_x - g_j`` and ``alpha = (s_j - s_x) / (D + eps)``: ``D > 0`` bounds gamma from
+    below, ``D < 0`` from above, ``D == 0`` demands ``s_j <= s_x``. ``high`` is ``1/eps`` when
+    unbounded (``inf`` for ``eps == 0``), ``low`` is clamped at 0.
+
+``nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val)
+-> (n_b, n_gamma) int64``
+    For each query and gamma ``g``: touched record ``j`` scores ``alpha[g, j] * S[i, j] +
+    beta[g, j] * H[i, j]`` (``H = v . c_j``), untouched candidates are ``unt_scores`` /
+    ``unt_index`` (top-k_val untouched, ``-inf`` / ``-1`` padded). Returns how many of the
+    top-``k_val`` (score desc, index asc) are answers (``ans_index[ans_ptr[i]:ans_ptr[i+1]]``,
+    sorted, unique).
+
+``project(E, C, alpha, beta) -> (t, d) float32``
+    ``alpha[:, None] * E + beta[:, None] * C`` computed in float64.
+
+``metrics(retrieved, ans_ptr, ans_index, ans_rel, k) -> (n, 3) float64``
+    Per query recall@k, ndcg@k (graded), mrr@k over the first ``k`` columns of ``retrieved``
+    (answers sorted unique, ``ans_rel`` aligned). Queries without answers get NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NAME = "numpy"
+
+
+def query_gradient(queries, order, seg_ptr, *, n_threads=None):
+    t = len(seg_ptr) - 1
+    d = queries.shape[1]
+    if t == 0:
+        return np.zeros((0, d), dtype=np.float64)
+    gathered = np.asarray(queries, dtype=np.float64)[order]
+    # Segments are never empty (a touched record has at least one query), so reduceat is exact.
+    return np.add.reduceat(gathered, seg_ptr[:-1], axis=0)
+
+
+def _chunk_scores(queries, chunk, normalize):
+    x = np.asarray(chunk, dtype=queries.dtype)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    bad = ~np.isfinite(norms)
+    if normalize:
+        bad |= norms == 0
+    scores = queries @ x.T
+    if normalize:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = scores / norms.astype(scores.dtype)[None, :]
+    return scores, bad
+
+
+def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
+    m = chunk.shape[0]
+    if m == 0:
+        return -1
+    k = best_scores.shape[1]
+    scores, bad = _chunk_scores(queries, chunk, normalize)
+    first_bad = int(np.flatnonzero(bad)[0]) + row_offset if bad.any() else -1
+    drop = bad.copy()
+    drop[exclude] = True
+    scores = scores.astype(best_scores.dtype, copy=False)
+    scores[:, drop] = -np.inf
+    kk = min(k, m)
+    # Every row keeps its candidates >= its kk-th largest chunk score: that set holds the
+    # chunk's top-kk including every tie at the boundary, so the index tie rule can be applied.
+    kth = np.partition(scores, m - kk, axis=1)[:, m - kk]
+    rows, cols = np.nonzero(scores >= kth[:, None])
+    vals = scores[rows, cols]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(rows, np.arange(scores.shape[0]))
+    rank = np.arange(len(rows)) - starts[rows]
+    keep = rank < kk
+    cand_s = np.full((scores.shape[0], kk), -np.inf, dtype=best_scores.dtype)
+    cand_i = np.full((scores.shape[0], kk), -1, dtype=np.int64)
+    cand_s[rows[keep], rank[keep]] = vals[keep]
+    cand_i[rows[keep], rank[keep]] = cols[keep] + row_offset
+    # State indices are all < row_offset <= chunk indices, and both halves are already in
+    # (score desc, index asc) order, so a stable sort on the score alone keeps the tie rule.
+    all_s = np.concatenate([best_scores, cand_s], axis=1)
+    all_i = np.concatenate([best_index, cand_i], axis=1)
+    top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+    best_scores[...] = np.take_along_axis(all_s, top, axis=1)
+    best_index[...] = np.take_along_axis(all_i, top, axis=1)
+    best_index[np.isneginf(best_scores)] = -1
+    return first_bad
+
+
+def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_threads=None):
+    large = np.inf if eps == 0 else 1.0 / eps
+    Sp = S[pair_query]  # (P, t)
+    Gp = G[pair_query]
+    D = g_x[:, None] - Gp
+    s_dif = Sp - s_x[:, None]
+    # The untouched competitor: g = 0.
+    D = np.concatenate([D, g_x[:, None]], axis=1)
+    s_dif = np.concatenate([s_dif, (u_score - s_x)[:, None]], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = s_dif / (D + eps)
+    low = np.max(np.where(D > 0, alpha, 0.0), axis=1, initial=0.0)
+    low = np.maximum(low, 0.0)
+    high = np.min(np.where(D < 0, alpha, large), axis=1, initial=large)
+    # A competitor with the same gradient score must not already beat x (u_score=-inf never does).
+    tie_block = np.any((D == 0) & (s_dif > 0), axis=1)
+    feasible = ~tie_block & (high >= low)
+    return low, high, feasible
+
+
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
+    n_b = S.shape[0]
+    n_gamma = alpha.shape[0]
+    hits = np.zeros((n_b, n_gamma), dtype=np.int64)
+    for g in range(n_gamma):
+        scores = alpha[g][None, :] * S + beta[g][None, :] * H  # (n_b, t)
+        all_s = np.concatenate([scores, unt_scores.astype(np.float64)], axis=1)
+        all_i = np.concatenate([np.broadcast_to(touched, scores.shape), unt_index], axis=1)
+        order = np.lexsort((all_i, -all_s), axis=1)[:, :k_val]
+        top_i = np.take_along_axis(all_i, order, axis=1)
+        top_s = np.take_along_axis(all_s, order, axis=1)
+        for i in range(n_b):
+            answers = ans_index[ans_ptr[i]:ans_ptr[i + 1]]
+            picked = top_i[i][np.isfinite(top_s[i])]
+            hits[i, g] = np.count_nonzero(np.isin(picked, answers))
+    return hits
+
+
+def project(E, C, alpha, beta, *, n_threads=None):
+    out = alpha[:, None] * np.asarray(E, dtype=np.float64) + beta[:, None] * np.asarray(C, dtype=np.float64)
+    return out.astype(np.float32)
+
+
+def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
+    n = retrieved.shape[0]
+    out = np.full((n, 3), np.nan)
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)
+    for i in range(n):
+        answers = ans_index[ans_ptr[i]:ans_ptr[i + 1]]
+        if len(answers) == 0:
+            continue
+        rel = ans_rel[ans_ptr[i]:ans_ptr[i + 1]]
+        top = retrieved[i, :k]
+        pos = np.searchsorted(answers, top)
+        pos = np.minimum(pos, len(answers) - 1)
+        hit = (top >= 0) & (answers[pos] == top)
+        gains = np.where(hit, rel[pos], 0.0)
+        ideal = np.sort(rel)[::-1][:k]
+        idcg = float(np.sum(ideal * discount[: len(ideal)]))
+        out[i, 0] = np.count_nonzero(hit) / min(len(answers), k)
+        out[i, 1] = float(np.sum(gains * discount[: len(top)])) / idcg if idcg > 0 else 0.0
+        first = np.flatnonzero(hit)
+        out[i, 2] = 1.0 / (first[0] + 1) if len(first) else 0.0
+    return out
