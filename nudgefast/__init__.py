@@ -1,0 +1,21 @@
+"""nudgefast: NUDGE fine-tuning of data embeddings (arXiv 2409.02343) at hardware speed.
+
+Public API: :class:`NudgeM`, :class:`NudgeN` (``fit -> NudgeResult``), :class:`QuerySet`,
+:func:`search`, :func:`metrics`, :func:`backends`. The drop-in for ``nudge-ft`` lives in
+:mod:`nudgefast.compat`.
+"""
+from __future__ import annotations
+
+import logging
+
+from ._backends import backends
+from .metrics import metrics
+from .nudge import NudgeM, NudgeN, NudgeResult
+from .queryset import QuerySet
+from .search import SearchResult, search
+
+__version__ = "0.1.0"
+__all__ = ["NudgeM", "NudgeN", "NudgeResult", "QuerySet", "SearchResult", "search", "metrics",
+           "backends"]
+
+logging.getLogger("nudgefast").addHandler(logging.NullHandler())

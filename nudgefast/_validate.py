@@ -1,0 +1,77 @@
+"""Every input check in one place. Errors name the argument, what was wrong and the fix.
+
+Checks here are cheap (shapes, dtypes, the small query matrices). The corpus is only checked
+for shape and dtype here: its values (NaN/inf, zero rows) are checked inside the one streaming
+pass that reads it anyway, so validation never costs a second pass over 10^8 rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CORPUS_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def as_corpus(name: str, corpus) -> np.ndarray:
+    """A 2-D float16/32/64 array view of ``corpus`` (never a copy of an ndarray or memmap)."""
+    if not isinstance(corpus, np.ndarray):
+        if hasattr(corpus, "__cuda_array_interface__"):
+            raise TypeError(f"{name}: a GPU array was given to a CPU backend; pass a host array "
+                            f"(e.g. .get() / .cpu().numpy()) or use a GPU backend")
+        try:
+            corpus = np.asarray(corpus)
+        except Exception as exc:
+            raise TypeError(f"{name}: expected a 2-D NumPy array (or np.memmap), got "
+                            f"{type(corpus).__name__}") from exc
+    if corpus.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array of shape (N, d), got {corpus.ndim}-D "
+                         f"shape {corpus.shape}; reshape it to (N, d)")
+    if corpus.dtype.type not in CORPUS_DTYPES:
+        raise TypeError(f"{name}: dtype {corpus.dtype} is not supported; use float32 or float16 "
+                        f"(e.g. {name}.astype(np.float32))")
+    if corpus.shape[0] == 0 or corpus.shape[1] == 0:
+        raise ValueError(f"{name}: is empty (shape {corpus.shape}); pass at least one record "
+                         f"with d >= 1")
+    return corpus
+
+
+def as_queries(name: str, queries, d: int | None = None, dtype=np.float32) -> np.ndarray:
+    """A C-contiguous copy of a query matrix in ``dtype``, checked for shape and values."""
+    arr = np.asarray(queries)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array of shape (n, d), got {arr.ndim}-D shape "
+                         f"{arr.shape}; reshape it (one row per query)")
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name}: dtype {arr.dtype} is not a float type; pass float32 embeddings")
+    if d is not None and arr.shape[1] != d:
+        raise ValueError(f"{name}: has d={arr.shape[1]} but the corpus has d={d}; embed queries "
+                         f"and corpus with the same model")
+    out = np.array(arr, dtype=dtype, order="C", copy=True)
+    if not np.isfinite(out).all():
+        row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise ValueError(f"{name}: row {row} contains NaN or inf; drop or re-embed that query")
+    if out.shape[0] and (norms := np.linalg.norm(out.astype(np.float64), axis=1)).min() == 0:
+        row = int(np.flatnonzero(norms == 0)[0])
+        raise ValueError(f"{name}: row {row} is a zero vector; drop that query")
+    return out
+
+
+def as_k(name: str, k, n_records: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name}: must be an int, got {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name}: must be >= 1, got {k}")
+    if k > n_records:
+        raise ValueError(f"{name}={k} exceeds the number of records N={n_records}; use k <= N")
+    return k
+
+
+def corpus_row_error(name: str, corpus: np.ndarray, row: int, normalize: bool) -> ValueError:
+    """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm)."""
+    values = np.asarray(corpus[row], dtype=np.float64)
+    if not np.isfinite(values).all():
+        return ValueError(f"{name}: row {row} contains NaN or inf; fix or drop that record "
+                          f"before tuning")
+    what = "a zero vector" if normalize else "not finite"
+    return ValueError(f"{name}: row {row} is {what}; cosine similarity is undefined for it, "
+                      f"drop that record or give it a real embedding")

@@ -1,0 +1,107 @@
+"""Drop-in replacements for ``nudge-ft`` 0.1.2: ``from nudgefast.compat import NUDGEM, NUDGEN``.
+
+Same signature, same gamma, same tuned embeddings (to float32 rounding), computed by the
+streaming kernels. Where the reference is wrong this module keeps its behaviour, so results
+match; the native :class:`nudgefast.NudgeM` / :class:`nudgefast.NudgeN` do better:
+
+- NUDGE-M returns the *left end* of the best segment (an answer there only ties its
+  competitor) and divides by ``g + 1e-8``; native: the midpoint, exact bounds.
+- Duplicate answers in a train list count once per occurrence in the query gradient, and
+  twice as validation pairs in NUDGE-M; native: once.
+- NUDGE-N with any validation query without answers gets a NaN accuracy for every gamma and so
+  returns gamma = 0; native: such queries are skipped with a warning.
+
+Unlike the reference nothing is printed; progress goes through ``logging``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, TypedDict
+
+import numpy as np
+
+from ._defaults import NUDGE_N_GAMMAS, REFERENCE_EPS, VAL_BLOCK
+from . import _validate
+from .nudge import NudgeResult, _fit_m, _fit_n, _prepare
+
+
+class QueriesAnswersDict(TypedDict):
+    q_embs: np.ndarray
+    q_ans_indx: List[List[int]]
+
+
+def _nontrain(nontrain_embeddings, d):
+    if nontrain_embeddings is None:
+        return None
+    if isinstance(nontrain_embeddings, tuple):  # the reference README passes (array, None)
+        nontrain_embeddings = nontrain_embeddings[0]
+        if nontrain_embeddings is None:
+            return None
+    arr = _validate.as_corpus("nontrain_embeddings", nontrain_embeddings)
+    if arr.shape[1] != d:
+        raise ValueError(f"nontrain_embeddings: has d={arr.shape[1]} but embeddings has d={d}")
+    return arr
+
+
+class _Compat:
+    def __init__(self, device=None, *, backend="auto", n_threads=None, progress=False):
+        # ``device`` is accepted for signature compatibility; the backend picks the hardware.
+        self.device = device
+        self.backend = backend
+        self.n_threads = n_threads
+        self.progress = progress
+        #: The :class:`NudgeResult` of the last call (gamma, touched records, accuracy).
+        self.result_: NudgeResult | None = None
+
+    def _prep(self, embeddings, train_set, val_set, *, unique_val):
+        return _prepare(embeddings, train_set, val_set, self.backend, np.float32,
+                        unique_train=False, unique_val=unique_val, skip_empty_val=False,
+                        n_threads=self.n_threads)
+
+
+class NUDGEM(_Compat):
+    """nudge-ft's ``NUDGEM``: fine-tune embeddings within a ball (see the module notes)."""
+
+    def finetune_embeddings(self, embeddings: np.ndarray, train_set: QueriesAnswersDict,
+                            val_set: QueriesAnswersDict, nontrain_embeddings: np.ndarray = None,
+                            val_batch_size: int = VAL_BLOCK, gamma: float = None) -> np.ndarray:
+        """Returns the tuned embeddings (N, d) float32; score them by dot product."""
+        prep = self._prep(embeddings, train_set, val_set, unique_val=False)
+        extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1])
+        if gamma is None:
+            res = _fit_m(prep, "left", REFERENCE_EPS, extra_corpus=extra, chunk_rows=None,
+                         n_threads=self.n_threads, progress=self.progress,
+                         val_block=val_batch_size)
+        else:
+            cnorm = np.linalg.norm(prep.grad, axis=1)
+            beta = np.where(cnorm > 0, float(gamma) / np.where(cnorm > 0, cnorm, 1.0), 0.0)
+            vectors = prep.backend.project(prep.base, prep.grad, np.ones(cnorm.size), beta,
+                                           n_threads=self.n_threads)
+            res = NudgeResult("nudge-m", float(gamma), prep.touched, vectors, np.zeros(0),
+                              np.zeros(0), prep.corpus.shape[0], prep.timings)
+        self.result_ = res
+        return res.apply(prep.corpus)
+
+
+class NUDGEN(_Compat):
+    """nudge-ft's ``NUDGEN``: fine-tune embeddings on the unit sphere (see the module notes)."""
+
+    def finetune_embeddings(self, embeddings: np.ndarray, train_set: QueriesAnswersDict,
+                            val_set: QueriesAnswersDict, nontrain_embeddings: np.ndarray = None,
+                            val_batch_size: int = VAL_BLOCK, val_k: int = 1,
+                            gamma: float = None) -> np.ndarray:
+        """Returns the tuned embeddings (N, d) float32, unit length."""
+        prep = self._prep(embeddings, train_set, val_set, unique_val=True)
+        if (prep.val_csr.counts == 0).any():
+            warnings.warn("val_set: a validation query has no answers; like nudge-ft every "
+                          "gamma then scores NaN and gamma = 0 is returned (the native "
+                          "nudgefast.NudgeN skips such queries)", stacklevel=2)
+        extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1])
+        gammas = NUDGE_N_GAMMAS if gamma is None else np.array([float(gamma)])
+        res = _fit_n(prep, int(val_k), gammas, extra_corpus=extra, chunk_rows=None,
+                     n_threads=self.n_threads, progress=self.progress, val_block=val_batch_size)
+        self.result_ = res
+        return res.apply(prep.corpus)
+
+
+__all__ = ["NUDGEM", "NUDGEN", "QueriesAnswersDict"]

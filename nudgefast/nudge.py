@@ -1,0 +1,408 @@
+"""NUDGE-M and NUDGE-N: validate inputs, call the backend ops, build a sparse result.
+
+The result of NUDGE is a sparse delta: only the touched records T (those answering a train
+query) move. The corpus is read once, by one streaming top-k pass of the validation queries
+over the untouched records; every gamma is then scored against that plus the t touched
+records only (see DESIGN.md §1).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _backends, _validate
+from ._defaults import NUDGE_N_GAMMAS, VAL_BLOCK, chunk_rows_for
+from .queryset import AnswerCSR, as_queryset, check_answers
+from .search import topk_pass
+
+log = logging.getLogger("nudgefast")
+
+
+@dataclass
+class NudgeResult:
+    """The fitted delta.
+
+    gamma: the chosen step. indices: (t,) int64 sorted touched record rows. vectors: (t, d)
+    float32 tuned embeddings of those rows (every other record's tuned embedding is its
+    normalised base embedding). gammas / val_accuracy: the candidates evaluated on the
+    validation queries and their accuracy (NUDGE-N: the grid, accuracy@k_val; NUDGE-M: the
+    left end of every segment of the sweep, fraction of validation pairs ranked top-1 there).
+    n_records: N of the corpus it was fitted on. timings: seconds per stage.
+    """
+
+    variant: str
+    gamma: float
+    indices: np.ndarray
+    vectors: np.ndarray
+    gammas: np.ndarray
+    val_accuracy: np.ndarray
+    n_records: int
+    timings: dict = field(default_factory=dict)
+
+    def apply(self, corpus, out=None, *, chunk_rows=None) -> np.ndarray:
+        """The tuned corpus (N, d) float32: every row normalised, touched rows replaced.
+
+        Streams ``corpus``; writes into ``out`` when given (a float32 (N, d) array or memmap;
+        it may be ``corpus`` itself to tune in place), else allocates.
+        """
+        corpus = _validate.as_corpus("corpus", corpus)
+        n, d = corpus.shape
+        if n != self.n_records or d != self.vectors.shape[1]:
+            raise ValueError(f"corpus: shape {corpus.shape} differs from the fitted corpus "
+                             f"({self.n_records}, {self.vectors.shape[1]}); apply the result "
+                             f"to the corpus it was fitted on")
+        if out is None:
+            out = np.empty((n, d), dtype=np.float32)
+        elif out.shape != (n, d) or out.dtype != np.float32:
+            raise ValueError(f"out: expected a float32 array of shape {(n, d)}, got "
+                             f"{out.dtype} {out.shape}")
+        step = chunk_rows or chunk_rows_for(1, d, corpus.dtype.itemsize)
+        for start in range(0, n, step):
+            x = np.asarray(corpus[start:start + step], dtype=np.float64)
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[start:start + step] = np.where(norms > 0, x / norms, 0.0)
+        out[self.indices] = self.vectors
+        return out
+
+
+# ----------------------------------------------------------------------------------------
+# Shared preparation
+
+
+@dataclass
+class _Prepared:
+    corpus: np.ndarray
+    backend: object
+    val_q: np.ndarray  # (n_val, d) queries actually used (non-empty answers)
+    val_csr: AnswerCSR
+    touched: np.ndarray  # (t,) sorted int64
+    grad: np.ndarray  # (t, d) float64 query gradient c_j
+    base: np.ndarray  # (t, d) float64 normalised base rows e_j
+    timings: dict
+
+
+def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
+             n_threads) -> _Prepared:
+    corpus = _validate.as_corpus("corpus", corpus)
+    n, d = corpus.shape
+    impl = _backends.get(backend)
+    train, train_q = as_queryset("train", train, d, dtype)
+    val, val_q = as_queryset("val", val, d, dtype)
+    train_csr = train.csr(unique=unique_train)
+    val_csr = val.csr(unique=unique_val)
+    check_answers("train", train_csr, n)
+    check_answers("val", val_csr, n)
+    if train_csr.index.size == 0:
+        raise ValueError("train: has no (query, answer) pairs; NUDGE needs at least one train "
+                         "query with an answer")
+    if len(val) == 0:
+        raise ValueError("val: has no queries; gamma is chosen on validation queries, pass some")
+    timings = {}
+    empty = val_csr.counts == 0
+    if empty.any() and skip_empty_val:
+        warnings.warn(f"val: {int(empty.sum())} validation queries have no answers and are "
+                      f"skipped", stacklevel=3)
+        keep = np.flatnonzero(~empty)
+        if keep.size == 0:
+            raise ValueError("val: no validation query has an answer; give answer lists")
+        val_q = val_q[keep]
+        val_csr = AnswerCSR(np.r_[0, np.cumsum(val_csr.counts[keep])].astype(np.int64),
+                            np.concatenate([val_csr.index[val_csr.ptr[i]:val_csr.ptr[i + 1]]
+                                            for i in keep]),
+                            np.concatenate([val_csr.relevance[val_csr.ptr[i]:val_csr.ptr[i + 1]]
+                                            for i in keep]))
+    t0 = time.perf_counter()
+    # Query gradient: pairs (record, query) grouped by record, queries in order inside a group.
+    records = train_csr.index
+    queries_of_pair = np.repeat(np.arange(len(train), dtype=np.int64), train_csr.counts)
+    order = np.argsort(records, kind="stable")
+    sorted_records = records[order]
+    first = np.r_[True, sorted_records[1:] != sorted_records[:-1]]
+    touched = sorted_records[first]
+    seg_ptr = np.r_[np.flatnonzero(first), len(sorted_records)].astype(np.int64)
+    grad = impl.query_gradient(train_q, queries_of_pair[order], seg_ptr, n_threads=n_threads)
+    base = np.asarray(corpus[touched], dtype=np.float64)
+    norms = np.linalg.norm(base, axis=1)
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        raise _validate.corpus_row_error("corpus", corpus, int(touched[np.argmax(bad)]), True)
+    base /= norms[:, None]
+    timings["query_gradient"] = time.perf_counter() - t0
+    log.info("NUDGE: N=%d d=%d, %d train pairs touch t=%d records, %d validation queries",
+             n, d, records.size, touched.size, val_q.shape[0])
+    return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings)
+
+
+def _untouched_topk(prep: _Prepared, k, *, extra_corpus, chunk_rows, n_threads, progress):
+    t0 = time.perf_counter()
+    state = topk_pass(prep.backend, prep.val_q, prep.corpus, k, exclude=prep.touched,
+                      chunk_rows=chunk_rows, n_threads=n_threads, progress=progress,
+                      desc="NUDGE corpus pass")
+    if extra_corpus is not None:
+        state = topk_pass(prep.backend, prep.val_q, extra_corpus, k, chunk_rows=chunk_rows,
+                          n_threads=n_threads, progress=progress, state=state,
+                          row_offset=prep.corpus.shape[0], name="nontrain_embeddings",
+                          desc="NUDGE corpus pass (non-train)")
+    prep.timings["corpus_pass"] = time.perf_counter() - t0
+    return state
+
+
+def _result(variant, prep, gamma, alpha, beta, gammas, acc, n_threads):
+    t0 = time.perf_counter()
+    vectors = prep.backend.project(prep.base, prep.grad, alpha, beta, n_threads=n_threads)
+    prep.timings["project"] = time.perf_counter() - t0
+    return NudgeResult(variant, float(gamma), prep.touched, vectors, np.asarray(gammas, float),
+                       np.asarray(acc, float), prep.corpus.shape[0], prep.timings)
+
+
+# ----------------------------------------------------------------------------------------
+# NUDGE-N
+
+
+def nudge_n_coefficients(a, b, cnorm, gamma):
+    """Per touched record, ``x'(gamma) = alpha * e + beta * c`` (the reference's rules).
+
+    a = e.c, b = |c|^2 - a^2, cnorm = |c|. gamma == 0: no change. e.c/|c| >= 1 - gamma/2:
+    x' = c/|c| (this rule wins, as in the reference). b <= 0 or a < 0: no change (the
+    reference's rule, kept for parity; b < 0 only by rounding). Otherwise the sphere step
+    x' = e + gamma (c - mu e) / (2 (mu - a)) with mu = a + sqrt(gamma/(4-gamma) b).
+    """
+    t = a.shape[0]
+    alpha, beta = np.ones(t), np.zeros(t)
+    if gamma == 0:
+        return alpha, beta
+    move = (b > 0) & (a >= 0)
+    w = np.sqrt(gamma / (4.0 - gamma) * np.where(move, b, 1.0))
+    alpha = np.where(move, 1.0 - gamma * (a + w) / (2.0 * w), 1.0)
+    beta = np.where(move, gamma / (2.0 * w), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snap = (cnorm > 0) & (a / np.where(cnorm > 0, cnorm, 1.0) >= 1.0 - gamma / 2.0)
+    alpha = np.where(snap, 0.0, alpha)
+    beta = np.where(snap, 1.0 / np.where(cnorm > 0, cnorm, 1.0), beta)
+    return alpha, beta
+
+
+def _fit_n(prep: _Prepared, k_val, gammas, *, extra_corpus, chunk_rows, n_threads, progress,
+           val_block):
+    gammas = np.asarray(gammas, dtype=np.float64)
+    n_val = prep.val_q.shape[0]
+    unt_s, unt_i = _untouched_topk(prep, k_val, extra_corpus=extra_corpus,
+                                   chunk_rows=chunk_rows, n_threads=n_threads, progress=progress)
+    t0 = time.perf_counter()
+    a = np.einsum("ij,ij->i", prep.base, prep.grad)
+    cnorm2 = np.einsum("ij,ij->i", prep.grad, prep.grad)
+    b = cnorm2 - a * a
+    cnorm = np.sqrt(cnorm2)
+    coef = [nudge_n_coefficients(a, b, cnorm, g) for g in gammas]
+    alpha = np.stack([c[0] for c in coef])
+    beta = np.stack([c[1] for c in coef])
+    counts = prep.val_csr.counts
+    # Accuracy sums h_i / min(|B(i)|, k_val). With a common denominator the sums are integers,
+    # so equal accuracies compare equal and the first gamma wins ties exactly.
+    denom = int(np.lcm.reduce(np.arange(1, k_val + 1))) if k_val <= 20 else 0
+    hits = np.zeros(gammas.size, dtype=np.int64 if denom else np.float64)
+    for s in range(0, n_val, val_block):
+        e = min(s + val_block, n_val)
+        v = prep.val_q[s:e].astype(np.float64)
+        S = v @ prep.base.T
+        H = v @ prep.grad.T
+        csr = prep.val_csr.rows(s, e)
+        h = prep.backend.nudge_n_sweep(S, H, alpha, beta, prep.touched, unt_s[s:e], unt_i[s:e],
+                                       csr.ptr, csr.index, k_val, n_threads=n_threads)
+        m = np.minimum(counts[s:e], k_val)[:, None]
+        if denom and m.min() > 0:
+            hits += (h * (denom // m)).sum(axis=0)
+        else:  # an empty answer list (the reference's NaN, compat only) or a large k_val
+            with np.errstate(divide="ignore", invalid="ignore"):
+                hits = hits.astype(np.float64) + (h / m * max(denom, 1)).sum(axis=0)
+    acc = hits / max(denom, 1) / n_val
+    # First gamma wins ties (the reference's strict '>'); a NaN accuracy never wins.
+    best = 0
+    if np.isfinite(acc).any():
+        best = int(np.nanargmax(np.where(np.isfinite(acc), acc, -np.inf)))
+    gamma = gammas[best] if np.isfinite(acc[best]) else 0.0
+    if not np.isfinite(acc[best]):
+        alpha_b, beta_b = nudge_n_coefficients(a, b, cnorm, 0.0)
+    else:
+        alpha_b, beta_b = alpha[best], beta[best]
+    prep.timings["gamma_sweep"] = time.perf_counter() - t0
+    log.info("NUDGE-N: gamma=%.3f, validation accuracy@%d %.4f (gamma=0: %.4f)", gamma, k_val,
+             acc[best], acc[0] if gammas[0] == 0 else float("nan"))
+    return _result("nudge-n", prep, gamma, alpha_b, beta_b, gammas, acc, n_threads)
+
+
+# ----------------------------------------------------------------------------------------
+# NUDGE-M
+
+
+def most_covered_gamma(low, high, rule="midpoint"):
+    """The smallest gamma >= 0 covered by the most closed intervals ``[low, high]``.
+
+    Returns ``(gamma, segment_starts, counts)``: the counts are those of the open segment to
+    the right of each distinct endpoint. ``rule="left"`` returns the left end of the best
+    segment, where the answer only ties its competitor (the reference's choice);
+    ``"midpoint"`` returns its middle, or twice its left end when it is unbounded above.
+    A point interval never counts (as in the reference); no interval gives gamma = 0.
+    """
+    if low.size == 0:
+        return 0.0, np.zeros(0), np.zeros(0, np.int64)
+    values = np.concatenate([low, high])
+    signs = np.concatenate([np.ones(low.size), -np.ones(high.size)])
+    starts, inverse = np.unique(values, return_inverse=True)
+    counts = np.cumsum(np.bincount(inverse, weights=signs, minlength=starts.size)).astype(np.int64)
+    if counts.max() <= 0:
+        return 0.0, starts, counts
+    best = int(np.argmax(counts))  # first maximum: the smallest gamma
+    left = float(starts[best])
+    if rule == "left":
+        return left, starts, counts
+    right = float(starts[best + 1]) if best + 1 < starts.size else np.inf
+    gamma = 2.0 * left if not np.isfinite(right) else 0.5 * (left + right)
+    return gamma, starts, counts
+
+
+def _fit_m(prep: _Prepared, rule, eps, *, extra_corpus, chunk_rows, n_threads, progress,
+           val_block):
+    n_val = prep.val_q.shape[0]
+    unt_s, unt_i = _untouched_topk(prep, 2, extra_corpus=extra_corpus, chunk_rows=chunk_rows,
+                                   n_threads=n_threads, progress=progress)
+    t0 = time.perf_counter()
+    cnorm = np.linalg.norm(prep.grad, axis=1)
+    direction = prep.grad / np.where(cnorm > 0, cnorm, 1.0)[:, None]
+    csr = prep.val_csr
+    pair_query = np.repeat(np.arange(n_val, dtype=np.int64), csr.counts)
+    x = csr.index
+    pos = np.searchsorted(prep.touched, x)
+    pos_c = np.minimum(pos, max(prep.touched.size - 1, 0))
+    is_touched = (prep.touched.size > 0) & (prep.touched[pos_c] == x)
+    pair_pos = np.where(is_touched, pos_c, -1)
+    # Scores of untouched answers, from their own rows (t-sized gathers, never the corpus).
+    s_x = np.zeros(x.size)
+    unt_pairs = np.flatnonzero(~is_touched)
+    if unt_pairs.size:
+        rows, inv = np.unique(x[unt_pairs], return_inverse=True)
+        e = np.asarray(prep.corpus[rows], dtype=np.float64)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        s_x[unt_pairs] = np.einsum("ij,ij->i", prep.val_q[pair_query[unt_pairs]].astype(np.float64),
+                                   e[inv])
+    # Best untouched competitor other than x.
+    first_is_x = unt_i[pair_query, 0] == x
+    u_score = np.where(first_is_x, unt_s[pair_query, 1], unt_s[pair_query, 0]).astype(np.float64)
+    lows, highs = [], []
+    for s in range(0, n_val, val_block):
+        e_ = min(s + val_block, n_val)
+        lo, hi = csr.ptr[s], csr.ptr[e_]
+        if lo == hi:
+            continue
+        v = prep.val_q[s:e_].astype(np.float64)
+        S = v @ prep.base.T
+        G = v @ direction.T
+        pq = pair_query[lo:hi] - s
+        pp = pair_pos[lo:hi]
+        sx = np.where(pp >= 0, S[pq, np.maximum(pp, 0)], s_x[lo:hi]) if S.shape[1] else s_x[lo:hi]
+        gx = np.where(pp >= 0, G[pq, np.maximum(pp, 0)], 0.0) if S.shape[1] else np.zeros(hi - lo)
+        low, high, feasible = prep.backend.nudge_m_intervals(
+            S, G, pq, pp, sx, gx, u_score[lo:hi], eps, n_threads=n_threads)
+        lows.append(low[feasible])
+        highs.append(high[feasible])
+    low = np.concatenate(lows) if lows else np.zeros(0)
+    high = np.concatenate(highs) if highs else np.zeros(0)
+    gamma, starts, counts = most_covered_gamma(low, high, rule)
+    prep.timings["gamma_sweep"] = time.perf_counter() - t0
+    acc = counts / max(1, x.size)
+    log.info("NUDGE-M: gamma=%.6g (%s rule), %d of %d validation pairs feasible", gamma, rule,
+             low.size, x.size)
+    beta = np.where(cnorm > 0, gamma / np.where(cnorm > 0, cnorm, 1.0), 0.0)
+    return _result("nudge-m", prep, gamma, np.ones(prep.touched.size), beta, starts, acc,
+                   n_threads)
+
+
+# ----------------------------------------------------------------------------------------
+# Public estimators
+
+
+class _Nudge:
+    def __init__(self, *, backend="auto", precision="float32", chunk_rows=None, n_threads=None,
+                 progress=None, val_block=VAL_BLOCK):
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision: must be 'float32' or 'float64', got {precision!r}")
+        if precision == "float64" and backend != "numpy":
+            raise ValueError("precision='float64' (the reference mode) needs backend='numpy'")
+        _backends.get(backend)  # fail early with the install hint
+        self.backend = backend
+        self.dtype = np.float64 if precision == "float64" else np.float32
+        self.chunk_rows = chunk_rows
+        self.n_threads = n_threads
+        self.progress = progress
+        self.val_block = val_block
+
+    def _prepare(self, corpus, train, val, **kw):
+        return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
+                        **kw)
+
+
+class NudgeN(_Nudge):
+    """NUDGE-N: move each touched record on the unit sphere, at most sqrt(gamma) away.
+
+    gamma is chosen on the grid ``gammas`` (default {0, 0.02, ..., 0.48}) by validation
+    accuracy@``k_val``, the first gamma winning ties. Validation queries without answers are
+    skipped with a warning; duplicate answers count once.
+    """
+
+    def __init__(self, k_val=1, gammas=None, **kw):
+        super().__init__(**kw)
+        if isinstance(k_val, bool) or not isinstance(k_val, (int, np.integer)) or k_val < 1:
+            raise ValueError(f"k_val: must be an int >= 1, got {k_val!r}")
+        self.k_val = int(k_val)
+        self.gammas = NUDGE_N_GAMMAS if gammas is None else np.asarray(gammas, dtype=float)
+        if self.gammas.ndim != 1 or self.gammas.size == 0 or np.any(self.gammas < 0) \
+                or np.any(self.gammas >= 4):
+            raise ValueError("gammas: must be a non-empty 1-D list of values in [0, 4)")
+
+    def fit(self, corpus, train, val) -> NudgeResult:
+        """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once.
+
+        train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
+        :class:`NudgeResult` holding only the touched records.
+        """
+        prep = self._prepare(corpus, train, val, unique_train=True, unique_val=True,
+                             skip_empty_val=True)
+        _validate.as_k("k_val", self.k_val, prep.corpus.shape[0])
+        return _fit_n(prep, self.k_val, self.gammas, extra_corpus=None,
+                      chunk_rows=self.chunk_rows, n_threads=self.n_threads,
+                      progress=self.progress, val_block=self.val_block)
+
+
+class NudgeM(_Nudge):
+    """NUDGE-M: move each touched record by gamma along its normalised query gradient.
+
+    gamma is chosen exactly: the point covered by the most validation intervals (see
+    :func:`most_covered_gamma`). ``gamma_rule="midpoint"`` (default) takes the middle of the
+    best segment, so the chosen answers strictly beat their competitors;
+    ``"left"`` is the reference's choice, where they only tie. Tuned vectors are not unit
+    length: score them by dot product (``search`` with the result does).
+    """
+
+    def __init__(self, gamma_rule="midpoint", **kw):
+        super().__init__(**kw)
+        if gamma_rule not in ("midpoint", "left"):
+            raise ValueError(f"gamma_rule: must be 'midpoint' or 'left', got {gamma_rule!r}")
+        self.gamma_rule = gamma_rule
+
+    def fit(self, corpus, train, val) -> NudgeResult:
+        """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once.
+
+        train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
+        :class:`NudgeResult` holding only the touched records.
+        """
+        prep = self._prepare(corpus, train, val, unique_train=True, unique_val=True,
+                             skip_empty_val=True)
+        if prep.corpus.shape[0] < 2:
+            raise ValueError("corpus: NUDGE-M needs at least 2 records")
+        return _fit_m(prep, self.gamma_rule, 0.0, extra_corpus=None, chunk_rows=self.chunk_rows,
+                      n_threads=self.n_threads, progress=self.progress, val_block=self.val_block)

@@ -1,0 +1,137 @@
+"""Top-k search over a streamed corpus, optionally with a NUDGE delta on top.
+
+The corpus is never loaded whole and never copied: it is read in chunks of rows (a slice of
+an ``np.memmap`` is a view), each chunk merged into a running (n_q, k) top-k by the backend's
+fused ``topk_update``. Memory is O(chunk + n_q k), independent of N.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _backends, _validate
+from ._defaults import chunk_rows_for
+
+log = logging.getLogger("nudgefast")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k per query: ``scores`` (n_q, k) float32 descending, ``indices`` (n_q, k) int64
+    record rows (ties: lower index first; ``-1`` where fewer than k records exist)."""
+
+    scores: np.ndarray
+    indices: np.ndarray
+
+
+def _progress_bar(progress, total, desc):
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; without it just stay quiet
+        return None
+    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, leave=False)
+
+
+def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=None,
+              n_threads=None, progress=None, row_offset=0, state=None, name="corpus",
+              desc="top-k"):
+    """Stream ``corpus`` once, merging it into the running top-k ``state`` (created when None).
+
+    ``exclude``: sorted global record indices that are not candidates (the touched records).
+    Rows are numbered from ``row_offset``. Returns ``(scores, indices)``.
+    """
+    n_q = queries.shape[0]
+    n_rows, d = corpus.shape
+    if state is None:
+        score_dtype = np.float64 if queries.dtype == np.float64 else np.float32
+        state = (np.full((n_q, k), -np.inf, dtype=score_dtype), np.full((n_q, k), -1, np.int64))
+    best_scores, best_index = state
+    exclude = np.zeros(0, np.int64) if exclude is None else exclude
+    step = chunk_rows or chunk_rows_for(n_q, d, corpus.dtype.itemsize)
+    bar = _progress_bar(progress, n_rows, desc)
+    try:
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            chunk = corpus[start:stop]
+            if not chunk.flags.c_contiguous:
+                chunk = np.ascontiguousarray(chunk)  # a strided view: copy this chunk only
+            g0, g1 = row_offset + start, row_offset + stop
+            lo, hi = np.searchsorted(exclude, [g0, g1])
+            local = exclude[lo:hi] - g0
+            bad = backend.topk_update(queries, chunk, g0, local, normalize, best_scores,
+                                      best_index, n_threads=n_threads)
+            if bad >= 0:
+                raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
+            if bar is not None:
+                bar.update(stop - start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return best_scores, best_index
+
+
+def merge_candidates(scores, indices, cand_scores, cand_indices, k):
+    """Merge extra candidates into a top-k, keeping (score desc, index asc)."""
+    all_s = np.concatenate([scores.astype(np.float64), cand_scores.astype(np.float64)], axis=1)
+    all_i = np.concatenate([indices, cand_indices], axis=1)
+    # -1 padding must sort after every real candidate of equal (-inf) score.
+    key_i = np.where(all_i < 0, np.iinfo(np.int64).max, all_i)
+    order = np.lexsort((key_i, -all_s), axis=1)[:, :k]
+    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+
+
+def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", chunk_rows=None,
+           n_threads=None, progress=None, query_block=4096) -> SearchResult:
+    """Top-``k`` records for each query over ``corpus``, or over the tuned corpus ``delta``
+    describes, without materialising a tuned copy.
+
+    queries: (n_q, d) float array. corpus: (N, d) float32/float16 array or ``np.memmap``.
+    delta: a :class:`NudgeResult`; its touched records are scored by dot product with their
+    tuned vectors, every other record by cosine (the tuned corpus is the normalised base plus
+    the delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a
+    delta. Returns a :class:`SearchResult` with float32 scores and int64 indices.
+    """
+    corpus = _validate.as_corpus("corpus", corpus)
+    n, d = corpus.shape
+    q = _validate.as_queries("queries", queries, d)
+    k = _validate.as_k("k", k, n)
+    if metric not in ("cosine", "dot"):
+        raise ValueError(f"metric: must be 'cosine' or 'dot', got {metric!r}")
+    impl = _backends.get(backend)
+    exclude = None
+    if delta is not None:
+        if delta.n_records != n or delta.vectors.shape[1] != d:
+            raise ValueError(f"delta: was fitted on a corpus of shape ({delta.n_records}, "
+                             f"{delta.vectors.shape[1]}), not {corpus.shape}; fit it on this corpus")
+        if metric != "cosine":
+            raise ValueError("metric: the tuned corpus scores untouched records by cosine; "
+                             "leave metric='cosine' when passing delta")
+        exclude = delta.indices
+    scores, index = topk_pass(impl, q, corpus, k, exclude=exclude, normalize=metric == "cosine",
+                              chunk_rows=chunk_rows, n_threads=n_threads, progress=progress)
+    if delta is not None and len(delta.indices):
+        vec = delta.vectors.astype(np.float64)
+        out_s = np.empty_like(scores)
+        out_i = np.empty_like(index)
+        for s in range(0, q.shape[0], query_block):
+            e = min(s + query_block, q.shape[0])
+            touched = q[s:e].astype(np.float64) @ vec.T
+            kk = min(k, touched.shape[1])
+            part = np.argpartition(-touched, kk - 1, axis=1)[:, :kk] if kk < touched.shape[1] \
+                else np.broadcast_to(np.arange(touched.shape[1]), touched.shape)
+            # Ties at the partition boundary must keep the lower record index: take every
+            # candidate >= the kk-th score so the merge below applies the tie rule.
+            kth = np.take_along_axis(touched, part, axis=1).min(axis=1, keepdims=True)
+            cand = np.where(touched >= kth, touched, -np.inf)
+            ms, mi = merge_candidates(scores[s:e], index[s:e], cand,
+                                      np.broadcast_to(delta.indices, cand.shape), k)
+            mi[np.isneginf(ms)] = -1
+            out_s[s:e], out_i[s:e] = ms, mi
+        scores, index = out_s, out_i
+    return SearchResult(scores.astype(np.float32), index)
