@@ -1,0 +1,259 @@
+// The pybind11 module nudgefast._cpu: one function per op, thin.
+//
+// The bindings check dtypes, contiguity and shapes and never convert: a silent copy of a corpus
+// chunk (possibly a read-only memmap of 10^8 rows) is exactly what must not happen, so wrong
+// input is a TypeError and the Python wrapper (nudgefast/_backends/cpp_backend.py) decides what
+// to convert. Output arrays are allocated with the GIL held; all native work runs without it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "common.hpp"
+
+namespace py = pybind11;
+using namespace nudgefast;
+
+namespace {
+
+template <typename T>
+constexpr char kind_of() {
+    return std::is_same<T, bool>::value ? 'b' : (std::is_floating_point<T>::value ? 'f' : 'i');
+}
+
+template <typename T>
+bool has_dtype(const py::array& a) {
+    const py::dtype dt = a.dtype();
+    return dt.kind() == kind_of<T>() && dt.itemsize() == static_cast<py::ssize_t>(sizeof(T)) &&
+           dt.byteorder() != '>';
+}
+
+[[noreturn]] void fail_type(const char* name, const std::string& want, const py::array& a) {
+    throw py::type_error(std::string("nudgefast._cpu: ") + name + " must be a C-contiguous " + want +
+                         " array, got dtype " + std::string(py::str(a.dtype())) + " ndim " + std::to_string(a.ndim()) +
+                         (a.flags() & py::array::c_style ? "" : " (not C-contiguous)"));
+}
+
+void check_ndim(const py::array& a, const char* name, py::ssize_t ndim) {
+    if (a.ndim() != ndim)
+        throw py::value_error(std::string("nudgefast._cpu: ") + name + " must have " + std::to_string(ndim) +
+                              " dimensions, got " + std::to_string(a.ndim()));
+}
+
+// Read-only view of a C-contiguous array of exactly dtype T.
+template <typename T>
+const T* in(const py::array& a, const char* name, py::ssize_t ndim) {
+    check_ndim(a, name, ndim);
+    if (!has_dtype<T>(a) || !(a.flags() & py::array::c_style)) fail_type(name, py::str(py::dtype::of<T>()), a);
+    return static_cast<const T*>(a.data());
+}
+
+// Writable view (updated in place).
+template <typename T>
+T* inout(py::array& a, const char* name, py::ssize_t ndim) {
+    in<T>(a, name, ndim);
+    if (!a.writeable()) throw py::value_error(std::string("nudgefast._cpu: ") + name + " must be writeable");
+    return static_cast<T*>(a.mutable_data());
+}
+
+void check_dim(const py::array& a, const char* name, py::ssize_t axis, py::ssize_t want) {
+    if (a.shape(axis) != want)
+        throw py::value_error(std::string("nudgefast._cpu: ") + name + ".shape[" + std::to_string(axis) + "] is " +
+                              std::to_string(a.shape(axis)) + ", expected " + std::to_string(want));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+py::array_t<double> py_query_gradient(const py::array& queries, const py::array& order, const py::array& seg_ptr,
+                                      int n_threads) {
+    check_ndim(queries, "queries", 2);
+    const int64_t d = queries.shape(1);
+    const int64_t* ord = in<int64_t>(order, "order", 1);
+    const int64_t* ptr = in<int64_t>(seg_ptr, "seg_ptr", 1);
+    const int64_t t = std::max<int64_t>(seg_ptr.shape(0) - 1, 0);
+    py::array_t<double> out({t, d});
+    double* o = out.mutable_data();
+    const int threads = resolve_threads(n_threads);
+    if (has_dtype<double>(queries)) {
+        const double* q = in<double>(queries, "queries", 2);
+        py::gil_scoped_release nogil;
+        query_gradient(q, d, ord, ptr, t, o, threads);
+    } else {
+        const float* q = in<float>(queries, "queries", 2);
+        py::gil_scoped_release nogil;
+        query_gradient(q, d, ord, ptr, t, o, threads);
+    }
+    return out;
+}
+
+int64_t py_topk_update(const py::array& queries, const py::array& chunk, int64_t row_offset, const py::array& exclude,
+                       bool normalize, py::array& best_scores, py::array& best_index, int n_threads) {
+    const float* q = in<float>(queries, "queries", 2);
+    const int64_t n_q = queries.shape(0), d = queries.shape(1);
+    float* bs = inout<float>(best_scores, "best_scores", 2);
+    int64_t* bi = inout<int64_t>(best_index, "best_index", 2);
+    check_dim(best_scores, "best_scores", 0, n_q);
+    check_dim(best_index, "best_index", 0, n_q);
+    check_dim(best_index, "best_index", 1, best_scores.shape(1));
+    const int64_t k = best_scores.shape(1);
+    const int64_t* ex = in<int64_t>(exclude, "exclude", 1);
+
+    // The chunk: float16/32/64 rows, each row contiguous; rows may be strided (a column slice of a
+    // wider array) and read-only (np.memmap). Never copied.
+    check_ndim(chunk, "chunk", 2);
+    check_dim(chunk, "chunk", 1, d);
+    ChunkType type;
+    if (has_dtype<float>(chunk)) type = ChunkType::f32;
+    else if (has_dtype<double>(chunk)) type = ChunkType::f64;
+    else if (chunk.dtype().kind() == 'f' && chunk.dtype().itemsize() == 2 && chunk.dtype().byteorder() != '>') type = ChunkType::f16;
+    else fail_type("chunk", "float16, float32 or float64", chunk);
+    const int64_t m = chunk.shape(0);
+    const int64_t item = chunk.itemsize();
+    const int64_t stride0 = chunk.strides(0), stride1 = chunk.strides(1);
+    if ((d > 1 && stride1 != item) || (m > 1 && (stride0 <= 0 || stride0 % item != 0)))
+        throw py::type_error("nudgefast._cpu: chunk rows must be contiguous with a positive row stride "
+                             "(pass np.ascontiguousarray(chunk))");
+    const int64_t row_stride = m > 1 ? stride0 / item : d;
+    const void* data = chunk.data();
+    const int64_t n_ex = exclude.shape(0);
+
+    py::gil_scoped_release nogil;
+    return topk_update(q, n_q, d, data, type, m, row_stride, row_offset, ex, n_ex, normalize, bs, bi, k,
+                       resolve_threads(n_threads));
+}
+
+py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py::array& pair_query,
+                               const py::array& s_x, const py::array& g_x, const py::array& u_score, double eps,
+                               int n_threads) {
+    const double* s = in<double>(S, "S", 2);
+    const double* g = in<double>(G, "G", 2);
+    check_dim(G, "G", 0, S.shape(0));
+    check_dim(G, "G", 1, S.shape(1));
+    const int64_t P = pair_query.shape(0);
+    const int64_t* pq = in<int64_t>(pair_query, "pair_query", 1);
+    const double* sx = in<double>(s_x, "s_x", 1);
+    const double* gx = in<double>(g_x, "g_x", 1);
+    const double* us = in<double>(u_score, "u_score", 1);
+    check_dim(s_x, "s_x", 0, P);
+    check_dim(g_x, "g_x", 0, P);
+    check_dim(u_score, "u_score", 0, P);
+    py::array_t<double> low(P), high(P);
+    py::array_t<bool> feasible(P);
+    double* lo = low.mutable_data();
+    double* hi = high.mutable_data();
+    bool* fe = feasible.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        nudge_m_intervals(s, g, S.shape(1), pq, sx, gx, us, P, eps, lo, hi, fe, resolve_threads(n_threads));
+    }
+    return py::make_tuple(low, high, feasible);
+}
+
+py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, const py::array& alpha,
+                                      const py::array& beta, const py::array& touched, const py::array& unt_scores,
+                                      const py::array& unt_index, const py::array& ans_ptr,
+                                      const py::array& ans_index, int64_t k_val, int n_threads) {
+    const double* s = in<double>(S, "S", 2);
+    const double* h = in<double>(H, "H", 2);
+    const int64_t n_b = S.shape(0), t = S.shape(1);
+    check_dim(H, "H", 0, n_b);
+    check_dim(H, "H", 1, t);
+    const double* a = in<double>(alpha, "alpha", 2);
+    const double* b = in<double>(beta, "beta", 2);
+    const int64_t n_gamma = alpha.shape(0);
+    check_dim(alpha, "alpha", 1, t);
+    check_dim(beta, "beta", 0, n_gamma);
+    check_dim(beta, "beta", 1, t);
+    const int64_t* tch = in<int64_t>(touched, "touched", 1);
+    check_dim(touched, "touched", 0, t);
+    const double* us = in<double>(unt_scores, "unt_scores", 2);
+    const int64_t* ui = in<int64_t>(unt_index, "unt_index", 2);
+    check_dim(unt_scores, "unt_scores", 0, n_b);
+    check_dim(unt_index, "unt_index", 0, n_b);
+    check_dim(unt_index, "unt_index", 1, unt_scores.shape(1));
+    const int64_t* ap = in<int64_t>(ans_ptr, "ans_ptr", 1);
+    check_dim(ans_ptr, "ans_ptr", 0, n_b + 1);
+    const int64_t* ai = in<int64_t>(ans_index, "ans_index", 1);
+    if (k_val < 0) throw py::value_error("nudgefast._cpu: k_val must be >= 0");
+    py::array_t<int64_t> hits({n_b, n_gamma});
+    int64_t* o = hits.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        nudge_n_sweep(s, h, n_b, t, a, b, n_gamma, tch, us, ui, unt_scores.shape(1), ap, ai, k_val, o,
+                      resolve_threads(n_threads));
+    }
+    return hits;
+}
+
+template <typename TE, typename TC>
+void run_project(const py::array& E, const py::array& C, const double* a, const double* b, int64_t t, int64_t d,
+                 float* o, int threads) {
+    const TE* e = in<TE>(E, "E", 2);
+    const TC* c = in<TC>(C, "C", 2);
+    py::gil_scoped_release nogil;
+    project(e, c, a, b, t, d, o, threads);
+}
+
+py::array_t<float> py_project(const py::array& E, const py::array& C, const py::array& alpha, const py::array& beta,
+                              int n_threads) {
+    check_ndim(E, "E", 2);
+    check_ndim(C, "C", 2);
+    const int64_t t = E.shape(0), d = E.shape(1);
+    check_dim(C, "C", 0, t);
+    check_dim(C, "C", 1, d);
+    const double* a = in<double>(alpha, "alpha", 1);
+    const double* b = in<double>(beta, "beta", 1);
+    check_dim(alpha, "alpha", 0, t);
+    check_dim(beta, "beta", 0, t);
+    py::array_t<float> out({t, d});
+    float* o = out.mutable_data();
+    const int threads = resolve_threads(n_threads);
+    const bool e64 = has_dtype<double>(E), c64 = has_dtype<double>(C);
+    if (e64 && c64) run_project<double, double>(E, C, a, b, t, d, o, threads);
+    else if (e64) run_project<double, float>(E, C, a, b, t, d, o, threads);
+    else if (c64) run_project<float, double>(E, C, a, b, t, d, o, threads);
+    else run_project<float, float>(E, C, a, b, t, d, o, threads);
+    return out;
+}
+
+py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_ptr, const py::array& ans_index,
+                               const py::array& ans_rel, int64_t k, int n_threads) {
+    const int64_t* r = in<int64_t>(retrieved, "retrieved", 2);
+    const int64_t n = retrieved.shape(0);
+    const int64_t* ap = in<int64_t>(ans_ptr, "ans_ptr", 1);
+    check_dim(ans_ptr, "ans_ptr", 0, n + 1);
+    const int64_t* ai = in<int64_t>(ans_index, "ans_index", 1);
+    const double* rel = in<double>(ans_rel, "ans_rel", 1);
+    check_dim(ans_rel, "ans_rel", 0, ans_index.shape(0));
+    if (k < 0) throw py::value_error("nudgefast._cpu: k must be >= 0");
+    py::array_t<double> out({n, static_cast<int64_t>(3)});
+    double* o = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        metrics(r, n, retrieved.shape(1), ap, ai, rel, k, o, resolve_threads(n_threads));
+    }
+    return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "nudgefast CPU kernels (OpenMP). The op contract is documented in "
+              "nudgefast._backends.numpy_backend; call them through nudgefast._backends.cpp_backend.";
+    m.def("query_gradient", &py_query_gradient, py::arg("queries"), py::arg("order"), py::arg("seg_ptr"),
+          py::arg("n_threads") = 0, "(t, d) float64 segmented sum of queries[order] over seg_ptr.");
+    m.def("topk_update", &py_topk_update, py::arg("queries"), py::arg("chunk"), py::arg("row_offset"),
+          py::arg("exclude"), py::arg("normalize"), py::arg("best_scores"), py::arg("best_index"),
+          py::arg("n_threads") = 0,
+          "Merge a float16/32/64 corpus chunk into the float32 top-k state in place; returns the first bad row or -1.");
+    m.def("nudge_m_intervals", &py_nudge_m_intervals, py::arg("S"), py::arg("G"), py::arg("pair_query"),
+          py::arg("s_x"), py::arg("g_x"), py::arg("u_score"), py::arg("eps"), py::arg("n_threads") = 0,
+          "(low, high, feasible) per validation pair.");
+    m.def("nudge_n_sweep", &py_nudge_n_sweep, py::arg("S"), py::arg("H"), py::arg("alpha"), py::arg("beta"),
+          py::arg("touched"), py::arg("unt_scores"), py::arg("unt_index"), py::arg("ans_ptr"), py::arg("ans_index"),
+          py::arg("k_val"), py::arg("n_threads") = 0, "(n_b, n_gamma) int64 answer hits in the top-k_val.");
+    m.def("project", &py_project, py::arg("E"), py::arg("C"), py::arg("alpha"), py::arg("beta"),
+          py::arg("n_threads") = 0, "(t, d) float32: alpha[:, None] * E + beta[:, None] * C in float64.");
+    m.def("metrics", &py_metrics, py::arg("retrieved"), py::arg("ans_ptr"), py::arg("ans_index"), py::arg("ans_rel"),
+          py::arg("k"), py::arg("n_threads") = 0, "(n, 3) float64 recall@k, ndcg@k, mrr@k (NaN without answers).");
+}

@@ -1,0 +1,271 @@
+// Shared helpers of the CPU kernels: thread count, worker-exception capture, the top-k state
+// with the tie rule, and loading of float16/float32/float64 corpus rows into float32.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NUDGEFAST_AVX2 1
+#endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#define NUDGEFAST_F16C 1
+#endif
+
+namespace nudgefast {
+
+// ---------------------------------------------------------------------------------------------
+// Threads
+
+// n_threads <= 0 means "all cores" (the OpenMP default), the meaning of n_threads=None in Python.
+inline int resolve_threads(int64_t n_threads) {
+#ifdef _OPENMP
+    if (n_threads <= 0) return omp_get_max_threads();
+    return static_cast<int>(n_threads);
+#else
+    (void)n_threads;
+    return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// An exception must not escape an OpenMP region (that terminates the process): workers record
+// the first one here and the caller rethrows it after the join.
+class WorkerErrors {
+public:
+    template <typename F>
+    void run(F&& body) noexcept {
+        try {
+            body();
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (!first_) first_ = std::current_exception();
+        }
+    }
+    void rethrow() const {
+        if (first_) std::rethrow_exception(first_);
+    }
+
+private:
+    std::exception_ptr first_;
+    std::mutex mutex_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Aligned scratch (32 bytes: one AVX register), so the micro-kernels never split a cache line.
+
+template <typename T>
+class AlignedBuffer {
+public:
+    AlignedBuffer() = default;
+    explicit AlignedBuffer(std::size_t n) { resize(n); }
+    void resize(std::size_t n) {
+        std::size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+        if (bytes == 0) bytes = 64;
+        void* p = std::aligned_alloc(64, bytes);
+        if (!p) throw std::bad_alloc();
+        ptr_.reset(static_cast<T*>(p));
+        size_ = n;
+    }
+    T* data() { return ptr_.get(); }
+    const T* data() const { return ptr_.get(); }
+    std::size_t size() const { return size_; }
+    T& operator[](std::size_t i) { return ptr_.get()[i]; }
+
+private:
+    struct Free {
+        void operator()(T* p) const { std::free(p); }
+    };
+    std::unique_ptr<T, Free> ptr_;
+    std::size_t size_ = 0;
+};
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Top-k state with the tie rule: rank by score descending, then record index ascending.
+//
+// One query's state is a binary heap of exactly k slots with the *worst* entry on top, so the
+// admission test is one comparison with slot 0. Empty slots hold (-inf, kEmptyIndex): every real
+// candidate ranks before them. A strict total order on (score, index) makes the selected set
+// independent of the order in which candidates arrive, hence of the thread count.
+
+constexpr int64_t kEmptyIndex = std::numeric_limits<int64_t>::max();
+
+template <typename S>
+inline bool ranks_before(S score_a, int64_t index_a, S score_b, int64_t index_b) {
+    return score_a > score_b || (score_a == score_b && index_a < index_b);
+}
+
+template <typename S>
+struct TopKHeap {
+    static void clear(S* scores, int64_t* index, int64_t k) {
+        std::fill(scores, scores + k, -std::numeric_limits<S>::infinity());
+        std::fill(index, index + k, kEmptyIndex);
+    }
+
+    // Admits (score, id) if it ranks before the current worst; -inf and NaN never enter.
+    static bool push(S* scores, int64_t* index, int64_t k, S score, int64_t id) {
+        if (k == 0 || !ranks_before(score, id, scores[0], index[0])) return false;
+        if (!(score > -std::numeric_limits<S>::infinity())) return false;
+        int64_t pos = 0;
+        for (;;) {
+            int64_t child = 2 * pos + 1;
+            if (child >= k) break;
+            // Follow the worse child: it must move up to keep the worst on top.
+            if (child + 1 < k && ranks_before(scores[child], index[child], scores[child + 1], index[child + 1]))
+                ++child;
+            if (!ranks_before(score, id, scores[child], index[child])) break;  // new entry is worse: stop
+            scores[pos] = scores[child];
+            index[pos] = index[child];
+            pos = child;
+        }
+        scores[pos] = score;
+        index[pos] = id;
+        return true;
+    }
+};
+
+// Writes the best k of `cand` (deduplicated by index: the same entry may come from several
+// threads) in rank order, padding with (-inf, -1).
+template <typename S, typename OutS>
+inline void write_ranked(std::vector<std::pair<S, int64_t>>& cand, int64_t k, OutS* out_scores, int64_t* out_index) {
+    std::sort(cand.begin(), cand.end(), [](const std::pair<S, int64_t>& a, const std::pair<S, int64_t>& b) {
+        return ranks_before(a.first, a.second, b.first, b.second);
+    });
+    int64_t n = 0;
+    int64_t last = -1;
+    for (const auto& c : cand) {
+        if (n == k) break;
+        if (c.second == kEmptyIndex) break;  // only empty slots follow
+        if (c.second == last) continue;
+        last = c.second;
+        out_scores[n] = static_cast<OutS>(c.first);
+        out_index[n] = c.second;
+        ++n;
+    }
+    for (; n < k; ++n) {
+        out_scores[n] = -std::numeric_limits<OutS>::infinity();
+        out_index[n] = -1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row loading: any supported corpus dtype -> float32, zero-padded to a multiple of 8 lanes.
+
+// IEEE binary16 stored as raw bits (NumPy's float16).
+struct Half {
+    uint16_t bits;
+};
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);  // inf / nan
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;  // signed zero
+    } else {
+        // Subnormal half: renormalise.
+        int e = -1;
+        do {
+            ++e;
+            mant <<= 1;
+        } while ((mant & 0x400u) == 0);
+        bits = sign | ((112u - static_cast<uint32_t>(e)) << 23) | ((mant & 0x3ffu) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline void load_row(const float* src, int64_t d, float* dst) { std::memcpy(dst, src, sizeof(float) * d); }
+
+inline void load_row(const double* src, int64_t d, float* dst) {
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+inline void load_row(const Half* src, int64_t d, float* dst) {
+    int64_t j = 0;
+#ifdef NUDGEFAST_F16C
+    for (; j + 8 <= d; j += 8) {
+        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; j < d; ++j) dst[j] = half_to_float(src[j].bits);
+}
+
+// Converts row `src` (d values) into `dst` (dp >= d floats, tail zeroed) and returns the
+// Euclidean norm of the converted values, accumulated in double.
+template <typename T>
+inline double load_row_padded(const T* src, int64_t d, int64_t dp, float* dst) {
+    load_row(src, d, dst);
+    std::fill(dst + d, dst + dp, 0.0f);
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t j = 0;
+    for (; j + 4 <= d; j += 4)
+        for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(dst[j + l]) * dst[j + l];
+    for (; j < d; ++j) acc[0] += static_cast<double>(dst[j]) * dst[j];
+    return std::sqrt((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points, one .cpp each. Arrays are C-contiguous unless a stride is given; the
+// bindings check dtypes and shapes, the kernels trust them. n_threads >= 1.
+
+enum class ChunkType { f16, f32, f64 };
+
+template <typename T>
+void query_gradient(const T* queries, int64_t d, const int64_t* order, const int64_t* seg_ptr, int64_t t,
+                    double* out, int n_threads);
+
+int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* chunk, ChunkType chunk_type,
+                    int64_t m, int64_t row_stride, int64_t row_offset, const int64_t* exclude, int64_t n_exclude,
+                    bool normalize, float* best_scores, int64_t* best_index, int64_t k, int n_threads);
+
+void nudge_m_intervals(const double* S, const double* G, int64_t t, const int64_t* pair_query, const double* s_x,
+                       const double* g_x, const double* u_score, int64_t n_pairs, double eps, double* low,
+                       double* high, bool* feasible, int n_threads);
+
+void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, const double* alpha,
+                   const double* beta, int64_t n_gamma, const int64_t* touched, const double* unt_scores,
+                   const int64_t* unt_index, int64_t n_unt, const int64_t* ans_ptr, const int64_t* ans_index,
+                   int64_t k_val, int64_t* hits, int n_threads);
+
+template <typename TE, typename TC>
+void project(const TE* E, const TC* C, const double* alpha, const double* beta, int64_t t, int64_t d, float* out,
+             int n_threads);
+
+void metrics(const int64_t* retrieved, int64_t n, int64_t width, const int64_t* ans_ptr, const int64_t* ans_index,
+             const double* ans_rel, int64_t k, double* out, int n_threads);
+
+}  // namespace nudgefast

@@ -1,0 +1,88 @@
+"""Compiled CPU backend: a thin wrapper over the pybind11 module ``nudgefast._cpu``.
+
+Same ops and signatures as ``numpy_backend`` (whose docstring is the contract). Native work
+runs on ``n_threads`` OpenMP threads (``None``: all cores) with the GIL released. This module
+only converts dtypes and layouts the kernels do not take directly; the corpus chunk of
+``topk_update`` is never copied when it is float16, float32 or float64 with contiguous rows
+(a read-only ``np.memmap`` slice included). Top-k scores are computed in float32 (queries are
+cast to float32); the small ops compute in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nudgefast import _cpu
+
+NAME = "cpp"
+
+_CHUNK_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _threads(n_threads):
+    return 0 if n_threads is None else int(n_threads)
+
+
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _i64(a):
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def query_gradient(queries, order, seg_ptr, *, n_threads=None):
+    if queries.dtype not in (np.float32, np.float64):
+        queries = queries.astype(np.float64)
+    return _cpu.query_gradient(np.ascontiguousarray(queries), _i64(order), _i64(seg_ptr), _threads(n_threads))
+
+
+def _chunk_view(chunk):
+    """The chunk as the kernel takes it: rows contiguous, any row stride; else one float32 copy."""
+    chunk = np.asarray(chunk)
+    native = chunk.dtype.newbyteorder("=") == chunk.dtype
+    if (chunk.dtype in _CHUNK_DTYPES and native and chunk.ndim == 2
+            and (chunk.shape[1] <= 1 or chunk.strides[1] == chunk.itemsize)
+            and (chunk.shape[0] <= 1 or (chunk.strides[0] > 0 and chunk.strides[0] % chunk.itemsize == 0))):
+        return chunk
+    # Another dtype (int8, bfloat16 through ml_dtypes, ...) or a transposed/strided view.
+    return np.ascontiguousarray(chunk, dtype=np.float32)
+
+
+def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    ex = np.empty(0, dtype=np.int64) if exclude is None else _i64(exclude)
+    # The kernel keeps float32 scores; a state of another dtype/layout is updated through a copy.
+    direct = (best_scores.dtype == np.float32 and best_scores.flags.c_contiguous and best_scores.flags.writeable)
+    direct_i = (best_index.dtype == np.int64 and best_index.flags.c_contiguous and best_index.flags.writeable)
+    scores = best_scores if direct else np.ascontiguousarray(best_scores, dtype=np.float32)
+    index = best_index if direct_i else np.ascontiguousarray(best_index, dtype=np.int64)
+    first_bad = _cpu.topk_update(q, _chunk_view(chunk), int(row_offset), ex, bool(normalize), scores, index,
+                                 _threads(n_threads))
+    if not direct:
+        best_scores[...] = scores
+    if not direct_i:
+        best_index[...] = index
+    return int(first_bad)
+
+
+def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_threads=None):
+    # pair_pos is part of the contract but not needed: x is among the touched competitors with
+    # D = 0 and s_dif = 0, which bounds nothing (as in the reference).
+    return _cpu.nudge_m_intervals(_f64(S), _f64(G), _i64(pair_query), _f64(s_x), _f64(g_x), _f64(u_score),
+                                  float(eps), _threads(n_threads))
+
+
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
+    return _cpu.nudge_n_sweep(_f64(S), _f64(H), _f64(alpha), _f64(beta), _i64(touched), _f64(unt_scores),
+                              _i64(unt_index), _i64(ans_ptr), _i64(ans_index), int(k_val), _threads(n_threads))
+
+
+def project(E, C, alpha, beta, *, n_threads=None):
+    def native(a):  # float32 and float64 go in as they are; anything else (float16) as float64
+        return np.ascontiguousarray(a) if a.dtype in (np.float32, np.float64) else _f64(a)
+
+    return _cpu.project(native(E), native(C), _f64(alpha), _f64(beta), _threads(n_threads))
+
+
+def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
+    return _cpu.metrics(_i64(retrieved), _i64(ans_ptr), _i64(ans_index), _f64(ans_rel), int(k), _threads(n_threads))
