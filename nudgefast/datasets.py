@@ -62,7 +62,7 @@ def find(root: str | os.PathLike | None = None) -> list[Path]:
 
 
 def synthetic(n_records: int = 20_000, d: int = 64, n_train: int = 2_000, n_dev: int = 400,
-              n_test: int = 400, *, n_clusters: int = 200, drift: float = 0.9,
+              n_test: int = 400, *, n_clusters: int = 200, drift: float = 0.6,
               query_noise: float = 0.5, seed: int = 0, dtype=np.float32) -> Dataset:
     """A seeded synthetic retrieval task on which NUDGE has something to learn.
 

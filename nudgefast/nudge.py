@@ -149,7 +149,34 @@ def _untouched_topk(prep: _Prepared, k, *, extra_corpus, chunk_rows, n_threads, 
                           row_offset=prep.corpus.shape[0], name="nontrain_embeddings",
                           desc="NUDGE corpus pass (non-train)")
     prep.timings["corpus_pass"] = time.perf_counter() - t0
-    return state
+    scores, index = state
+    # The pass selects; the scores that enter the gamma math are recomputed in float64 from
+    # the selected rows (n_val * k gathers), so they are exactly comparable with the touched
+    # records' float64 scores. Mixing float32 and float64 scores of tied answers would split
+    # intervals that meet at one point (multi-answer queries) by rounding noise.
+    exact = _exact_scores(prep, extra_corpus, index)
+    order = np.lexsort((np.where(index < 0, np.iinfo(np.int64).max, index), -exact), axis=1)
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+def _exact_scores(prep: _Prepared, extra_corpus, index, block=VAL_BLOCK):
+    n, d = prep.corpus.shape
+    out = np.full(index.shape, -np.inf)
+    for s in range(0, index.shape[0], block):
+        idx = index[s:s + block]
+        qi, ki = np.nonzero(idx >= 0)
+        if qi.size == 0:
+            continue
+        rows, inv = np.unique(idx[qi, ki], return_inverse=True)
+        vec = np.empty((rows.size, d))
+        main = rows < n
+        vec[main] = prep.corpus[rows[main]]
+        if not main.all():
+            vec[~main] = extra_corpus[rows[~main] - n]
+        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+        q = prep.val_q[s:s + block].astype(np.float64)
+        out[s + qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
+    return out
 
 
 def _result(variant, prep, gamma, alpha, beta, gammas, acc, n_threads):
@@ -290,9 +317,9 @@ def _fit_m(prep: _Prepared, rule, eps, *, extra_corpus, chunk_rows, n_threads, p
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         s_x[unt_pairs] = np.einsum("ij,ij->i", prep.val_q[pair_query[unt_pairs]].astype(np.float64),
                                    e[inv])
-    # Best untouched competitor other than x.
+    # Best untouched competitor other than x (the top-2 are sorted, x is at most one of them).
     first_is_x = unt_i[pair_query, 0] == x
-    u_score = np.where(first_is_x, unt_s[pair_query, 1], unt_s[pair_query, 0]).astype(np.float64)
+    u_score = np.where(first_is_x, unt_s[pair_query, 1], unt_s[pair_query, 0])
     lows, highs = [], []
     for s in range(0, n_val, val_block):
         e_ = min(s + val_block, n_val)

@@ -136,6 +136,10 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
     n_b = S.shape[0]
     n_gamma = alpha.shape[0]
     hits = np.zeros((n_b, n_gamma), dtype=np.int64)
+    span = max(int(touched.max(initial=0)), int(unt_index.max(initial=0)),
+               int(ans_index.max(initial=0))) + 2
+    rows = np.arange(n_b, dtype=np.int64)[:, None]
+    answer_keys = np.repeat(np.arange(n_b, dtype=np.int64), np.diff(ans_ptr)) * span + ans_index
     for g in range(n_gamma):
         scores = alpha[g][None, :] * S + beta[g][None, :] * H  # (n_b, t)
         all_s = np.concatenate([scores, unt_scores.astype(np.float64)], axis=1)
@@ -143,10 +147,9 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
         order = np.lexsort((all_i, -all_s), axis=1)[:, :k_val]
         top_i = np.take_along_axis(all_i, order, axis=1)
         top_s = np.take_along_axis(all_s, order, axis=1)
-        for i in range(n_b):
-            answers = ans_index[ans_ptr[i]:ans_ptr[i + 1]]
-            picked = top_i[i][np.isfinite(top_s[i])]
-            hits[i, g] = np.count_nonzero(np.isin(picked, answers))
+        # Membership of (query, record) in the answer lists through one sorted key array.
+        hit = np.isin(rows * span + top_i, answer_keys) & np.isfinite(top_s)
+        hits[:, g] = hit.sum(axis=1)
     return hits
 
 

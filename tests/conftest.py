@@ -1,0 +1,49 @@
+"""Shared fixtures: the available backends, real datasets found on disk, awkward synthetic data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nudgefast import _backends, datasets
+
+BACKENDS = [name for name, info in _backends.backends().items() if info.available]
+#: Tolerances stated once per dtype: float32 production paths vs the float64 reference.
+TOL = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 2e-5}
+
+REAL = datasets.find()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_report_header(config):
+    names = ", ".join(p.name for p in REAL) or "none found (set NUDGEFAST_DATA or add ../shared/data)"
+    return [f"nudgefast backends: {', '.join(BACKENDS)}", f"real datasets: {names}"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def real_dataset_params():
+    if not REAL:
+        return [pytest.param(None, marks=pytest.mark.skip(
+            reason="no real dataset under ../shared/data (none prepared yet)"))]
+    return [pytest.param(p, id=p.name) for p in REAL]
+
+
+def awkward(n=1237, d=37, seed=0, n_train=240, n_dev=90, n_dup=12):
+    """Synthetic data of awkward sizes with exact duplicate records (ties)."""
+    ds = datasets.synthetic(n_records=n, d=d, n_train=n_train, n_dev=n_dev, n_test=60,
+                            n_clusters=23, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    src = rng.choice(n, n_dup, replace=False)
+    dst = rng.choice(np.setdiff1d(np.arange(n), src), n_dup, replace=False)
+    corpus = np.array(ds.corpus)
+    corpus[dst] = corpus[src]
+    # Rows that are not unit length: the kernels normalise on the fly.
+    corpus[::7] *= 3.0
+    ds.corpus = corpus
+    return ds
