@@ -1,0 +1,586 @@
+"""Numba implementation of every op: the fallback when the compiled extension is absent.
+
+Same op contract as ``numpy_backend`` (read its docstring); every public function here has the
+same signature and is a thin wrapper that fixes dtypes/layouts, sets the thread count for the
+call and runs ``@njit(cache=True, nogil=True)`` kernels.
+
+``topk_update`` is the hot op. The chunk is cut into sub-blocks of ``_BLOCK`` rows at fixed
+offsets (independent of the thread count); each sub-block is converted to float32 into a
+per-worker buffer (float16 through a lookup table, so a float16 or read-only memmap chunk is
+never copied whole), its row norms are taken in float64, and a 4-query x 2-row register tile
+computes scores that go straight into a per-worker, per-query sorted top-k (threshold check,
+then insertion). Workers own disjoint (row group, query block) pairs; their states are merged
+into the caller's at the end. Every (query, row) score is produced by the same tile code, so
+equal rows give bit-identical scores, and the (score desc, index asc) order is a strict total
+order: the result does not depend on the thread count.
+
+Differences from the NumPy reference, all within float32 rounding: scores are always computed
+in float32 (float64 queries are rounded to float32), the dot product is accumulated in a
+different order (SIMD partial sums), and with ``normalize`` the score is multiplied by the
+float32 reciprocal of the norm instead of divided by the float32 norm.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
+
+NAME = "numba"
+
+# Rows per sub-block: a 256 x 384 float32 buffer (384 KiB) stays in a core's L2 while every
+# query tile streams over it.
+_BLOCK = 256
+_QT = 4  # queries per register tile
+_RT = 2  # rows per register tile: 4 x 2 accumulators + loads fit the 16 AVX2 registers
+# Bound on the per-worker top-k state (bytes) before workers split the queries instead of
+# the rows; keeps memory O(chunk + n_q k) with a small constant.
+_STATE_BUDGET = 256 << 20
+
+# Only the reassociation (SIMD partial sums) and FMA contraction are allowed: never
+# 'nnan'/'ninf', the non-finite norm check must stay meaningful.
+_FAST = {"reassoc", "contract"}
+
+_jit = dict(cache=True, nogil=True, error_model="numpy")
+
+# float16 -> float32 for all 65536 bit patterns (exact); numba has no CPU float16 type.
+_F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_F16_TABLE.flags.writeable = False
+_NO_TABLE = np.zeros(1, dtype=np.float32)
+_NO_TABLE.flags.writeable = False
+
+
+# --------------------------------------------------------------------------- helpers
+
+@contextmanager
+def _threads(n_threads):
+    """Use ``n_threads`` (None: all) numba threads for the call, restore the previous value."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    n = limit if n_threads is None else max(1, min(int(n_threads), limit))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _ro(a, dtype=None):
+    """A read-only, C-contiguous plain-ndarray view of ``a`` (a copy only when the dtype or
+    layout has to change): one numba specialisation whatever the caller's flags."""
+    a = np.asarray(a, dtype=dtype)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _as_f32(x, table):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_as_f32, inline="always")
+def _as_f32_impl(x, table):
+    if isinstance(x, types.Integer):  # uint16 bit pattern of a float16
+        return lambda x, table: table[x]
+    return lambda x, table: np.float32(x)
+
+
+@njit(inline="always", **_jit)
+def _beats(s, i, ws, wi):
+    """Rank order: score descending, then index ascending."""
+    return s > ws or (s == ws and i < wi)
+
+
+@njit(inline="always", **_jit)
+def _offer(st_s, st_i, w, q, k, s, idx):
+    """Insert candidate (s, idx) into the sorted top-k of worker ``w``, query ``q``."""
+    ws = st_s[w, q, k - 1]
+    if s > ws or (s == ws and idx < st_i[w, q, k - 1]):
+        j = k - 1
+        while j > 0:
+            ps = st_s[w, q, j - 1]
+            pi = st_i[w, q, j - 1]
+            if s > ps or (s == ps and idx < pi):
+                st_s[w, q, j] = ps
+                st_i[w, q, j] = pi
+                j -= 1
+            else:
+                break
+        st_s[w, q, j] = s
+        st_i[w, q, j] = idx
+
+
+# --------------------------------------------------------------------------- query_gradient
+
+@njit(parallel=True, **_jit)
+def _query_gradient_kernel(queries, order, seg_ptr, out):
+    t, d = out.shape
+    for j in prange(t):
+        a = seg_ptr[j]
+        b = seg_ptr[j + 1]
+        if b <= a:
+            for c in range(d):
+                out[j, c] = 0.0
+            continue
+        r = order[a]
+        # Start from the first row and add in order: the same sums as np.add.reduceat.
+        for c in range(d):
+            out[j, c] = np.float64(queries[r, c])
+        for p in range(a + 1, b):
+            r = order[p]
+            for c in range(d):
+                out[j, c] += np.float64(queries[r, c])
+
+
+def query_gradient(queries, order, seg_ptr, *, n_threads=None):
+    """Segmented sum of train queries into their answer records.
+
+    queries (n, d) float32/float64, order (nnz,) int, seg_ptr (t+1,) int -> (t, d) float64.
+    """
+    queries = np.asarray(queries)
+    if queries.dtype != np.float32:
+        queries = queries.astype(np.float64, copy=False)
+    queries = _ro(queries)
+    order = _ro(order, np.int64)
+    seg_ptr = _ro(seg_ptr, np.int64)
+    t = len(seg_ptr) - 1
+    out = np.empty((max(t, 0), queries.shape[1]), dtype=np.float64)
+    if t <= 0:
+        return out
+    with _threads(n_threads):
+        _query_gradient_kernel(queries, order, seg_ptr, out)
+    return out
+
+
+# --------------------------------------------------------------------------- topk_update
+
+@njit(fastmath=_FAST, **_jit)
+def _load_block(chunk, r0, nr, buf, norms, table):
+    """Rows r0:r0+nr of the chunk -> float32 buffer rows 0:nr, squared norms in float64."""
+    d = chunk.shape[1]
+    for r in range(nr):
+        acc = 0.0
+        for c in range(d):
+            v = _as_f32(chunk[r0 + r, c], table)
+            buf[r, c] = v
+            acc += np.float64(v) * np.float64(v)
+        norms[r] = acc
+
+
+@njit(fastmath=_FAST, **_jit)
+def _tile(q, i0, b, r0, d):
+    """4 x 2 dot products in float32; the accumulation over d is vectorised (reassociated),
+    identically for every accumulator, so equal inputs give equal scores. Not inlined at the
+    Numba IR level: the fast-math flags must stay on this function's instructions."""
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
+    for c in range(d):
+        a0 = q[i0, c]
+        a1 = q[i0 + 1, c]
+        a2 = q[i0 + 2, c]
+        a3 = q[i0 + 3, c]
+        b0 = b[r0, c]
+        b1 = b[r0 + 1, c]
+        s00 += a0 * b0
+        s01 += a0 * b1
+        s10 += a1 * b0
+        s11 += a1 * b1
+        s20 += a2 * b0
+        s21 += a2 * b1
+        s30 += a3 * b0
+        s31 += a3 * b1
+    return s00, s01, s10, s11, s20, s21, s30, s31
+
+
+@njit(parallel=True, **_jit)
+def _topk_kernel(q, chunk, row_offset, exclude, normalize, table,
+                 n_row_groups, q_block, st_s, st_i, first_bad):
+    m, d = chunk.shape
+    nq = q.shape[0]  # padded to a multiple of _QT with zero queries
+    k = st_s.shape[2]
+    n_blocks = (m + _BLOCK - 1) // _BLOCK
+    per_group = (n_blocks + n_row_groups - 1) // n_row_groups
+    n_qblocks = (nq + q_block - 1) // q_block
+    for w in prange(n_row_groups * n_qblocks):
+        g = w // n_qblocks
+        qb = w - g * n_qblocks
+        q0 = qb * q_block
+        q1 = min(q0 + q_block, nq)
+        buf = np.zeros((_BLOCK + _RT, d), dtype=np.float32)
+        norms = np.empty(_BLOCK, dtype=np.float64)
+        scale = np.empty(_BLOCK + _RT, dtype=np.float32)
+        bias = np.empty(_BLOCK + _RT, dtype=np.float32)
+        fb = -1
+        for blk in range(g * per_group, min((g + 1) * per_group, n_blocks)):
+            r0 = blk * _BLOCK
+            nr = min(_BLOCK, m - r0)
+            _load_block(chunk, r0, nr, buf, norms, table)
+            for r in range(nr):
+                nrm = np.sqrt(norms[r])
+                bad = not np.isfinite(nrm) or (normalize and nrm == 0.0)
+                if bad and fb < 0:
+                    fb = r0 + r
+                # bias = -inf turns a non-candidate's score into -inf (or NaN), which never
+                # enters a top-k: no branch in the scoring loop.
+                bias[r] = -np.inf if bad else np.float32(0.0)
+                scale[r] = np.float32(1.0 / nrm) if (normalize and not bad) else np.float32(1.0)
+            nr_pad = (nr + _RT - 1) // _RT * _RT
+            for r in range(nr, nr_pad):
+                for c in range(d):
+                    buf[r, c] = 0.0
+                bias[r] = -np.inf
+                scale[r] = 1.0
+            e = np.searchsorted(exclude, r0)
+            while e < exclude.shape[0] and exclude[e] < r0 + nr:
+                bias[exclude[e] - r0] = -np.inf
+                e += 1
+            if k == 0:
+                continue
+            base = row_offset + r0
+            for i0 in range(q0, q1, _QT):
+                for rr in range(0, nr_pad, _RT):
+                    s00, s01, s10, s11, s20, s21, s30, s31 = _tile(q, i0, buf, rr, d)
+                    c0 = scale[rr]
+                    c1 = scale[rr + 1]
+                    z0 = bias[rr]
+                    z1 = bias[rr + 1]
+                    x0 = base + rr
+                    x1 = x0 + 1
+                    _offer(st_s, st_i, g, i0, k, s00 * c0 + z0, x0)
+                    _offer(st_s, st_i, g, i0, k, s01 * c1 + z1, x1)
+                    _offer(st_s, st_i, g, i0 + 1, k, s10 * c0 + z0, x0)
+                    _offer(st_s, st_i, g, i0 + 1, k, s11 * c1 + z1, x1)
+                    _offer(st_s, st_i, g, i0 + 2, k, s20 * c0 + z0, x0)
+                    _offer(st_s, st_i, g, i0 + 2, k, s21 * c1 + z1, x1)
+                    _offer(st_s, st_i, g, i0 + 3, k, s30 * c0 + z0, x0)
+                    _offer(st_s, st_i, g, i0 + 3, k, s31 * c1 + z1, x1)
+        first_bad[w] = fb
+
+
+@njit(parallel=True, **_jit)
+def _topk_merge(st_s, st_i, best_scores, best_index):
+    """k-way merge of the caller's sorted state with every worker's sorted state."""
+    n_groups = st_s.shape[0]
+    n_q, k = best_scores.shape
+    for q in prange(n_q):
+        out_s = np.empty(k, dtype=np.float64)
+        out_i = np.empty(k, dtype=np.int64)
+        heads = np.zeros(n_groups + 1, dtype=np.int64)
+        for j in range(k):
+            bs = -np.inf
+            bi = np.int64(-1)
+            src = -1
+            h = heads[n_groups]
+            if h < k:
+                s = np.float64(best_scores[q, h])
+                i = np.int64(best_index[q, h])
+                if s > -np.inf:
+                    bs, bi, src = s, i, n_groups
+            for g in range(n_groups):
+                h = heads[g]
+                if h < k:
+                    s = np.float64(st_s[g, q, h])
+                    i = st_i[g, q, h]
+                    if s > -np.inf and (src < 0 or _beats(s, i, bs, bi)):
+                        bs, bi, src = s, i, g
+            if src < 0:
+                for jj in range(j, k):
+                    out_s[jj] = -np.inf
+                    out_i[jj] = -1
+                break
+            heads[src] += 1
+            out_s[j] = bs
+            out_i[j] = bi
+        for j in range(k):
+            best_scores[q, j] = out_s[j]
+            best_index[q, j] = out_i[j]
+
+
+def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
+    """Merge corpus rows ``chunk`` (global rows ``row_offset + r``) into the running top-k.
+
+    queries (n_q, d) float, chunk (m, d) float16/float32/float64 (a read-only memmap slice is
+    fine, it is never copied whole), exclude sorted int64 local rows, best_scores (n_q, k)
+    float32 and best_index (n_q, k) int64 updated in place. Returns the global index of the
+    first row with a non-finite (or, with ``normalize``, zero) norm, else -1.
+    """
+    chunk = np.asarray(chunk)
+    m = chunk.shape[0]
+    if m == 0:
+        return -1
+    if chunk.dtype == np.float16:
+        chunk, table = chunk.view(np.uint16), _F16_TABLE
+    else:
+        if chunk.dtype not in (np.float32, np.float64):
+            chunk = chunk.astype(np.float32)
+        table = _NO_TABLE
+    if chunk.strides[1] != chunk.itemsize:
+        chunk = np.ascontiguousarray(chunk)
+    chunk = chunk.view()  # row-strided slices are read in place ('A' layout)
+    chunk.flags.writeable = False
+
+    n_q, k = best_scores.shape
+    d = chunk.shape[1]
+    nq_pad = (n_q + _QT - 1) // _QT * _QT
+    q = np.zeros((nq_pad, d), dtype=np.float32)
+    q[:n_q] = queries
+    exclude = _ro(exclude, np.int64)
+
+    with _threads(n_threads) as nt:
+        n_blocks = (m + _BLOCK - 1) // _BLOCK
+        state_bytes = max(1, nq_pad * k * 12)
+        # Row groups: several per thread for load balance, bounded by the state memory.
+        n_groups = max(1, min(n_blocks, 4 * nt, _STATE_BUDGET // state_bytes))
+        # When the state is too large for a group per thread, workers split the queries too.
+        n_qsplit = max(1, min(nq_pad // _QT, -(-nt // n_groups)))
+        q_block = -(-(nq_pad // _QT) // n_qsplit) * _QT if nq_pad else _QT
+        n_qblocks = max(1, -(-nq_pad // q_block)) if nq_pad else 1
+        st_s = np.full((n_groups, nq_pad, k), -np.inf, dtype=np.float32)
+        st_i = np.full((n_groups, nq_pad, k), -1, dtype=np.int64)
+        first_bad = np.full(n_groups * n_qblocks, -1, dtype=np.int64)
+        previous_chunk = numba.set_parallel_chunksize(1)
+        try:
+            _topk_kernel(q, chunk, np.int64(row_offset), exclude, bool(normalize), table,
+                         n_groups, q_block, st_s, st_i, first_bad)
+            if k > 0 and n_q > 0:
+                _topk_merge(st_s, st_i, best_scores, best_index)
+        finally:
+            numba.set_parallel_chunksize(previous_chunk)
+    found = first_bad[first_bad >= 0]
+    return int(found.min()) + int(row_offset) if found.size else -1
+
+
+# --------------------------------------------------------------------------- nudge_m_intervals
+
+@njit(parallel=True, **_jit)
+def _nudge_m_kernel(S, G, pair_query, s_x, g_x, u_score, eps, large, low, high, feasible):
+    t = S.shape[1]
+    for p in prange(pair_query.shape[0]):
+        i = pair_query[p]
+        sx = s_x[p]
+        gx = g_x[p]
+        lo = 0.0
+        hi = large
+        block = False
+        for j in range(t + 1):
+            if j < t:
+                D = gx - G[i, j]
+                s_dif = S[i, j] - sx
+            else:  # the best untouched competitor: g = 0
+                D = gx
+                s_dif = u_score[p] - sx
+            alpha = s_dif / (D + eps)
+            # np.max / np.min propagate NaN, and so do these: once NaN, a bound stays NaN.
+            if D > 0:
+                if not np.isnan(lo) and (np.isnan(alpha) or alpha > lo):
+                    lo = alpha
+            elif D < 0:
+                if not np.isnan(hi) and (np.isnan(alpha) or alpha < hi):
+                    hi = alpha
+            elif D == 0 and s_dif > 0:
+                block = True
+        if lo < 0.0:
+            lo = 0.0
+        low[p] = lo
+        high[p] = hi
+        feasible[p] = (not block) and hi >= lo
+
+
+def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_threads=None):
+    """Per validation pair, the gamma interval on which its answer is top-1.
+
+    S, G (n_b, t) float, pair_query/pair_pos (P,) int, s_x/g_x/u_score (P,) float
+    -> low (P,) float64, high (P,) float64, feasible (P,) bool. See numpy_backend.
+    """
+    S = _ro(S, np.float64)
+    G = _ro(G, np.float64)
+    pair_query = _ro(pair_query, np.int64)
+    s_x = _ro(s_x, np.float64)
+    g_x = _ro(g_x, np.float64)
+    u_score = _ro(u_score, np.float64)
+    eps = float(eps)
+    large = np.inf if eps == 0 else 1.0 / eps
+    P = pair_query.shape[0]
+    low = np.empty(P, dtype=np.float64)
+    high = np.empty(P, dtype=np.float64)
+    feasible = np.empty(P, dtype=np.bool_)
+    if P:
+        with _threads(n_threads):
+            _nudge_m_kernel(S, G, pair_query, s_x, g_x, u_score, eps, large, low, high, feasible)
+    return low, high, feasible
+
+
+# --------------------------------------------------------------------------- nudge_n_sweep
+
+@njit(inline="always", **_jit)
+def _sweep_offer(top_s, top_i, k, s, idx):
+    # -inf and NaN candidates can only fill slots that are never counted: skip them.
+    if not (s > -np.inf):
+        return
+    if _beats(s, idx, top_s[k - 1], top_i[k - 1]):
+        j = k - 1
+        while j > 0 and _beats(s, idx, top_s[j - 1], top_i[j - 1]):
+            top_s[j] = top_s[j - 1]
+            top_i[j] = top_i[j - 1]
+            j -= 1
+        top_s[j] = s
+        top_i[j] = idx
+
+
+@njit(inline="always", **_jit)
+def _is_answer(ans_index, a, b, x):
+    """Binary search of x in the sorted ans_index[a:b]."""
+    lo = a
+    hi = b
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if ans_index[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < b and ans_index[lo] == x
+
+
+@njit(parallel=True, **_jit)
+def _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, hits):
+    n_b, t = S.shape
+    n_gamma = alpha.shape[0]
+    n_u = unt_scores.shape[1]
+    for i in prange(n_b):
+        top_s = np.empty(k_val, dtype=np.float64)
+        top_i = np.empty(k_val, dtype=np.int64)
+        a = ans_ptr[i]
+        b = ans_ptr[i + 1]
+        for g in range(n_gamma):
+            # Empty slots: -inf, which every kept candidate beats.
+            for j in range(k_val):
+                top_s[j] = -np.inf
+                top_i[j] = -1
+            for j in range(t):
+                _sweep_offer(top_s, top_i, k_val, alpha[g, j] * S[i, j] + beta[g, j] * H[i, j], touched[j])
+            for j in range(n_u):
+                _sweep_offer(top_s, top_i, k_val, unt_scores[i, j], unt_index[i, j])
+            h = 0
+            for j in range(k_val):
+                if np.isfinite(top_s[j]) and _is_answer(ans_index, a, b, top_i[j]):
+                    h += 1
+            hits[i, g] = h
+
+
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
+    """Answers among each validation query's top-``k_val`` for every gamma on the grid.
+
+    S, H (n_b, t) float, alpha/beta (n_gamma, t) float, touched (t,) int, unt_scores/unt_index
+    (n_b, n_u), ans_ptr (n_b+1,) int, ans_index sorted unique int -> (n_b, n_gamma) int64.
+    """
+    S = _ro(S, np.float64)
+    H = _ro(H, np.float64)
+    alpha = _ro(alpha, np.float64)
+    beta = _ro(beta, np.float64)
+    touched = _ro(touched, np.int64)
+    unt_scores = _ro(unt_scores, np.float64)
+    unt_index = _ro(unt_index, np.int64)
+    ans_ptr = _ro(ans_ptr, np.int64)
+    ans_index = _ro(ans_index, np.int64)
+    n_b = S.shape[0]
+    n_gamma = alpha.shape[0]
+    hits = np.zeros((n_b, n_gamma), dtype=np.int64)
+    k_val = int(k_val)
+    if n_b and n_gamma and k_val > 0:
+        with _threads(n_threads):
+            _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, hits)
+    return hits
+
+
+# --------------------------------------------------------------------------- project
+
+@njit(parallel=True, **_jit)
+def _project_kernel(E, C, alpha, beta, out):
+    t, d = out.shape
+    for j in prange(t):
+        a = alpha[j]
+        b = beta[j]
+        for c in range(d):
+            out[j, c] = np.float32(a * np.float64(E[j, c]) + b * np.float64(C[j, c]))
+
+
+def project(E, C, alpha, beta, *, n_threads=None):
+    """``alpha[:, None] * E + beta[:, None] * C`` in float64, returned as (t, d) float32."""
+    E = np.asarray(E)
+    C = np.asarray(C)
+    E = _ro(E if E.dtype == np.float32 else E.astype(np.float64, copy=False))
+    C = _ro(C if C.dtype == np.float32 else C.astype(np.float64, copy=False))
+    alpha = _ro(alpha, np.float64)
+    beta = _ro(beta, np.float64)
+    out = np.empty(E.shape, dtype=np.float32)
+    if out.size:
+        with _threads(n_threads):
+            _project_kernel(E, C, alpha, beta, out)
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+@njit(parallel=True, **_jit)
+def _metrics_kernel(retrieved, ans_ptr, ans_index, ans_rel, k, out):
+    n = retrieved.shape[0]
+    kk = min(k, retrieved.shape[1])
+    for i in prange(n):
+        a = ans_ptr[i]
+        b = ans_ptr[i + 1]
+        if b <= a:
+            out[i, 0] = np.nan
+            out[i, 1] = np.nan
+            out[i, 2] = np.nan
+            continue
+        n_hit = 0
+        dcg = 0.0
+        first = -1
+        for p in range(kk):
+            x = retrieved[i, p]
+            if x < 0:
+                continue
+            # Position of x among the sorted answers.
+            lo = a
+            hi = b
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if ans_index[mid] < x:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < b and ans_index[lo] == x:
+                n_hit += 1
+                dcg += ans_rel[lo] * (1.0 / np.log2(p + 2.0))
+                if first < 0:
+                    first = p
+        ideal = np.sort(ans_rel[a:b])
+        idcg = 0.0
+        m = min(k, b - a)
+        for p in range(m):
+            idcg += ideal[b - a - 1 - p] * (1.0 / np.log2(p + 2.0))
+        out[i, 0] = n_hit / min(b - a, k)
+        out[i, 1] = dcg / idcg if idcg > 0 else 0.0
+        out[i, 2] = 1.0 / (first + 1) if first >= 0 else 0.0
+
+
+def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
+    """Per query recall@k, ndcg@k (graded), mrr@k -> (n, 3) float64; NaN without answers.
+
+    retrieved (n, >=k or fewer) int, ans_ptr (n+1,) int, ans_index sorted unique int,
+    ans_rel aligned float.
+    """
+    retrieved = _ro(retrieved, np.int64)
+    ans_ptr = _ro(ans_ptr, np.int64)
+    ans_index = _ro(ans_index, np.int64)
+    ans_rel = _ro(ans_rel, np.float64)
+    n = retrieved.shape[0]
+    out = np.empty((n, 3), dtype=np.float64)
+    if n:
+        with _threads(n_threads):
+            _metrics_kernel(retrieved, ans_ptr, ans_index, ans_rel, int(k), out)
+    return out
