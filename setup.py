@@ -80,7 +80,9 @@ setup(
     extras_require={
         "cuda12": ["cupy-cuda12x"],
         "cuda13": ["cupy-cuda13x"],
-        "test": ["pytest", "pytest-benchmark", "torch", "faiss-cpu"],
+        # torch (for the nudge-ft parity tests) is pinned by .ci/run: torch==2.13.0 is the local CPU
+        # build; an unpinned torch would pull a multi-GB CUDA build.
+        "test": ["pytest", "pytest-benchmark", "faiss-cpu"],
         "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib"],
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},
