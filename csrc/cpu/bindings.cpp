@@ -110,7 +110,7 @@ int64_t py_topk_update(const py::array& queries, const py::array& chunk, int64_t
     const int64_t m = chunk.shape(0);
     const int64_t item = chunk.itemsize();
     const int64_t stride0 = chunk.strides(0), stride1 = chunk.strides(1);
-    if ((d > 1 && stride1 != item) || (m > 1 && (stride0 <= 0 || stride0 % item != 0)))
+    if (m > 0 && ((d > 1 && stride1 != item) || (m > 1 && (stride0 <= 0 || stride0 % item != 0))))
         throw py::type_error("nudgefast._cpu: chunk rows must be contiguous with a positive row stride "
                              "(pass np.ascontiguousarray(chunk))");
     const int64_t row_stride = m > 1 ? stride0 / item : d;

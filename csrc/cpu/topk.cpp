@@ -3,47 +3,74 @@
 // Fused: a register-tiled micro-kernel scores a tile of queries x records and each score is
 // compared at once with its query's current k-th best, so no n_q x chunk score matrix exists.
 // Threads take sub-blocks of SUB_ROWS records (small enough to stay in L2 next to the tile of
-// queries in L1), convert them to zero-padded float32, and keep a private top-k per query,
-// seeded from the caller's state so the admission threshold is tight from the first row. The
-// private states are merged at the end with the tie rule, so the result does not depend on the
-// thread count.
+// queries in L1), convert them to zero-padded float32, and keep a private top-k per query whose
+// admission threshold starts at the caller's k-th best, so it is tight from the first row. The
+// private states are merged with the caller's at the end with the tie rule, so the result does
+// not depend on the thread count.
 #include "common.hpp"
 
 namespace nudgefast {
 namespace {
 
 constexpr int64_t QB = 4;        // queries per register tile (one 4-lane result per record)
-constexpr int64_t RB = 3;        // records per register tile: 12 accumulators + 3 record + 1 query register
+#ifndef NF_RB
+#define NF_RB 3
+#endif
+#ifndef NF_SUB
+#define NF_SUB 192
+#endif
+constexpr int64_t RB = NF_RB;        // records per register tile: 12 accumulators + 3 record + 1 query register
 constexpr int64_t LANES = 8;     // floats per AVX register; rows are zero-padded to a multiple
-constexpr int64_t SUB_ROWS = 192;  // 192 x 384 float32 = 288 KiB: one sub-block fits a Zen 3 L2 (512 KiB)
+constexpr int64_t SUB_ROWS = NF_SUB;  // 192 x 384 float32 = 288 KiB: one sub-block fits a Zen 3 L2 (512 KiB)
 
-// Dot products of QB packed queries with R packed records, written out[r * QB + q].
+#ifdef NUDGEFAST_AVX2
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
+// Dot products of QB packed queries with RB packed records, written out[r * QB + q].
 // Every (query, record) pair is summed in the same order whatever its position in the tile, so
 // exact duplicate records get bit-identical scores (the tie rule then orders them by index).
-template <int R>
 inline void tile_dot(const float* q, const float* x, int64_t dp, float* out) {
 #ifdef NUDGEFAST_AVX2
-    __m256 acc[QB][R];
-    for (int i = 0; i < QB; ++i)
-        for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    static_assert(QB == 4 && RB == 3, "the AVX2 micro-kernel is written for 4 x 3 tiles");
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+    const float* x0 = x;
+    const float* x1 = x + dp;
+    const float* x2 = x + 2 * dp;
+    const float* q0 = q;
+    const float* q1 = q + dp;
+    const float* q2 = q + 2 * dp;
+    const float* q3 = q + 3 * dp;
     for (int64_t t = 0; t < dp; t += LANES) {
-        __m256 xr[R];
-        for (int r = 0; r < R; ++r) xr[r] = _mm256_load_ps(x + r * dp + t);
-        for (int i = 0; i < QB; ++i) {
-            const __m256 qv = _mm256_load_ps(q + i * dp + t);
-            for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(qv, xr[r], acc[i][r]);
-        }
+        // 12 accumulators + 3 records + 1 query = all 16 registers. The empty asm pins each load
+        // in a register: otherwise the compiler folds a load into every FMA (16 loads per 12
+        // FMAs) and the kernel becomes load-bound.
+        __m256 r0 = _mm256_load_ps(x0 + t), r1 = _mm256_load_ps(x1 + t), r2 = _mm256_load_ps(x2 + t);
+        __asm__("" : "+x"(r0), "+x"(r1), "+x"(r2));
+        __m256 v = _mm256_load_ps(q0 + t);
+        __asm__("" : "+x"(v));
+        a00 = _mm256_fmadd_ps(v, r0, a00); a01 = _mm256_fmadd_ps(v, r1, a01); a02 = _mm256_fmadd_ps(v, r2, a02);
+        v = _mm256_load_ps(q1 + t);
+        __asm__("" : "+x"(v));
+        a10 = _mm256_fmadd_ps(v, r0, a10); a11 = _mm256_fmadd_ps(v, r1, a11); a12 = _mm256_fmadd_ps(v, r2, a12);
+        v = _mm256_load_ps(q2 + t);
+        __asm__("" : "+x"(v));
+        a20 = _mm256_fmadd_ps(v, r0, a20); a21 = _mm256_fmadd_ps(v, r1, a21); a22 = _mm256_fmadd_ps(v, r2, a22);
+        v = _mm256_load_ps(q3 + t);
+        __asm__("" : "+x"(v));
+        a30 = _mm256_fmadd_ps(v, r0, a30); a31 = _mm256_fmadd_ps(v, r1, a31); a32 = _mm256_fmadd_ps(v, r2, a32);
     }
-    for (int r = 0; r < R; ++r) {
-        // Horizontal sums of the 4 query accumulators of record r into one 4-lane vector.
-        const __m256 h01 = _mm256_hadd_ps(acc[0][r], acc[1][r]);
-        const __m256 h23 = _mm256_hadd_ps(acc[2][r], acc[3][r]);
-        const __m256 h = _mm256_hadd_ps(h01, h23);
-        const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        _mm_storeu_ps(out + r * QB, s);
-    }
+    // Horizontal sums: the 4 query accumulators of one record into one 4-lane vector. The same
+    // reduction for every tile slot, so exact duplicate records get bit-identical scores.
+    _mm_storeu_ps(out + 0 * QB, hsum4(a00, a10, a20, a30));
+    _mm_storeu_ps(out + 1 * QB, hsum4(a01, a11, a21, a31));
+    _mm_storeu_ps(out + 2 * QB, hsum4(a02, a12, a22, a32));
 #else
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < RB; ++r)
         for (int i = 0; i < QB; ++i) {
             float lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (int64_t t = 0; t < dp; t += LANES)
@@ -116,7 +143,7 @@ void process_block(ThreadState& st, const Problem& p, int64_t begin, int64_t end
         __m128 thr = _mm_load_ps(st.thresh.data() + q0);
 #endif
         for (int64_t r0 = 0; r0 < mb_pad; r0 += RB) {
-            tile_dot<RB>(qp, rows + r0 * p.dp, p.dp, tile);
+            tile_dot(qp, rows + r0 * p.dp, p.dp, tile);
             for (int64_t r = 0; r < RB; ++r) {
                 float* s4 = tile + r * QB;
 #ifdef NUDGEFAST_AVX2
@@ -170,13 +197,22 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
             st.index.resize(n_q * k);
             st.thresh.resize(n_q4);
             for (int64_t q = 0; q < n_q; ++q) {
-                // The caller's state is sorted (best first); as a heap it must have the worst on top.
-                float* hs = st.scores.data() + q * k;
-                int64_t* hi = st.index.data() + q * k;
-                TopKHeap<float>::clear(hs, hi, k);
-                for (int64_t j = 0; j < k; ++j)
-                    if (best_index[q * k + j] >= 0) TopKHeap<float>::push(hs, hi, k, best_scores[q * k + j], best_index[q * k + j]);
-                st.thresh[q] = k > 0 ? hs[0] : std::numeric_limits<float>::infinity();
+                // Every slot starts as the caller's k-th entry (empty when the caller has fewer
+                // than k): a row must rank before it to matter, so the threshold is tight from the
+                // first row, and the private heaps hold chunk rows only.
+                const float* cs = best_scores + q * k;
+                const int64_t* ci = best_index + q * k;
+                float floor_s = -std::numeric_limits<float>::infinity();
+                int64_t floor_i = kEmptyIndex;
+                if (k > 0 && std::all_of(ci, ci + k, [](int64_t v) { return v >= 0; })) {
+                    floor_s = cs[0];
+                    floor_i = ci[0];
+                    for (int64_t j = 1; j < k; ++j)
+                        if (ranks_before(floor_s, floor_i, cs[j], ci[j])) floor_s = cs[j], floor_i = ci[j];
+                }
+                std::fill(st.scores.begin() + q * k, st.scores.begin() + (q + 1) * k, floor_s);
+                std::fill(st.index.begin() + q * k, st.index.begin() + (q + 1) * k, floor_i);
+                st.thresh[q] = k > 0 ? floor_s : std::numeric_limits<float>::infinity();
             }
             for (int64_t q = n_q; q < n_q4; ++q) st.thresh[q] = std::numeric_limits<float>::infinity();
             st.rows.resize(static_cast<std::size_t>(round_up(sub, RB) * dp));
@@ -206,11 +242,15 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
 #pragma omp parallel num_threads(threads)
     {
         std::vector<std::pair<float, int64_t>> cand;
-        errors.run([&] { cand.reserve(static_cast<std::size_t>(k * threads)); });
+        errors.run([&] { cand.reserve(static_cast<std::size_t>(k * (threads + 1))); });
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < n_q; ++q) {
             errors.run([&] {
                 cand.clear();
+                for (int64_t j = 0; j < k; ++j) {
+                    const int64_t id = best_index[q * k + j];
+                    cand.emplace_back(best_scores[q * k + j], id >= 0 ? id : kEmptyIndex);
+                }
                 for (const auto& st : states) {
                     if (!st.ready) continue;  // the runtime may start fewer threads than asked
                     for (int64_t j = 0; j < k; ++j) cand.emplace_back(st.scores[q * k + j], st.index[q * k + j]);

@@ -40,6 +40,8 @@ def _chunk_view(chunk):
     """The chunk as the kernel takes it: rows contiguous, any row stride; else one float32 copy."""
     chunk = np.asarray(chunk)
     native = chunk.dtype.newbyteorder("=") == chunk.dtype
+    if (chunk.dtype in _CHUNK_DTYPES and native and chunk.ndim == 2 and chunk.size == 0):
+        return chunk
     if (chunk.dtype in _CHUNK_DTYPES and native and chunk.ndim == 2
             and (chunk.shape[1] <= 1 or chunk.strides[1] == chunk.itemsize)
             and (chunk.shape[0] <= 1 or (chunk.strides[0] > 0 and chunk.strides[0] % chunk.itemsize == 0))):
