@@ -46,6 +46,15 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
     ``exclude``: sorted global record indices that are not candidates (the touched records).
     Rows are numbered from ``row_offset``. Returns ``(scores, indices)``.
     """
+    if hasattr(backend, "topk_stream"):
+        # A backend that moves data itself (the GPU: pinned buffers, two streams, chunk size
+        # from free memory) streams the corpus in one call; same contract as the loop below.
+        scores, index, bad = backend.topk_stream(
+            queries, corpus, k, exclude=exclude, normalize=normalize, chunk_rows=chunk_rows,
+            n_threads=n_threads, progress=progress, row_offset=row_offset, state=state)
+        if bad >= 0:
+            raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
+        return scores, index
     n_q = queries.shape[0]
     n_rows, d = corpus.shape
     if state is None:

@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from types import ModuleType
 
 # Fastest first: the order ``backend="auto"`` tries.
-AUTO_ORDER = ("cpp", "numba", "numpy")
+AUTO_ORDER = ("cuda", "cpp", "numba", "numpy")
 
 _MODULES = {
+    "cuda": "nudgefast._backends.cuda_backend",
     "numpy": "nudgefast._backends.numpy_backend",
     "numba": "nudgefast._backends.numba_backend",
     "cpp": "nudgefast._backends.cpp_backend",
 }
 
 _INSTALL_HINT = {
+    "cuda": "install CuPy for your CUDA (pip install 'nudgefast[cuda12]' or "
+            "'nudgefast[cuda13]') on a machine with an NVIDIA GPU",
     "numpy": "pip install numpy",
     "numba": "pip install numba",
     "cpp": "reinstall nudgefast from source so the extension builds: pip install . "
