@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 
 import numpy as np
@@ -56,6 +57,41 @@ def demo(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from . import benchmark
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = benchmark.temp_dir() if args.memmap else None
+    workloads = []
+    try:
+        if args.packaged:
+            workloads.append(benchmark.packaged_workload())
+        for n in [int(float(x)) for x in args.sizes.split(",") if x]:
+            workloads.append(benchmark.synthetic_workload(
+                n, args.d, args.train, args.val, seed=args.seed, memmap_dir=scratch))
+        info = benchmark.device_info(args.threads)
+        backends = args.backends.split(",") if args.backends != "all" else None
+        peers = [p for p in args.peers.split(",") if p]
+        rows = benchmark.run(workloads, backends=backends, peers=peers, repeat=args.repeat,
+                             n_threads=args.threads)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    text = benchmark.markdown(rows, info)
+    made = benchmark.plots(rows, out, info)
+    report = out / "report.md"
+    cmd = "nudgefast bench " + " ".join(args.argv)
+    report.write_text(f"# nudgefast bench\n\ncommand: `{cmd}`\n\n{text}\n\n"
+                      + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n")
+    print(text)
+    print(f"\nwrote {report} and {len(made)} plots")
+    return 0
+
+
 def show_backends(args) -> int:
     for info in _backends.backends().values():
         print(f"{info.name:6s} {'yes' if info.available else 'no ':3s}  {info.reason}")
@@ -73,9 +109,28 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeat", type=int, default=3, help="timed fits per backend after warm-up")
     p.set_defaults(func=demo)
+    p = sub.add_parser("bench", help="fit time, top-k throughput and memory against N for every "
+                                     "backend and peer (nudge-ft, FAISS): Markdown + PNG plots")
+    p.add_argument("--sizes", default="10000,100000,1000000",
+                   help="comma-separated corpus sizes N for the synthetic workload")
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--train", type=int, default=5000)
+    p.add_argument("--val", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the cpp/numba backends and FAISS (default: all cores)")
+    p.add_argument("--backends", default="all", help="comma-separated, or 'all' available")
+    p.add_argument("--peers", default="nudge-ft,faiss", help="comma-separated peers to run")
+    p.add_argument("--packaged", action="store_true", help="also the packaged dataset")
+    p.add_argument("--memmap", action="store_true",
+                   help="write synthetic corpora to a temp .npy and stream them as memmaps")
+    p.add_argument("--out", default="bench/out", help="folder for report.md and the plots")
+    p.set_defaults(func=bench)
     p = sub.add_parser("backends", help="which backends are available here, and why not")
     p.set_defaults(func=show_backends)
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     return args.func(args)
