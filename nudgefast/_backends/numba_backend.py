@@ -51,6 +51,7 @@ _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float
 _F16_TABLE.flags.writeable = False
 _NO_TABLE = np.zeros(1, dtype=np.float32)
 _NO_TABLE.flags.writeable = False
+_CHUNK_KIND = {np.dtype(np.float16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -90,13 +91,13 @@ def _as_f32_impl(x, table):
     return lambda x, table: np.float32(x)
 
 
-@njit(inline="always", **_jit)
+@njit(**_jit)
 def _beats(s, i, ws, wi):
     """Rank order: score descending, then index ascending."""
     return s > ws or (s == ws and i < wi)
 
 
-@njit(inline="always", **_jit)
+@njit(**_jit)
 def _offer(st_s, st_i, w, q, k, s, idx):
     """Insert candidate (s, idx) into the sorted top-k of worker ``w``, query ``q``."""
     ws = st_s[w, q, k - 1]
@@ -128,7 +129,8 @@ def _query_gradient_kernel(queries, order, seg_ptr, out):
                 out[j, c] = 0.0
             continue
         r = order[a]
-        # Start from the first row and add in order: the same sums as np.add.reduceat.
+        # Rows added in order (NumPy's reduceat sums a long segment pairwise: ulp-level
+        # differences, well inside float32 rounding).
         for c in range(d):
             out[j, c] = np.float64(queries[r, c])
         for p in range(a + 1, b):
@@ -160,16 +162,30 @@ def query_gradient(queries, order, seg_ptr, *, n_threads=None):
 # --------------------------------------------------------------------------- topk_update
 
 @njit(fastmath=_FAST, **_jit)
-def _load_block(chunk, r0, nr, buf, norms, table):
-    """Rows r0:r0+nr of the chunk -> float32 buffer rows 0:nr, squared norms in float64."""
-    d = chunk.shape[1]
+def _convert_rows(rows, buf, norms, table):
+    """rows (nr, d) -> float32 buffer rows 0:nr, squared row norms in float64."""
+    nr, d = rows.shape
     for r in range(nr):
         acc = 0.0
         for c in range(d):
-            v = _as_f32(chunk[r0 + r, c], table)
+            v = _as_f32(rows[r, c], table)
             buf[r, c] = v
             acc += np.float64(v) * np.float64(v)
         norms[r] = acc
+
+
+@njit(**_jit)
+def _load_block(chunk, kind, r0, nr, buf, norms, table):
+    """Rows r0:r0+nr of the chunk's bytes, decoded by ``kind`` (0: float16, 1: float32,
+    2: float64). The chunk travels as uint8 bytes so that one compiled kernel serves every
+    dtype (each parallel specialisation costs seconds of compile time)."""
+    rows = chunk[r0:r0 + nr]
+    if kind == 0:
+        _convert_rows(rows.view(np.uint16), buf, norms, table)
+    elif kind == 1:
+        _convert_rows(rows.view(np.float32), buf, norms, table)
+    else:
+        _convert_rows(rows.view(np.float64), buf, norms, table)
 
 
 @njit(fastmath=_FAST, **_jit)
@@ -196,81 +212,94 @@ def _tile(q, i0, b, r0, d):
     return s00, s01, s10, s11, s20, s21, s30, s31
 
 
-@njit(parallel=True, **_jit)
-def _topk_kernel(q, chunk, row_offset, exclude, normalize, table,
+@njit(**_jit)
+def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
                  n_row_groups, q_block, st_s, st_i, first_bad):
-    m, d = chunk.shape
+    """Work item w = (row group g, query block qb): scores rows of group g against the
+    queries of block qb into st_*[g, queries of qb]."""
+    m = chunk.shape[0]
+    d = q.shape[1]
     nq = q.shape[0]  # padded to a multiple of _QT with zero queries
     k = st_s.shape[2]
     n_blocks = (m + _BLOCK - 1) // _BLOCK
     per_group = (n_blocks + n_row_groups - 1) // n_row_groups
     n_qblocks = (nq + q_block - 1) // q_block
-    for w in prange(n_row_groups * n_qblocks):
-        g = w // n_qblocks
-        qb = w - g * n_qblocks
-        q0 = qb * q_block
-        q1 = min(q0 + q_block, nq)
-        buf = np.zeros((_BLOCK + _RT, d), dtype=np.float32)
-        norms = np.empty(_BLOCK, dtype=np.float64)
-        scale = np.empty(_BLOCK + _RT, dtype=np.float32)
-        bias = np.empty(_BLOCK + _RT, dtype=np.float32)
-        fb = -1
-        for blk in range(g * per_group, min((g + 1) * per_group, n_blocks)):
-            r0 = blk * _BLOCK
-            nr = min(_BLOCK, m - r0)
-            _load_block(chunk, r0, nr, buf, norms, table)
-            for r in range(nr):
-                nrm = np.sqrt(norms[r])
-                bad = not np.isfinite(nrm) or (normalize and nrm == 0.0)
-                if bad and fb < 0:
-                    fb = r0 + r
-                # bias = -inf turns a non-candidate's score into -inf (or NaN), which never
-                # enters a top-k: no branch in the scoring loop.
-                bias[r] = -np.inf if bad else np.float32(0.0)
-                scale[r] = np.float32(1.0 / nrm) if (normalize and not bad) else np.float32(1.0)
-            nr_pad = (nr + _RT - 1) // _RT * _RT
-            for r in range(nr, nr_pad):
-                for c in range(d):
-                    buf[r, c] = 0.0
-                bias[r] = -np.inf
-                scale[r] = 1.0
-            e = np.searchsorted(exclude, r0)
-            while e < exclude.shape[0] and exclude[e] < r0 + nr:
-                bias[exclude[e] - r0] = -np.inf
-                e += 1
-            if k == 0:
-                continue
-            base = row_offset + r0
-            for i0 in range(q0, q1, _QT):
-                for rr in range(0, nr_pad, _RT):
-                    s00, s01, s10, s11, s20, s21, s30, s31 = _tile(q, i0, buf, rr, d)
-                    c0 = scale[rr]
-                    c1 = scale[rr + 1]
-                    z0 = bias[rr]
-                    z1 = bias[rr + 1]
-                    x0 = base + rr
-                    x1 = x0 + 1
-                    _offer(st_s, st_i, g, i0, k, s00 * c0 + z0, x0)
-                    _offer(st_s, st_i, g, i0, k, s01 * c1 + z1, x1)
-                    _offer(st_s, st_i, g, i0 + 1, k, s10 * c0 + z0, x0)
-                    _offer(st_s, st_i, g, i0 + 1, k, s11 * c1 + z1, x1)
-                    _offer(st_s, st_i, g, i0 + 2, k, s20 * c0 + z0, x0)
-                    _offer(st_s, st_i, g, i0 + 2, k, s21 * c1 + z1, x1)
-                    _offer(st_s, st_i, g, i0 + 3, k, s30 * c0 + z0, x0)
-                    _offer(st_s, st_i, g, i0 + 3, k, s31 * c1 + z1, x1)
-        first_bad[w] = fb
+    g = w // n_qblocks
+    qb = w - g * n_qblocks
+    q0 = qb * q_block
+    q1 = min(q0 + q_block, nq)
+    buf = np.zeros((_BLOCK + _RT, d), dtype=np.float32)
+    norms = np.empty(_BLOCK, dtype=np.float64)
+    scale = np.empty(_BLOCK + _RT, dtype=np.float32)
+    bias = np.empty(_BLOCK + _RT, dtype=np.float32)
+    fb = -1
+    for blk in range(g * per_group, min((g + 1) * per_group, n_blocks)):
+        r0 = blk * _BLOCK
+        nr = min(_BLOCK, m - r0)
+        _load_block(chunk, kind, r0, nr, buf, norms, table)
+        for r in range(nr):
+            nrm = np.sqrt(norms[r])
+            bad = not np.isfinite(nrm) or (normalize and nrm == 0.0)
+            if bad and fb < 0:
+                fb = r0 + r
+            # bias = -inf turns a non-candidate's score into -inf (or NaN), which never
+            # enters a top-k: no branch in the scoring loop.
+            bias[r] = -np.inf if bad else np.float32(0.0)
+            scale[r] = np.float32(1.0 / nrm) if (normalize and not bad) else np.float32(1.0)
+        nr_pad = (nr + _RT - 1) // _RT * _RT
+        for r in range(nr, nr_pad):
+            for c in range(d):
+                buf[r, c] = 0.0
+            bias[r] = -np.inf
+            scale[r] = 1.0
+        e = np.searchsorted(exclude, r0)
+        while e < exclude.shape[0] and exclude[e] < r0 + nr:
+            bias[exclude[e] - r0] = -np.inf
+            e += 1
+        if k == 0:
+            continue
+        base = row_offset + r0
+        for i0 in range(q0, q1, _QT):
+            for rr in range(0, nr_pad, _RT):
+                s00, s01, s10, s11, s20, s21, s30, s31 = _tile(q, i0, buf, rr, d)
+                c0 = scale[rr]
+                c1 = scale[rr + 1]
+                z0 = bias[rr]
+                z1 = bias[rr + 1]
+                x0 = base + rr
+                x1 = x0 + 1
+                _offer(st_s, st_i, g, i0, k, s00 * c0 + z0, x0)
+                _offer(st_s, st_i, g, i0, k, s01 * c1 + z1, x1)
+                _offer(st_s, st_i, g, i0 + 1, k, s10 * c0 + z0, x0)
+                _offer(st_s, st_i, g, i0 + 1, k, s11 * c1 + z1, x1)
+                _offer(st_s, st_i, g, i0 + 2, k, s20 * c0 + z0, x0)
+                _offer(st_s, st_i, g, i0 + 2, k, s21 * c1 + z1, x1)
+                _offer(st_s, st_i, g, i0 + 3, k, s30 * c0 + z0, x0)
+                _offer(st_s, st_i, g, i0 + 3, k, s31 * c1 + z1, x1)
+    first_bad[w] = fb
+
+
+@njit(parallel=True, **_jit)
+def _topk_kernel(q, chunk, kind, row_offset, exclude, normalize, table,
+                 n_row_groups, q_block, st_s, st_i, first_bad):
+    # The parallel loop body is one call: a small parfor keeps the compile time down.
+    for w in prange(first_bad.shape[0]):
+        _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
+                     n_row_groups, q_block, st_s, st_i, first_bad)
 
 
 @njit(parallel=True, **_jit)
 def _topk_merge(st_s, st_i, best_scores, best_index):
-    """k-way merge of the caller's sorted state with every worker's sorted state."""
+    """k-way merge of the caller's sorted state with every worker's sorted state (on equal
+    keys the caller's entry comes first; a row held twice is kept once)."""
     n_groups = st_s.shape[0]
     n_q, k = best_scores.shape
     for q in prange(n_q):
         out_s = np.empty(k, dtype=np.float64)
         out_i = np.empty(k, dtype=np.int64)
         heads = np.zeros(n_groups + 1, dtype=np.int64)
-        for j in range(k):
+        j = 0
+        while j < k:
             bs = -np.inf
             bi = np.int64(-1)
             src = -1
@@ -293,8 +322,11 @@ def _topk_merge(st_s, st_i, best_scores, best_index):
                     out_i[jj] = -1
                 break
             heads[src] += 1
+            if j > 0 and bi == out_i[j - 1]:
+                continue  # a row already held, fed again: equal score, so adjacent; keep one
             out_s[j] = bs
             out_i[j] = bi
+            j += 1
         for j in range(k):
             best_scores[q, j] = out_s[j]
             best_index[q, j] = out_i[j]
@@ -309,26 +341,23 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
     first row with a non-finite (or, with ``normalize``, zero) norm, else -1.
     """
     chunk = np.asarray(chunk)
-    m = chunk.shape[0]
+    m, d = chunk.shape
     if m == 0:
         return -1
-    if chunk.dtype == np.float16:
-        chunk, table = chunk.view(np.uint16), _F16_TABLE
-    else:
-        if chunk.dtype not in (np.float32, np.float64):
-            chunk = chunk.astype(np.float32)
-        table = _NO_TABLE
-    if chunk.strides[1] != chunk.itemsize:
-        chunk = np.ascontiguousarray(chunk)
-    chunk = chunk.view()  # row-strided slices are read in place ('A' layout)
+    if chunk.dtype not in _CHUNK_KIND:
+        chunk = chunk.astype(np.float32)
+    kind = _CHUNK_KIND[chunk.dtype]
+    table = _F16_TABLE if kind == 0 else _NO_TABLE
+    if not chunk.flags.c_contiguous:
+        chunk = np.ascontiguousarray(chunk)  # only strided views pay a copy
+    chunk = chunk.view(np.uint8)  # no copy: a C-contiguous memmap slice is read in place
     chunk.flags.writeable = False
 
     n_q, k = best_scores.shape
-    d = chunk.shape[1]
     nq_pad = (n_q + _QT - 1) // _QT * _QT
     q = np.zeros((nq_pad, d), dtype=np.float32)
     q[:n_q] = queries
-    exclude = _ro(exclude, np.int64)
+    exclude = _ro(np.empty(0, np.int64) if exclude is None else exclude, np.int64)
 
     with _threads(n_threads) as nt:
         n_blocks = (m + _BLOCK - 1) // _BLOCK
@@ -344,7 +373,7 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
         first_bad = np.full(n_groups * n_qblocks, -1, dtype=np.int64)
         previous_chunk = numba.set_parallel_chunksize(1)
         try:
-            _topk_kernel(q, chunk, np.int64(row_offset), exclude, bool(normalize), table,
+            _topk_kernel(q, chunk, kind, np.int64(row_offset), exclude, bool(normalize), table,
                          n_groups, q_block, st_s, st_i, first_bad)
             if k > 0 and n_q > 0:
                 _topk_merge(st_s, st_i, best_scores, best_index)
@@ -416,7 +445,7 @@ def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_t
 
 # --------------------------------------------------------------------------- nudge_n_sweep
 
-@njit(inline="always", **_jit)
+@njit(**_jit)
 def _sweep_offer(top_s, top_i, k, s, idx):
     # -inf and NaN candidates can only fill slots that are never counted: skip them.
     if not (s > -np.inf):
@@ -431,7 +460,7 @@ def _sweep_offer(top_s, top_i, k, s, idx):
         top_i[j] = idx
 
 
-@njit(inline="always", **_jit)
+@njit(**_jit)
 def _is_answer(ans_index, a, b, x):
     """Binary search of x in the sorted ans_index[a:b]."""
     lo = a
@@ -511,9 +540,9 @@ def _project_kernel(E, C, alpha, beta, out):
 def project(E, C, alpha, beta, *, n_threads=None):
     """``alpha[:, None] * E + beta[:, None] * C`` in float64, returned as (t, d) float32."""
     E = np.asarray(E)
-    C = np.asarray(C)
+    # E (base rows) may be a large float32 gather: read in place. C is the float64 gradient.
     E = _ro(E if E.dtype == np.float32 else E.astype(np.float64, copy=False))
-    C = _ro(C if C.dtype == np.float32 else C.astype(np.float64, copy=False))
+    C = _ro(C, np.float64)
     alpha = _ro(alpha, np.float64)
     beta = _ro(beta, np.float64)
     out = np.empty(E.shape, dtype=np.float32)
@@ -525,11 +554,12 @@ def project(E, C, alpha, beta, *, n_threads=None):
 
 # --------------------------------------------------------------------------- metrics
 
-@njit(parallel=True, **_jit)
+# O(n k) work: a parallel loop would cost more to compile than it could ever save.
+@njit(**_jit)
 def _metrics_kernel(retrieved, ans_ptr, ans_index, ans_rel, k, out):
     n = retrieved.shape[0]
     kk = min(k, retrieved.shape[1])
-    for i in prange(n):
+    for i in range(n):
         a = ans_ptr[i]
         b = ans_ptr[i + 1]
         if b <= a:
@@ -558,11 +588,21 @@ def _metrics_kernel(retrieved, ans_ptr, ans_index, ans_rel, k, out):
                 dcg += ans_rel[lo] * (1.0 / np.log2(p + 2.0))
                 if first < 0:
                     first = p
-        ideal = np.sort(ans_rel[a:b])
-        idcg = 0.0
+        # Ideal DCG: the min(k, n_answers) largest relevances, by insertion (answer lists
+        # are short; np.sort would double this function's compile time).
         m = min(k, b - a)
+        ideal = np.full(m, -np.inf)
+        for p in range(a, b):
+            v = ans_rel[p]
+            if m > 0 and v > ideal[m - 1]:
+                j = m - 1
+                while j > 0 and v > ideal[j - 1]:
+                    ideal[j] = ideal[j - 1]
+                    j -= 1
+                ideal[j] = v
+        idcg = 0.0
         for p in range(m):
-            idcg += ideal[b - a - 1 - p] * (1.0 / np.log2(p + 2.0))
+            idcg += ideal[p] * (1.0 / np.log2(p + 2.0))
         out[i, 0] = n_hit / min(b - a, k)
         out[i, 1] = dcg / idcg if idcg > 0 else 0.0
         out[i, 2] = 1.0 / (first + 1) if first >= 0 else 0.0
