@@ -224,18 +224,28 @@ inline void load_row(const Half* src, int64_t d, float* dst) {
     for (; j < d; ++j) dst[j] = half_to_float(src[j].bits);
 }
 
-// Converts row `src` (d values) into `dst` (dp >= d floats, tail zeroed) and returns the
-// Euclidean norm of the converted values, accumulated in double.
+// Converts row `src` (d values) into `dst` (d floats) and returns the Euclidean norm of the
+// converted values (what the kernel multiplies with), accumulated in double.
 template <typename T>
-inline double load_row_padded(const T* src, int64_t d, int64_t dp, float* dst) {
+inline double load_row_norm(const T* src, int64_t d, float* dst) {
     load_row(src, d, dst);
-    std::fill(dst + d, dst + dp, 0.0f);
-    double acc[4] = {0.0, 0.0, 0.0, 0.0};
     int64_t j = 0;
-    for (; j + 4 <= d; j += 4)
-        for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(dst[j + l]) * dst[j + l];
-    for (; j < d; ++j) acc[0] += static_cast<double>(dst[j]) * dst[j];
-    return std::sqrt((acc[0] + acc[1]) + (acc[2] + acc[3]));
+#ifdef NUDGEFAST_AVX2
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    for (; j + 8 <= d; j += 8) {
+        const __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(dst + j));
+        const __m256d hi = _mm256_cvtps_pd(_mm_loadu_ps(dst + j + 4));
+        acc0 = _mm256_fmadd_pd(lo, lo, acc0);
+        acc1 = _mm256_fmadd_pd(hi, hi, acc1);
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+    double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#else
+    double sum = 0.0;
+#endif
+    for (; j < d; ++j) sum += static_cast<double>(dst[j]) * dst[j];
+    return std::sqrt(sum);
 }
 
 // ---------------------------------------------------------------------------------------------

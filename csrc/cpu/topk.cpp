@@ -2,8 +2,9 @@
 //
 // Fused: a register-tiled micro-kernel scores a tile of queries x records and each score is
 // compared at once with its query's current k-th best, so no n_q x chunk score matrix exists.
-// Threads take sub-blocks of SUB_ROWS records (small enough to stay in L2 next to the tile of
-// queries in L1), convert them to zero-padded float32, and keep a private top-k per query whose
+// Threads take sub-blocks of SUB_ROWS records (small enough to stay in L2 while the queries of a
+// tile sit in L1), convert them to float32 "panels" (dimension-major groups of 8 records, so one
+// aligned load gives one dimension of 8 records), and keep a private top-k per query whose
 // admission threshold starts at the caller's k-th best, so it is tight from the first row. The
 // private states are merged with the caller's at the end with the tie rule, so the result does
 // not depend on the thread count.
@@ -12,88 +13,81 @@
 namespace nudgefast {
 namespace {
 
-constexpr int64_t QB = 4;        // queries per register tile (one 4-lane result per record)
-#ifndef NF_RB
-#define NF_RB 3
-#endif
-#ifndef NF_SUB
-#define NF_SUB 192
-#endif
-constexpr int64_t RB = NF_RB;        // records per register tile: 12 accumulators + 3 record + 1 query register
-constexpr int64_t LANES = 8;     // floats per AVX register; rows are zero-padded to a multiple
-constexpr int64_t SUB_ROWS = NF_SUB;  // 192 x 384 float32 = 288 KiB: one sub-block fits a Zen 3 L2 (512 KiB)
+constexpr int64_t QT = 6;          // queries per register tile
+constexpr int64_t PANEL = 8;       // records per panel: one AVX register of scores
+constexpr int64_t RT = 2 * PANEL;  // records per register tile: 6 x 2 accumulators + 2 panel + 1 query register
+constexpr int64_t SUB_ROWS = 192;  // a multiple of RT; 192 x 384 float32 = 288 KiB, inside a Zen 3 L2 (512 KiB)
 
+// Scores (unscaled dot products) of QT queries (rows of `q`, stride d) with the RT records of two
+// consecutive panels, written out[i * RT + r]. Each score is one FMA chain over t = 0..d-1
+// whatever its slot in the tile, so exact duplicate records get bit-identical scores and the
+// tie rule then orders them by index.
+inline void tile_scores(const float* q, int64_t d, const float* panels, float* out) {
+    const float* p0 = panels;
+    const float* p1 = panels + d * PANEL;
 #ifdef NUDGEFAST_AVX2
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#endif
-
-// Dot products of QB packed queries with RB packed records, written out[r * QB + q].
-// Every (query, record) pair is summed in the same order whatever its position in the tile, so
-// exact duplicate records get bit-identical scores (the tie rule then orders them by index).
-inline void tile_dot(const float* q, const float* x, int64_t dp, float* out) {
-#ifdef NUDGEFAST_AVX2
-    static_assert(QB == 4 && RB == 3, "the AVX2 micro-kernel is written for 4 x 3 tiles");
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
-    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
-    const float* x0 = x;
-    const float* x1 = x + dp;
-    const float* x2 = x + 2 * dp;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float* q0 = q;
-    const float* q1 = q + dp;
-    const float* q2 = q + 2 * dp;
-    const float* q3 = q + 3 * dp;
-    for (int64_t t = 0; t < dp; t += LANES) {
-        // 12 accumulators + 3 records + 1 query = all 16 registers. The empty asm pins each load
-        // in a register: otherwise the compiler folds a load into every FMA (16 loads per 12
-        // FMAs) and the kernel becomes load-bound.
-        __m256 r0 = _mm256_load_ps(x0 + t), r1 = _mm256_load_ps(x1 + t), r2 = _mm256_load_ps(x2 + t);
-        __asm__("" : "+x"(r0), "+x"(r1), "+x"(r2));
-        __m256 v = _mm256_load_ps(q0 + t);
-        __asm__("" : "+x"(v));
-        a00 = _mm256_fmadd_ps(v, r0, a00); a01 = _mm256_fmadd_ps(v, r1, a01); a02 = _mm256_fmadd_ps(v, r2, a02);
-        v = _mm256_load_ps(q1 + t);
-        __asm__("" : "+x"(v));
-        a10 = _mm256_fmadd_ps(v, r0, a10); a11 = _mm256_fmadd_ps(v, r1, a11); a12 = _mm256_fmadd_ps(v, r2, a12);
-        v = _mm256_load_ps(q2 + t);
-        __asm__("" : "+x"(v));
-        a20 = _mm256_fmadd_ps(v, r0, a20); a21 = _mm256_fmadd_ps(v, r1, a21); a22 = _mm256_fmadd_ps(v, r2, a22);
-        v = _mm256_load_ps(q3 + t);
-        __asm__("" : "+x"(v));
-        a30 = _mm256_fmadd_ps(v, r0, a30); a31 = _mm256_fmadd_ps(v, r1, a31); a32 = _mm256_fmadd_ps(v, r2, a32);
+    const float* q1 = q + d;
+    const float* q2 = q + 2 * d;
+    const float* q3 = q + 3 * d;
+    const float* q4 = q + 4 * d;
+    const float* q5 = q + 5 * d;
+#pragma GCC unroll 4
+    for (int64_t t = 0; t < d; ++t) {
+        __m256 b0 = _mm256_load_ps(p0 + t * PANEL), b1 = _mm256_load_ps(p1 + t * PANEL);
+        // Keep both panel vectors in registers: otherwise the compiler folds the loads into
+        // every FMA (6 loads of each per step) and the kernel becomes load-bound.
+        __asm__("" : "+x"(b0), "+x"(b1));
+        __m256 a = _mm256_broadcast_ss(q0 + t);
+        c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(q1 + t);
+        c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(q2 + t);
+        c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(q3 + t);
+        c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+        a = _mm256_broadcast_ss(q4 + t);
+        c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+        a = _mm256_broadcast_ss(q5 + t);
+        c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
     }
-    // Horizontal sums: the 4 query accumulators of one record into one 4-lane vector. The same
-    // reduction for every tile slot, so exact duplicate records get bit-identical scores.
-    _mm_storeu_ps(out + 0 * QB, hsum4(a00, a10, a20, a30));
-    _mm_storeu_ps(out + 1 * QB, hsum4(a01, a11, a21, a31));
-    _mm_storeu_ps(out + 2 * QB, hsum4(a02, a12, a22, a32));
+    _mm256_store_ps(out + 0 * RT, c00); _mm256_store_ps(out + 0 * RT + PANEL, c01);
+    _mm256_store_ps(out + 1 * RT, c10); _mm256_store_ps(out + 1 * RT + PANEL, c11);
+    _mm256_store_ps(out + 2 * RT, c20); _mm256_store_ps(out + 2 * RT + PANEL, c21);
+    _mm256_store_ps(out + 3 * RT, c30); _mm256_store_ps(out + 3 * RT + PANEL, c31);
+    _mm256_store_ps(out + 4 * RT, c40); _mm256_store_ps(out + 4 * RT + PANEL, c41);
+    _mm256_store_ps(out + 5 * RT, c50); _mm256_store_ps(out + 5 * RT + PANEL, c51);
 #else
-    for (int r = 0; r < RB; ++r)
-        for (int i = 0; i < QB; ++i) {
-            float lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int64_t t = 0; t < dp; t += LANES)
-                for (int l = 0; l < LANES; ++l) lane[l] += q[i * dp + t + l] * x[r * dp + t + l];
-            out[r * QB + i] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    std::fill(out, out + QT * RT, 0.0f);
+    for (int64_t t = 0; t < d; ++t)
+        for (int64_t i = 0; i < QT; ++i) {
+            const float a = q[i * d + t];
+            for (int64_t r = 0; r < PANEL; ++r) {
+                out[i * RT + r] += a * p0[t * PANEL + r];
+                out[i * RT + PANEL + r] += a * p1[t * PANEL + r];
+            }
         }
 #endif
 }
 
-// One thread's private state: a top-k heap and its admission threshold per query.
+// One thread's private state.
 struct ThreadState {
-    std::vector<float> scores;    // (n_q, k) heaps, worst on top
+    std::vector<float> scores;     // (n_q, k) heaps, worst on top
     std::vector<int64_t> index;
-    AlignedBuffer<float> thresh;  // (n_q padded to QB): score of the worst kept entry; +inf on padding
-    AlignedBuffer<float> rows;    // (SUB_ROWS padded to RB, dp) converted records
-    AlignedBuffer<float> divisor; // per record: its norm, 1 without normalize, NaN when not a candidate
+    std::vector<float> thresh;     // (n_q padded to QT): score of the worst kept entry; +inf on padding
+    AlignedBuffer<float> panels;   // the converted sub-block, SUB_ROWS / PANEL panels of (d, PANEL)
+    AlignedBuffer<float> norm;     // per record: its float32 norm, 1 without normalize, NaN if not a candidate
+    AlignedBuffer<float> inv_norm; // 1 / norm (NaN if not a candidate), for the cheap admission test
+    std::vector<float> row;        // one converted row
     int64_t first_bad = -1;
-    bool ready = false;           // set once the state is allocated and seeded
+    bool ready = false;            // set once the state is allocated and seeded
 };
 
 struct Problem {
-    const float* queries;  // (n_q4, dp) packed, zero-padded
-    int64_t n_q, n_q4, d, dp, k;
+    const float* queries;  // (n_qt, d) float32, zero rows past n_q
+    int64_t n_q, n_qt, d, k;
     const void* chunk;
     int64_t m, row_stride;  // chunk rows, elements between consecutive rows
     int64_t row_offset;
@@ -102,68 +96,119 @@ struct Problem {
     bool normalize;
 };
 
-// Admits the 4 scores of one record (global index `id`) for queries q0..q0+3.
-inline void offer(ThreadState& st, const Problem& p, int64_t q0, const float* s4, int64_t id) {
-    for (int64_t l = 0; l < QB; ++l) {
-        const int64_t q = q0 + l;
-        if (q >= p.n_q) break;
-        float* hs = st.scores.data() + q * p.k;
-        int64_t* hi = st.index.data() + q * p.k;
-        if (TopKHeap<float>::push(hs, hi, p.k, s4[l], id)) st.thresh[q] = hs[0];
+// The admission test runs on dot * (1/norm), which can differ from the exact dot / norm by a few
+// ulp; this relative slack (far above that) makes the test conservative, and the exact score
+// is computed, as in the reference, only for the rows that pass.
+constexpr float kSlack = 1.0f / (1 << 18);
+
+inline void offer(ThreadState& st, const Problem& p, int64_t q, float dot, float norm, int64_t id) {
+    float* hs = st.scores.data() + q * p.k;
+    int64_t* hi = st.index.data() + q * p.k;
+    if (TopKHeap<float>::push(hs, hi, p.k, dot / norm, id)) st.thresh[q] = hs[0];
+}
+
+// Converts rows [begin, end) of the chunk into panels; flags bad, excluded and padding records.
+template <typename T>
+int64_t pack_block(ThreadState& st, const Problem& p, int64_t begin, int64_t end) {
+    const T* base = static_cast<const T*>(p.chunk);
+    const int64_t mb = end - begin;
+    const int64_t mb_pad = round_up(mb, RT);
+    const float not_candidate = std::numeric_limits<float>::quiet_NaN();  // NaN score: never admitted
+    float* row = st.row.data();
+    for (int64_t r = 0; r < mb_pad; ++r) {
+        float* panel = st.panels.data() + (r / PANEL) * p.d * PANEL + r % PANEL;
+        if (r >= mb) {
+            for (int64_t t = 0; t < p.d; ++t) panel[t * PANEL] = 0.0f;
+            st.norm[r] = st.inv_norm[r] = not_candidate;
+            continue;
+        }
+        const double norm = load_row_norm(base + (begin + r) * p.row_stride, p.d, row);
+        for (int64_t t = 0; t < p.d; ++t) panel[t * PANEL] = row[t];
+        const bool bad = !std::isfinite(norm) || (p.normalize && norm == 0.0);
+        const int64_t id = p.row_offset + begin + r;
+        if (bad && (st.first_bad < 0 || id < st.first_bad)) st.first_bad = id;
+        // The reference divides by the float32 norm.
+        const float nf = p.normalize ? static_cast<float>(norm) : 1.0f;
+        st.norm[r] = bad ? not_candidate : nf;
+        st.inv_norm[r] = bad ? not_candidate : 1.0f / nf;
+    }
+    const int64_t* ex = std::lower_bound(p.exclude, p.exclude + p.n_exclude, begin);
+    for (; ex != p.exclude + p.n_exclude && *ex < end; ++ex) st.norm[*ex - begin] = st.inv_norm[*ex - begin] = not_candidate;
+    return mb_pad;
+}
+
+void score_block(ThreadState& st, const Problem& p, int64_t begin, int64_t mb_pad) {
+    alignas(32) float tile[QT * RT];
+    const float* norm = st.norm.data();
+    const float* inv = st.inv_norm.data();
+    for (int64_t q0 = 0; q0 < p.n_qt; q0 += QT) {
+        const float* qp = p.queries + q0 * p.d;
+        for (int64_t r0 = 0; r0 < mb_pad; r0 += RT) {
+            tile_scores(qp, p.d, st.panels.data() + r0 * p.d, tile);
+            const int64_t id0 = p.row_offset + begin + r0;
+#ifdef NUDGEFAST_AVX2
+            const __m256 inv0 = _mm256_load_ps(inv + r0), inv1 = _mm256_load_ps(inv + r0 + PANEL);
+            const __m256 slack = _mm256_set1_ps(kSlack);
+            const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (int64_t i = 0; i < QT; ++i) {
+                const __m256 thr = _mm256_set1_ps(st.thresh[q0 + i]);
+                const __m256 s0 = _mm256_mul_ps(_mm256_load_ps(tile + i * RT), inv0);
+                const __m256 s1 = _mm256_mul_ps(_mm256_load_ps(tile + i * RT + PANEL), inv1);
+                const __m256 u0 = _mm256_fmadd_ps(_mm256_and_ps(s0, abs_mask), slack, s0);
+                const __m256 u1 = _mm256_fmadd_ps(_mm256_and_ps(s1, abs_mask), slack, s1);
+                unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(u0, thr, _CMP_GE_OQ))) |
+                                static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(u1, thr, _CMP_GE_OQ))) << PANEL;
+                while (mask) {
+                    const int r = __builtin_ctz(mask);
+                    mask &= mask - 1;
+                    offer(st, p, q0 + i, tile[i * RT + r], norm[r0 + r], id0 + r);
+                }
+            }
+#else
+            for (int64_t i = 0; i < QT; ++i)
+                for (int64_t r = 0; r < RT; ++r) {
+                    const float s = tile[i * RT + r] * inv[r0 + r];
+                    if (s + std::fabs(s) * kSlack >= st.thresh[q0 + i])
+                        offer(st, p, q0 + i, tile[i * RT + r], norm[r0 + r], id0 + r);
+                }
+#endif
+        }
     }
 }
 
 template <typename T>
 void process_block(ThreadState& st, const Problem& p, int64_t begin, int64_t end) {
-    const T* base = static_cast<const T*>(p.chunk);
-    const int64_t mb = end - begin;
-    const int64_t mb_pad = round_up(mb, RB);
-    float* rows = st.rows.data();
-    float* divisor = st.divisor.data();
-    const float not_candidate = std::numeric_limits<float>::quiet_NaN();  // NaN score: never admitted
+    const int64_t mb_pad = pack_block<T>(st, p, begin, end);
+    score_block(st, p, begin, mb_pad);
+}
 
-    for (int64_t r = 0; r < mb; ++r) {
-        const double norm = load_row_padded(base + (begin + r) * p.row_stride, p.d, p.dp, rows + r * p.dp);
-        const bool bad = !std::isfinite(norm) || (p.normalize && norm == 0.0);
-        const int64_t id = p.row_offset + begin + r;
-        if (bad && (st.first_bad < 0 || id < st.first_bad)) st.first_bad = id;
-        divisor[r] = bad ? not_candidate : (p.normalize ? static_cast<float>(norm) : 1.0f);
-    }
-    for (int64_t r = mb; r < mb_pad; ++r) {
-        std::fill(rows + r * p.dp, rows + (r + 1) * p.dp, 0.0f);
-        divisor[r] = not_candidate;
-    }
-    const int64_t* ex = std::lower_bound(p.exclude, p.exclude + p.n_exclude, begin);
-    for (; ex != p.exclude + p.n_exclude && *ex < end; ++ex) divisor[*ex - begin] = not_candidate;
-
-    alignas(32) float tile[RB * QB];
-    for (int64_t q0 = 0; q0 < p.n_q4; q0 += QB) {
-        const float* qp = p.queries + q0 * p.dp;
-#ifdef NUDGEFAST_AVX2
-        __m128 thr = _mm_load_ps(st.thresh.data() + q0);
-#endif
-        for (int64_t r0 = 0; r0 < mb_pad; r0 += RB) {
-            tile_dot(qp, rows + r0 * p.dp, p.dp, tile);
-            for (int64_t r = 0; r < RB; ++r) {
-                float* s4 = tile + r * QB;
-#ifdef NUDGEFAST_AVX2
-                // Same division as the reference (score / float32 norm); NaN divisor -> NaN -> rejected.
-                const __m128 s = _mm_div_ps(_mm_load_ps(s4), _mm_set1_ps(divisor[r0 + r]));
-                if (_mm_movemask_ps(_mm_cmp_ps(s, thr, _CMP_GE_OQ)) == 0) continue;
-                _mm_store_ps(s4, s);
-                offer(st, p, q0, s4, p.row_offset + begin + r0 + r);
-                thr = _mm_load_ps(st.thresh.data() + q0);
-#else
-                bool any = false;
-                for (int64_t l = 0; l < QB; ++l) {
-                    s4[l] /= divisor[r0 + r];
-                    any |= s4[l] >= st.thresh[q0 + l];
-                }
-                if (any) offer(st, p, q0, s4, p.row_offset + begin + r0 + r);
-#endif
-            }
+// Seeds a thread's state: every slot starts as the caller's k-th entry (empty when the caller has
+// fewer than k), so a row must rank before it to matter and the heaps hold chunk rows only.
+void seed_state(ThreadState& st, const Problem& p, const float* best_scores, const int64_t* best_index, int64_t sub) {
+    const int64_t k = p.k;
+    st.scores.resize(p.n_q * k);
+    st.index.resize(p.n_q * k);
+    st.thresh.assign(p.n_qt, std::numeric_limits<float>::infinity());
+    for (int64_t q = 0; q < p.n_q; ++q) {
+        const float* cs = best_scores + q * k;
+        const int64_t* ci = best_index + q * k;
+        float floor_s = -std::numeric_limits<float>::infinity();
+        int64_t floor_i = kEmptyIndex;
+        if (k > 0 && std::all_of(ci, ci + k, [](int64_t v) { return v >= 0; })) {
+            floor_s = cs[0];
+            floor_i = ci[0];
+            for (int64_t j = 1; j < k; ++j)
+                if (ranks_before(floor_s, floor_i, cs[j], ci[j])) floor_s = cs[j], floor_i = ci[j];
         }
+        std::fill(st.scores.begin() + q * k, st.scores.begin() + (q + 1) * k, floor_s);
+        std::fill(st.index.begin() + q * k, st.index.begin() + (q + 1) * k, floor_i);
+        if (k > 0) st.thresh[q] = floor_s;
     }
+    st.panels.resize(static_cast<std::size_t>(sub * p.d));
+    st.norm.resize(static_cast<std::size_t>(sub));
+    st.inv_norm.resize(static_cast<std::size_t>(sub));
+    st.row.resize(static_cast<std::size_t>(p.d));
+    st.ready = true;
 }
 
 }  // namespace
@@ -172,19 +217,15 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
                     int64_t m, int64_t row_stride, int64_t row_offset, const int64_t* exclude, int64_t n_exclude,
                     bool normalize, float* best_scores, int64_t* best_index, int64_t k, int n_threads) {
     if (m == 0) return -1;
-    const int64_t dp = round_up(std::max<int64_t>(d, 1), LANES);
-    const int64_t n_q4 = round_up(n_q, QB);
-
-    // Pack the queries once: float32, d padded with zeros (zeros add nothing to a dot product).
-    AlignedBuffer<float> packed(static_cast<std::size_t>(n_q4 * dp));
-    std::fill(packed.data(), packed.data() + n_q4 * dp, 0.0f);
-    for (int64_t i = 0; i < n_q; ++i) std::memcpy(packed.data() + i * dp, queries + i * d, sizeof(float) * d);
-
-    Problem p{packed.data(), n_q, n_q4, d, dp, k, chunk, m, row_stride, row_offset, exclude, n_exclude, normalize};
+    // Queries padded to whole tiles with zero rows (their threshold is +inf: never admitted).
+    const int64_t n_qt = round_up(n_q, QT);
+    std::vector<float> packed(static_cast<std::size_t>(n_qt * d), 0.0f);
+    std::copy(queries, queries + n_q * d, packed.begin());
+    Problem p{packed.data(), n_q, n_qt, d, k, chunk, m, row_stride, row_offset, exclude, n_exclude, normalize};
 
     // Sub-blocks: at most SUB_ROWS, but small chunks are split so every thread gets work.
-    const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>((m + RB - 1) / RB)));
-    const int64_t sub = std::min<int64_t>(SUB_ROWS, round_up((m + 4 * threads - 1) / (4 * threads), RB));
+    const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>((m + RT - 1) / RT)));
+    const int64_t sub = std::min<int64_t>(SUB_ROWS, round_up((m + 4 * threads - 1) / (4 * threads), RT));
     const int64_t n_blocks = (m + sub - 1) / sub;
 
     std::vector<ThreadState> states(threads);
@@ -192,36 +233,10 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
 #pragma omp parallel num_threads(threads)
     {
         ThreadState& st = states[thread_id()];
-        errors.run([&] {
-            st.scores.resize(n_q * k);
-            st.index.resize(n_q * k);
-            st.thresh.resize(n_q4);
-            for (int64_t q = 0; q < n_q; ++q) {
-                // Every slot starts as the caller's k-th entry (empty when the caller has fewer
-                // than k): a row must rank before it to matter, so the threshold is tight from the
-                // first row, and the private heaps hold chunk rows only.
-                const float* cs = best_scores + q * k;
-                const int64_t* ci = best_index + q * k;
-                float floor_s = -std::numeric_limits<float>::infinity();
-                int64_t floor_i = kEmptyIndex;
-                if (k > 0 && std::all_of(ci, ci + k, [](int64_t v) { return v >= 0; })) {
-                    floor_s = cs[0];
-                    floor_i = ci[0];
-                    for (int64_t j = 1; j < k; ++j)
-                        if (ranks_before(floor_s, floor_i, cs[j], ci[j])) floor_s = cs[j], floor_i = ci[j];
-                }
-                std::fill(st.scores.begin() + q * k, st.scores.begin() + (q + 1) * k, floor_s);
-                std::fill(st.index.begin() + q * k, st.index.begin() + (q + 1) * k, floor_i);
-                st.thresh[q] = k > 0 ? floor_s : std::numeric_limits<float>::infinity();
-            }
-            for (int64_t q = n_q; q < n_q4; ++q) st.thresh[q] = std::numeric_limits<float>::infinity();
-            st.rows.resize(static_cast<std::size_t>(round_up(sub, RB) * dp));
-            st.divisor.resize(static_cast<std::size_t>(round_up(sub, RB)));
-            st.ready = true;
-        });
+        errors.run([&] { seed_state(st, p, best_scores, best_index, sub); });
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < n_blocks; ++b) {
-            if (!st.ready) continue;
+            if (!st.ready) continue;  // allocation failed: reported after the join
             errors.run([&] {
                 const int64_t begin = b * sub, end = std::min(m, begin + sub);
                 switch (chunk_type) {
@@ -238,11 +253,10 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
     for (const auto& st : states)
         if (st.first_bad >= 0 && (first_bad < 0 || st.first_bad < first_bad)) first_bad = st.first_bad;
 
-    // Merge the private states into the caller's (score desc, index asc).
+    // Merge the caller's state and the private ones (score desc, index asc; deduplicated by index).
 #pragma omp parallel num_threads(threads)
     {
         std::vector<std::pair<float, int64_t>> cand;
-        errors.run([&] { cand.reserve(static_cast<std::size_t>(k * (threads + 1))); });
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < n_q; ++q) {
             errors.run([&] {
