@@ -7,7 +7,7 @@ call and runs ``@njit(cache=True, nogil=True)`` kernels.
 ``topk_update`` is the hot op. The chunk is cut into sub-blocks of ``_BLOCK`` rows at fixed
 offsets (independent of the thread count); each sub-block is converted to float32 into a
 per-worker buffer (float16 through a lookup table, so a float16 or read-only memmap chunk is
-never copied whole), its row norms are taken in float64, and a 4-query x 2-row register tile
+never copied whole), its row norms are taken in float64, and a 6-query x 2-row register tile
 computes scores that go straight into a per-worker, per-query sorted top-k (threshold check,
 then insertion). Workers own disjoint (row group, query block) pairs; their states are merged
 into the caller's at the end. Every (query, row) score is produced by the same tile code, so
@@ -34,8 +34,11 @@ NAME = "numba"
 # Rows per sub-block: a 256 x 384 float32 buffer (384 KiB) stays in a core's L2 while every
 # query tile streams over it.
 _BLOCK = 256
-_QT = 4  # queries per register tile
-_RT = 2  # rows per register tile: 4 x 2 accumulators + loads fit the 16 AVX2 registers
+# Register tile: 6 queries x 2 rows. The d loop vectorises (8 float32 lanes on AVX2) into 12
+# independent FMA chains (enough to hide the FMA latency) + 2 row registers, query loads folded
+# into the FMAs: no spill in 16 ymm registers. Measured: 6x2 >= 5x2 > 4x2 >> 4x4 (spills).
+_QT = 6
+_RT = 2
 # Bound on the per-worker top-k state (bytes) before workers split the queries instead of
 # the rows; keeps memory O(chunk + n_q k) with a small constant.
 _STATE_BUDGET = 256 << 20
@@ -190,15 +193,17 @@ def _load_block(chunk, kind, r0, nr, buf, norms, table):
 
 @njit(fastmath=_FAST, **_jit)
 def _tile(q, i0, b, r0, d):
-    """4 x 2 dot products in float32; the accumulation over d is vectorised (reassociated),
+    """6 x 2 dot products in float32; the accumulation over d is vectorised (reassociated),
     identically for every accumulator, so equal inputs give equal scores. Not inlined at the
     Numba IR level: the fast-math flags must stay on this function's instructions."""
-    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = np.float32(0.0)
     for c in range(d):
         a0 = q[i0, c]
         a1 = q[i0 + 1, c]
         a2 = q[i0 + 2, c]
         a3 = q[i0 + 3, c]
+        a4 = q[i0 + 4, c]
+        a5 = q[i0 + 5, c]
         b0 = b[r0, c]
         b1 = b[r0 + 1, c]
         s00 += a0 * b0
@@ -209,7 +214,11 @@ def _tile(q, i0, b, r0, d):
         s21 += a2 * b1
         s30 += a3 * b0
         s31 += a3 * b1
-    return s00, s01, s10, s11, s20, s21, s30, s31
+        s40 += a4 * b0
+        s41 += a4 * b1
+        s50 += a5 * b0
+        s51 += a5 * b1
+    return s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51
 
 
 @njit(**_jit)
@@ -261,7 +270,7 @@ def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
         base = row_offset + r0
         for i0 in range(q0, q1, _QT):
             for rr in range(0, nr_pad, _RT):
-                s00, s01, s10, s11, s20, s21, s30, s31 = _tile(q, i0, buf, rr, d)
+                s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51 = _tile(q, i0, buf, rr, d)
                 c0 = scale[rr]
                 c1 = scale[rr + 1]
                 z0 = bias[rr]
@@ -276,6 +285,10 @@ def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
                 _offer(st_s, st_i, g, i0 + 2, k, s21 * c1 + z1, x1)
                 _offer(st_s, st_i, g, i0 + 3, k, s30 * c0 + z0, x0)
                 _offer(st_s, st_i, g, i0 + 3, k, s31 * c1 + z1, x1)
+                _offer(st_s, st_i, g, i0 + 4, k, s40 * c0 + z0, x0)
+                _offer(st_s, st_i, g, i0 + 4, k, s41 * c1 + z1, x1)
+                _offer(st_s, st_i, g, i0 + 5, k, s50 * c0 + z0, x0)
+                _offer(st_s, st_i, g, i0 + 5, k, s51 * c1 + z1, x1)
     first_bad[w] = fb
 
 
