@@ -59,16 +59,36 @@ inline void tile_scores(const float* q, int64_t d, const float* panels, float* o
     _mm256_store_ps(out + 3 * RT, c30); _mm256_store_ps(out + 3 * RT + PANEL, c31);
     _mm256_store_ps(out + 4 * RT, c40); _mm256_store_ps(out + 4 * RT + PANEL, c41);
     _mm256_store_ps(out + 5 * RT, c50); _mm256_store_ps(out + 5 * RT + PANEL, c51);
-#else
-    std::fill(out, out + QT * RT, 0.0f);
-    for (int64_t t = 0; t < d; ++t)
-        for (int64_t i = 0; i < QT; ++i) {
-            const float a = q[i * d + t];
-            for (int64_t r = 0; r < PANEL; ++r) {
-                out[i * RT + r] += a * p0[t * PANEL + r];
-                out[i * RT + PANEL + r] += a * p1[t * PANEL + r];
+#elif defined(__GNUC__)
+    // Portable SIMD: GCC/Clang 4-lane vector extensions (SSE, NEON), two queries at a time so the
+    // 8 accumulators and 4 record vectors fit in 16 registers.
+    typedef float v4 __attribute__((vector_size(16)));
+    for (int64_t i = 0; i < QT; i += 2) {
+        v4 c0[4] = {}, c1[4] = {};
+        for (int64_t t = 0; t < d; ++t) {
+            v4 b[4];
+            std::memcpy(&b[0], p0 + t * PANEL, 2 * sizeof(v4));
+            std::memcpy(&b[2], p1 + t * PANEL, 2 * sizeof(v4));
+            const float a0 = q[i * d + t], a1 = q[(i + 1) * d + t];
+            for (int j = 0; j < 4; ++j) {
+                c0[j] += a0 * b[j];
+                c1[j] += a1 * b[j];
             }
         }
+        std::memcpy(out + i * RT, c0, sizeof c0);
+        std::memcpy(out + (i + 1) * RT, c1, sizeof c1);
+    }
+#else
+    for (int64_t i = 0; i < QT; ++i) {
+        const float* qi = q + i * d;
+        float acc[RT] = {};
+        for (int64_t t = 0; t < d; ++t)
+            for (int64_t r = 0; r < PANEL; ++r) {
+                acc[r] += qi[t] * p0[t * PANEL + r];
+                acc[PANEL + r] += qi[t] * p1[t * PANEL + r];
+            }
+        for (int64_t r = 0; r < RT; ++r) out[i * RT + r] = acc[r];
+    }
 #endif
 }
 
