@@ -277,6 +277,10 @@ def test_topk_empty_chunk_and_zero_k():
     assert np.all(i == -1)
     s0, i0 = _empty_state(2, 0)
     assert cpp.topk_update(q, np.ones((5, 8), np.float32), 0, None, True, s0, i0) == -1
+    x = np.ones((5, 8), np.float32)
+    x[3] = 0.0
+    s_none, i_none = _empty_state(0, 4)
+    assert cpp.topk_update(q[:0], x, 10, None, True, s_none, i_none) == 13  # no queries: still reports bad rows
 
 
 def test_topk_float64_state_is_updated_through_a_copy():
@@ -471,3 +475,66 @@ def test_backend_name_and_signatures():
     assert cpp.NAME == "cpp"
     for op in ("query_gradient", "topk_update", "nudge_m_intervals", "nudge_n_sweep", "project", "metrics"):
         assert inspect.signature(getattr(cpp, op)) == inspect.signature(getattr(ref, op)), op
+
+
+# ---------------------------------------------------------------------------------------------
+# Every output element is written: the binding's out= buffers, poisoned first.
+
+
+def _poisoned(shape, dtype):
+    a = np.empty(shape, dtype)
+    if a.dtype == np.bool_:
+        a.view(np.uint8)[...] = 0x55  # neither False nor True
+    elif a.dtype.kind == "f":
+        a[...] = np.nan
+    else:
+        a[...] = -7_777_777
+    return a
+
+
+def test_outputs_fully_written():
+    rng = _rng("poison")
+    queries = rng.standard_normal((53, 37))
+    order, seg_ptr = _segments(53, 101, rng)
+    out = _poisoned((101, 37), np.float64)
+    assert _cpu.query_gradient(queries, order, seg_ptr, out=out) is not None
+    np.testing.assert_allclose(out, ref.query_gradient(queries, order, seg_ptr), rtol=1e-13, atol=1e-13)
+
+    args = _m_problem(7)
+    S, G, pair_query, _, s_x, g_x, u_score = args
+    outs = (_poisoned(len(s_x), np.float64), _poisoned(len(s_x), np.float64), _poisoned(len(s_x), np.bool_))
+    _cpu.nudge_m_intervals(S, G, pair_query, s_x, g_x, u_score, 1e-8, out=outs)
+    assert set(np.unique(outs[2].view(np.uint8))) <= {0, 1}
+    for g, w in zip(outs, ref.nudge_m_intervals(*args, 1e-8)):
+        np.testing.assert_array_equal(g, w)
+
+    S, H, alpha, beta, touched, unt_s, unt_i, ans_ptr, ans_index = _n_problem(5)
+    out = _poisoned((S.shape[0], alpha.shape[0]), np.int64)
+    _cpu.nudge_n_sweep(S, H, alpha, beta, touched, unt_s.astype(np.float64), unt_i, ans_ptr, ans_index, 10, out=out)
+    np.testing.assert_array_equal(out, ref.nudge_n_sweep(S, H, alpha, beta, touched, unt_s, unt_i, ans_ptr, ans_index, 10))
+
+    E, C = rng.standard_normal((45, 37)).astype(np.float32), rng.standard_normal((45, 37))
+    alpha, beta = rng.standard_normal(45), rng.standard_normal(45)
+    out = _poisoned((45, 37), np.float32)
+    _cpu.project(E, C, alpha, beta, out=out)
+    np.testing.assert_array_equal(out, ref.project(E, C, alpha, beta))
+
+    retrieved = rng.integers(-1, 30, size=(40, 10)).astype(np.int64)
+    lists = [np.unique(rng.integers(0, 30, size=rng.integers(0, 6))) for _ in range(40)]
+    ans_ptr = np.concatenate([[0], np.cumsum([len(a) for a in lists])]).astype(np.int64)
+    ans_index = np.concatenate(lists).astype(np.int64)
+    rel = rng.integers(1, 4, size=len(ans_index)).astype(np.float64)
+    out = _poisoned((40, 3), np.float64)
+    _cpu.metrics(retrieved, ans_ptr, ans_index, rel, 10, out=out)
+    want = ref.metrics(retrieved, ans_ptr, ans_index, rel, 10)
+    np.testing.assert_allclose(out, want, rtol=METRICS_RTOL, atol=0, equal_nan=True)
+    assert np.array_equal(np.isnan(out), np.isnan(want))  # NaN only where a query has no answer
+
+
+def test_out_buffer_is_checked():
+    E = np.ones((4, 5), np.float32)
+    a = np.ones(4)
+    with pytest.raises(ValueError):
+        _cpu.project(E, E, a, a, out=np.empty((4, 6), np.float32))
+    with pytest.raises(TypeError):
+        _cpu.project(E, E, a, a, out=np.empty((4, 5), np.float64))

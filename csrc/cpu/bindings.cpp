@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 
 #include "common.hpp"
 
@@ -62,16 +63,29 @@ void check_dim(const py::array& a, const char* name, py::ssize_t axis, py::ssize
                               std::to_string(a.shape(axis)) + ", expected " + std::to_string(want));
 }
 
+// The result array: a fresh one, or the caller's `out` (checked: dtype, layout, shape). Tests pass
+// NaN-poisoned `out` buffers to prove that every element is written.
+template <typename T>
+py::array_t<T> output(const py::object& out, const char* name, std::vector<py::ssize_t> shape) {
+    if (out.is_none()) return py::array_t<T>(shape);
+    if (!py::isinstance<py::array>(out))
+        throw py::type_error(std::string("nudgefast._cpu: ") + name + " must be an array");
+    py::array a = py::reinterpret_borrow<py::array>(out);
+    inout<T>(a, name, static_cast<py::ssize_t>(shape.size()));
+    for (std::size_t i = 0; i < shape.size(); ++i) check_dim(a, name, static_cast<py::ssize_t>(i), shape[i]);
+    return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 py::array_t<double> py_query_gradient(const py::array& queries, const py::array& order, const py::array& seg_ptr,
-                                      int n_threads) {
+                                      int n_threads, const py::object& out_arg) {
     check_ndim(queries, "queries", 2);
     const int64_t d = queries.shape(1);
     const int64_t* ord = in<int64_t>(order, "order", 1);
     const int64_t* ptr = in<int64_t>(seg_ptr, "seg_ptr", 1);
     const int64_t t = std::max<int64_t>(seg_ptr.shape(0) - 1, 0);
-    py::array_t<double> out({t, d});
+    py::array_t<double> out = output<double>(out_arg, "out", {t, d});
     double* o = out.mutable_data();
     const int threads = resolve_threads(n_threads);
     if (has_dtype<double>(queries)) {
@@ -124,7 +138,7 @@ int64_t py_topk_update(const py::array& queries, const py::array& chunk, int64_t
 
 py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py::array& pair_query,
                                const py::array& s_x, const py::array& g_x, const py::array& u_score, double eps,
-                               int n_threads) {
+                               int n_threads, const py::object& out) {
     const double* s = in<double>(S, "S", 2);
     const double* g = in<double>(G, "G", 2);
     check_dim(G, "G", 0, S.shape(0));
@@ -137,8 +151,14 @@ py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py:
     check_dim(s_x, "s_x", 0, P);
     check_dim(g_x, "g_x", 0, P);
     check_dim(u_score, "u_score", 0, P);
-    py::array_t<double> low(P), high(P);
-    py::array_t<bool> feasible(P);
+    const bool given = !out.is_none();
+    if (given && (!py::isinstance<py::tuple>(out) || py::len(out) != 3))
+        throw py::type_error("nudgefast._cpu: out must be a tuple (low, high, feasible)");
+    const py::tuple outs =
+        given ? py::reinterpret_borrow<py::tuple>(out) : py::make_tuple(py::none(), py::none(), py::none());
+    py::array_t<double> low = output<double>(outs[0], "out[0] (low)", {P});
+    py::array_t<double> high = output<double>(outs[1], "out[1] (high)", {P});
+    py::array_t<bool> feasible = output<bool>(outs[2], "out[2] (feasible)", {P});
     double* lo = low.mutable_data();
     double* hi = high.mutable_data();
     bool* fe = feasible.mutable_data();
@@ -152,7 +172,8 @@ py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py:
 py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, const py::array& alpha,
                                       const py::array& beta, const py::array& touched, const py::array& unt_scores,
                                       const py::array& unt_index, const py::array& ans_ptr,
-                                      const py::array& ans_index, int64_t k_val, int n_threads) {
+                                      const py::array& ans_index, int64_t k_val, int n_threads,
+                                      const py::object& out) {
     const double* s = in<double>(S, "S", 2);
     const double* h = in<double>(H, "H", 2);
     const int64_t n_b = S.shape(0), t = S.shape(1);
@@ -175,7 +196,7 @@ py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, co
     check_dim(ans_ptr, "ans_ptr", 0, n_b + 1);
     const int64_t* ai = in<int64_t>(ans_index, "ans_index", 1);
     if (k_val < 0) throw py::value_error("nudgefast._cpu: k_val must be >= 0");
-    py::array_t<int64_t> hits({n_b, n_gamma});
+    py::array_t<int64_t> hits = output<int64_t>(out, "out", {n_b, n_gamma});
     int64_t* o = hits.mutable_data();
     {
         py::gil_scoped_release nogil;
@@ -195,7 +216,7 @@ void run_project(const py::array& E, const py::array& C, const double* a, const 
 }
 
 py::array_t<float> py_project(const py::array& E, const py::array& C, const py::array& alpha, const py::array& beta,
-                              int n_threads) {
+                              int n_threads, const py::object& out_arg) {
     check_ndim(E, "E", 2);
     check_ndim(C, "C", 2);
     const int64_t t = E.shape(0), d = E.shape(1);
@@ -205,7 +226,7 @@ py::array_t<float> py_project(const py::array& E, const py::array& C, const py::
     const double* b = in<double>(beta, "beta", 1);
     check_dim(alpha, "alpha", 0, t);
     check_dim(beta, "beta", 0, t);
-    py::array_t<float> out({t, d});
+    py::array_t<float> out = output<float>(out_arg, "out", {t, d});
     float* o = out.mutable_data();
     const int threads = resolve_threads(n_threads);
     const bool e64 = has_dtype<double>(E), c64 = has_dtype<double>(C);
@@ -217,7 +238,7 @@ py::array_t<float> py_project(const py::array& E, const py::array& C, const py::
 }
 
 py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_ptr, const py::array& ans_index,
-                               const py::array& ans_rel, int64_t k, int n_threads) {
+                               const py::array& ans_rel, int64_t k, int n_threads, const py::object& out_arg) {
     const int64_t* r = in<int64_t>(retrieved, "retrieved", 2);
     const int64_t n = retrieved.shape(0);
     const int64_t* ap = in<int64_t>(ans_ptr, "ans_ptr", 1);
@@ -226,7 +247,7 @@ py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_
     const double* rel = in<double>(ans_rel, "ans_rel", 1);
     check_dim(ans_rel, "ans_rel", 0, ans_index.shape(0));
     if (k < 0) throw py::value_error("nudgefast._cpu: k must be >= 0");
-    py::array_t<double> out({n, static_cast<int64_t>(3)});
+    py::array_t<double> out = output<double>(out_arg, "out", {n, 3});
     double* o = out.mutable_data();
     {
         py::gil_scoped_release nogil;
@@ -239,21 +260,23 @@ py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "nudgefast CPU kernels (OpenMP). The op contract is documented in "
-              "nudgefast._backends.numpy_backend; call them through nudgefast._backends.cpp_backend.";
-    m.def("query_gradient", &py_query_gradient, py::arg("queries"), py::arg("order"), py::arg("seg_ptr"),
-          py::arg("n_threads") = 0, "(t, d) float64 segmented sum of queries[order] over seg_ptr.");
+              "nudgefast._backends.numpy_backend; call them through nudgefast._backends.cpp_backend. "
+              "Ops that return arrays also take out= (the result buffer, checked, fully overwritten).";
+    const auto threads = py::arg("n_threads") = 0;
+    const auto out = py::arg("out") = py::none();
+    m.def("query_gradient", &py_query_gradient, py::arg("queries"), py::arg("order"), py::arg("seg_ptr"), threads, out,
+          "(t, d) float64 segmented sum of queries[order] over seg_ptr.");
     m.def("topk_update", &py_topk_update, py::arg("queries"), py::arg("chunk"), py::arg("row_offset"),
-          py::arg("exclude"), py::arg("normalize"), py::arg("best_scores"), py::arg("best_index"),
-          py::arg("n_threads") = 0,
+          py::arg("exclude"), py::arg("normalize"), py::arg("best_scores"), py::arg("best_index"), threads,
           "Merge a float16/32/64 corpus chunk into the float32 top-k state in place; returns the first bad row or -1.");
     m.def("nudge_m_intervals", &py_nudge_m_intervals, py::arg("S"), py::arg("G"), py::arg("pair_query"),
-          py::arg("s_x"), py::arg("g_x"), py::arg("u_score"), py::arg("eps"), py::arg("n_threads") = 0,
-          "(low, high, feasible) per validation pair.");
+          py::arg("s_x"), py::arg("g_x"), py::arg("u_score"), py::arg("eps"), threads, out,
+          "(low, high, feasible) per validation pair; out=(low, high, feasible) buffers optional.");
     m.def("nudge_n_sweep", &py_nudge_n_sweep, py::arg("S"), py::arg("H"), py::arg("alpha"), py::arg("beta"),
           py::arg("touched"), py::arg("unt_scores"), py::arg("unt_index"), py::arg("ans_ptr"), py::arg("ans_index"),
-          py::arg("k_val"), py::arg("n_threads") = 0, "(n_b, n_gamma) int64 answer hits in the top-k_val.");
-    m.def("project", &py_project, py::arg("E"), py::arg("C"), py::arg("alpha"), py::arg("beta"),
-          py::arg("n_threads") = 0, "(t, d) float32: alpha[:, None] * E + beta[:, None] * C in float64.");
+          py::arg("k_val"), threads, out, "(n_b, n_gamma) int64 answer hits in the top-k_val.");
+    m.def("project", &py_project, py::arg("E"), py::arg("C"), py::arg("alpha"), py::arg("beta"), threads, out,
+          "(t, d) float32: alpha[:, None] * E + beta[:, None] * C in float64.");
     m.def("metrics", &py_metrics, py::arg("retrieved"), py::arg("ans_ptr"), py::arg("ans_index"), py::arg("ans_rel"),
-          py::arg("k"), py::arg("n_threads") = 0, "(n, 3) float64 recall@k, ndcg@k, mrr@k (NaN without answers).");
+          py::arg("k"), threads, out, "(n, 3) float64 recall@k, ndcg@k, mrr@k (NaN without answers).");
 }
