@@ -298,11 +298,17 @@ struct GemmF32 {
 // Pairs of float16 along k are one 32-bit load (little-endian: the lower k in the low half).
 
 NF_DEV void mma_16816(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    // m16n8k16 needs sm_80; the Python side never launches the float16 kernels on older devices
+    // (it converts float16 chunks to float32 there), so reaching this is a bug: fail loudly.
+    __trap();
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 struct GemmF16 {

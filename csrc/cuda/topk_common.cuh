@@ -32,35 +32,7 @@ typedef unsigned short u16;
 constexpr i64 kEmptyIndex = 0x7fffffffffffffffLL;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-NF_HD float neg_inf_f() { return -__builtin_huge_valf(); }
-NF_HD double neg_inf_d() { return -__builtin_huge_val(); }
-NF_HD float pos_inf_f() { return __builtin_huge_valf(); }
-NF_HD double pos_inf_d() { return __builtin_huge_val(); }
-
-// `a` ranks before `b` under the tie rule. NaN never ranks before anything.
-template <typename S, typename I>
-NF_HD bool ranks_before(S score_a, I index_a, S score_b, I index_b) {
-    return score_a > score_b || (score_a == score_b && index_a < index_b);
-}
-
-// A score that may enter a top-k at all: -inf and NaN never do (both backends' rule).
-template <typename S>
-NF_HD bool admissible(S score) {
-    return score > -__builtin_huge_val();
-}
-
-template <typename S>
-NF_HD bool is_finite(S x) {
-    return x == x && x < __builtin_huge_val() && x > -__builtin_huge_val();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Sort keys for the two-phase path (k above the on-chip limit): one uint64 per (query, row) whose
-// ascending order is the tie rule: high word = score mapped to an order-reversing uint32, low word
-// = the row inside the scored block. Rows that are not candidates get kInvalidKey (sorts last).
-
-constexpr u64 kInvalidKey = 0xffffffffffffffffULL;
-
+// Bit casts (no <cstring>, no __builtin_huge_val: NVRTC has neither).
 NF_HD u32 float_bits(float f) {
     union { float f; u32 u; } v;
     v.f = f;
@@ -72,6 +44,37 @@ NF_HD float bits_float(u32 u) {
     v.u = u;
     return v.f;
 }
+
+NF_HD double bits_double(u64 u) {
+    union { double f; u64 u; } v;
+    v.u = u;
+    return v.f;
+}
+
+NF_HD float pos_inf_f() { return bits_float(0x7f800000u); }
+NF_HD float neg_inf_f() { return bits_float(0xff800000u); }
+NF_HD double pos_inf_d() { return bits_double(0x7ff0000000000000ULL); }
+NF_HD double neg_inf_d() { return bits_double(0xfff0000000000000ULL); }
+
+// `a` ranks before `b` under the tie rule. NaN never ranks before anything.
+template <typename S, typename I>
+NF_HD bool ranks_before(S score_a, I index_a, S score_b, I index_b) {
+    return score_a > score_b || (score_a == score_b && index_a < index_b);
+}
+
+// A score that may enter a top-k at all: -inf and NaN never do (both backends' rule).
+NF_HD bool admissible(float score) { return score > neg_inf_f(); }
+NF_HD bool admissible(double score) { return score > neg_inf_d(); }
+
+NF_HD bool is_finite(float x) { return x > neg_inf_f() && x < pos_inf_f(); }  // false for NaN
+NF_HD bool is_finite(double x) { return x > neg_inf_d() && x < pos_inf_d(); }
+
+// ---------------------------------------------------------------------------------------------
+// Sort keys for the two-phase path (k above the on-chip limit): one uint64 per (query, row) whose
+// ascending order is the tie rule: high word = score mapped to an order-reversing uint32, low word
+// = the row inside the scored block. Rows that are not candidates get kInvalidKey (sorts last).
+
+constexpr u64 kInvalidKey = 0xffffffffffffffffULL;
 
 // Larger score -> smaller key. -0.0 is folded into +0.0 first: they compare equal as floats, so
 // they must tie here too.

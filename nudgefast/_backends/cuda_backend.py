@@ -1,0 +1,724 @@
+"""CUDA backend: CuPy ``RawModule`` kernels compiled from ``csrc/cuda/*.cu``.
+
+Same ops and signatures as ``numpy_backend`` (whose docstring is the contract): host NumPy
+arrays in, host NumPy arrays out, the dtypes of the CPU backend (top-k scores float32; the small
+ops float64, ``project`` float32). One more op, ``topk_stream``, runs a whole corpus pass on the
+device; ``search.topk_pass`` delegates to it.
+
+Kernels: one ``.cu`` per op, compiled once per process on first use (NVRTC through CuPy, which
+also caches the binary on disk) and kept in ``_MODULES``. Launch widths come from ``LAUNCH``
+below, the one table, and reach the ``.cu`` files as ``-DNF_<GROUP>_<KEY>=<value>``; the files
+hold ``#ifndef`` defaults so ``nvcc -ptx`` compiles them alone (CI does). Edit the table before
+the first call: modules are not rebuilt afterwards.
+
+Corpus pass (``topk_stream``):
+
+- a host corpus (NumPy array, ``np.memmap``) is streamed in chunks through two pinned host
+  buffers: the host fills one while the copy stream uploads the other, and the copy of chunk
+  i + 1 overlaps the compute of chunk i on the compute stream (events order the reuse);
+- a device corpus (a CuPy array, or anything with ``__cuda_array_interface__`` or DLPack on this
+  device, e.g. a torch CUDA tensor) is read in place, no copy (a chunk is copied only when its
+  rows are not contiguous or its dtype is not float16/float32);
+- chunk size follows free device memory; ``cupy.cuda.memory.OutOfMemoryError`` halves it and
+  retries the chunk;
+- k <= ``LAUNCH["TOPK"]["KMAX"]``: the fused kernel keeps every query's top-k on chip (scores
+  never reach global memory); larger k: the two-phase path (one sort key per (query, row) in
+  global memory, a device sort, then the same merge).
+
+Precision: float32 corpora are scored with FP32 FMA; float16 corpora on tensor cores (sm_80+)
+with float32 accumulation, each query split into float16 hi + lo parts so the product keeps
+float32-level accuracy (``F16_SPLIT``; 0 halves the tensor work and costs ~1e-4 in the scores).
+Norms come from the same tiles (float32 sum of squares, float64 for rows where float32 under- or
+overflows), so bad rows (NaN/inf, zero with ``normalize``) are those of the reference.
+
+STATUS: written on a machine without a GPU. The kernels compile to PTX for sm_80/sm_90 with nvcc
+and with NVRTC; nothing here has run on a device yet. ``tests/test_cuda.py`` is the check.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("nudgefast")
+
+NAME = "cuda"
+
+try:
+    import cupy as cp
+except ImportError as exc:  # the registry reports this with the install hint
+    raise ImportError("the CUDA backend needs CuPy (pip install cupy-cuda12x or cupy-cuda13x, "
+                      "matching your CUDA driver)") from exc
+
+
+def _visible_devices() -> int:
+    try:
+        return int(cp.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # CUDARuntimeError: no driver, driver too old, ...
+        raise ImportError(f"CuPy is installed but CUDA is not usable here: {exc}") from exc
+
+
+if _visible_devices() < 1:
+    raise ImportError("CuPy is installed but no CUDA device is visible (check the driver and "
+                      "CUDA_VISIBLE_DEVICES)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The one table of launch widths. Each entry reaches every .cu file as -DNF_<GROUP>_<KEY>=<value>.
+
+LAUNCH = {
+    # Fused top-k: a block scores QT queries x RT rows per tile over d in slices of BK_F32 /
+    # BK_F16 (float16: a multiple of 16), F16_WARPS_Q of its THREADS / 32 warps along the queries.
+    # KMAX: the largest k kept on chip (the lists take QT * k * 8 bytes of shared memory).
+    "TOPK": {"THREADS": 256, "QT": 64, "RT": 128, "BK_F32": 16, "BK_F16": 32, "F16_WARPS_Q": 2,
+             "F16_SPLIT": 1, "KMAX": 128},
+    "MERGE": {"THREADS": 256},      # topk_merge_pairs / topk_merge_state / topk_keys_decode
+    "QG": {"THREADS": 128},         # query_gradient
+    "NUDGE_M": {"THREADS": 256},    # nudge_m_intervals (one warp per pair)
+    "SWEEP": {"WARPS": 4},          # nudge_n_sweep (one warp per (query, gamma))
+    "PROJECT": {"THREADS": 256},
+    "METRICS": {"THREADS": 128},
+}
+
+#: Corpus-pass policy: chunks of a host corpus take at most ``max_chunk_bytes`` (each of the two
+#: pinned and two device buffers) and ``free_fraction`` of free device memory together; a device
+#: corpus is scored ``device_chunk_rows`` rows per launch; ``blocks_per_sm`` sets how many blocks
+#: (query tiles x row splits) a launch aims for per multiprocessor; an out-of-memory error halves
+#: the chunk down to ``min_chunk_rows``.
+STREAM = {"max_chunk_bytes": 256 << 20, "free_fraction": 0.25, "device_chunk_rows": 1 << 22,
+          "min_chunk_rows": 1024, "blocks_per_sm": 2}
+
+_NULL = np.uint64(0)  # a null pointer argument (same size and alignment as a device pointer)
+_EMPTY_INDEX = np.iinfo(np.int64).max
+_NO_BAD_ROW = np.uint64(np.iinfo(np.uint64).max)
+_TOPK_ERRORS = {1: "k outside 1..KMAX reached the fused top-k kernel",
+                2: "a kernel got less dynamic shared memory than it needs"}
+
+
+def _find_sources() -> Path:
+    """csrc/cuda: $NUDGEFAST_CUDA_SRC, the copy installed next to the package, or the checkout."""
+    here = Path(__file__).resolve()
+    candidates = [here.parent.parent / "_cuda", here.parents[2] / "csrc" / "cuda"]
+    if os.environ.get("NUDGEFAST_CUDA_SRC"):
+        candidates.insert(0, Path(os.environ["NUDGEFAST_CUDA_SRC"]))
+    for path in candidates:
+        if (path / "topk.cu").is_file() and (path / "topk_common.cuh").is_file():
+            return path
+    raise ImportError("the CUDA kernel sources (topk.cu, ...) were not found in "
+                      + ", ".join(str(c) for c in candidates)
+                      + "; reinstall nudgefast or set NUDGEFAST_CUDA_SRC to csrc/cuda")
+
+
+_SOURCE_DIR = _find_sources()
+
+# ---------------------------------------------------------------------------------------------
+# Modules: compiled once per process.
+
+_MODULES: dict[str, "cp.RawModule"] = {}
+_KERNELS: dict[tuple[str, str], object] = {}
+_LOCK = threading.Lock()
+#: How many times a module was compiled in this process (tests check it stays at one per file).
+_COMPILE_COUNT = 0
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def _source(name: str) -> str:
+    """The .cu text with its local headers pasted in: CuPy's disk cache keys on the source
+    string, so a header edit must change it (an -I include would be served stale)."""
+    def expand(match):
+        return f"// ---- {match.group(1)}\n" + (_SOURCE_DIR / match.group(1)).read_text()
+    return _INCLUDE.sub(expand, (_SOURCE_DIR / name).read_text())
+
+
+def _options() -> tuple[str, ...]:
+    defines = [f"-DNF_{group}_{key}={int(value)}" for group, table in LAUNCH.items()
+               for key, value in table.items()]
+    return ("--std=c++17", *defines)
+
+
+def _module(name: str):
+    global _COMPILE_COUNT
+    module = _MODULES.get(name)
+    if module is None:
+        with _LOCK:
+            module = _MODULES.get(name)
+            if module is None:
+                module = cp.RawModule(code=_source(name), options=_options())
+                module.compile()  # now, so a compile error surfaces here with its log
+                _COMPILE_COUNT += 1
+                _MODULES[name] = module
+    return module
+
+
+def _kernel(file: str, name: str):
+    kernel = _KERNELS.get((file, name))
+    if kernel is None:
+        kernel = _module(file).get_function(name)
+        _KERNELS[(file, name)] = kernel
+    return kernel
+
+
+def _device_props() -> dict:
+    dev = cp.cuda.Device()
+    return _props_of(dev.id)
+
+
+_PROPS: dict[int, dict] = {}
+
+
+def _props_of(device_id: int) -> dict:
+    if device_id not in _PROPS:
+        p = cp.cuda.runtime.getDeviceProperties(device_id)
+        _PROPS[device_id] = {"sms": int(p["multiProcessorCount"]),
+                             "smem_optin": int(p.get("sharedMemPerBlockOptin", 48 << 10)),
+                             "cc": int(p["major"]) * 10 + int(p["minor"])}
+    return _PROPS[device_id]
+
+
+def _with_dynamic_smem(kernel, nbytes: int) -> None:
+    """Lets `kernel` take `nbytes` of dynamic shared memory (above 48 KiB needs an opt-in)."""
+    if nbytes + kernel.shared_size_bytes > (48 << 10) and kernel.max_dynamic_shared_size_bytes < nbytes:
+        kernel.max_dynamic_shared_size_bytes = nbytes
+
+
+def _fused_fits(k: int) -> bool:
+    """Whether the fused top-k (lists of QT * k entries on chip) takes this k on this device."""
+    t = LAUNCH["TOPK"]
+    if not 1 <= k <= t["KMAX"]:
+        return False
+    static = max(_kernel("topk.cu", "topk_select_f32").shared_size_bytes,
+                 _kernel("topk.cu", "topk_select_f16").shared_size_bytes)
+    return static + t["QT"] * k * 8 <= _device_props()["smem_optin"]
+
+
+def _blocks(total: int, threads: int) -> int:
+    """Grid of a grid-stride kernel: enough blocks for every element, capped at a few waves."""
+    return max(1, min(-(-total // threads), _device_props()["sms"] * 32))
+
+
+def _i64(v) -> np.int64:
+    return np.int64(v)
+
+
+def _dev(a, dtype) -> "cp.ndarray":
+    return cp.asarray(np.ascontiguousarray(a, dtype=dtype))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ---------------------------------------------------------------------------------------------
+# Small ops
+
+def query_gradient(queries, order, seg_ptr, *, n_threads=None):
+    t = len(seg_ptr) - 1
+    d = queries.shape[1]
+    if t <= 0 or d == 0:
+        return np.zeros((max(t, 0), d), dtype=np.float64)
+    dtype = np.float64 if queries.dtype == np.float64 else np.float32
+    q = _dev(queries, dtype)
+    out = cp.empty((t, d), dtype=cp.float64)
+    threads = LAUNCH["QG"]["THREADS"]
+    name = "query_gradient_f64" if dtype == np.float64 else "query_gradient_f32"
+    _kernel("query_gradient.cu", name)(
+        (_blocks(t * d, threads),), (threads,),
+        (q, _i64(d), _dev(order, np.int64), _dev(seg_ptr, np.int64), _i64(t), out))
+    return out.get()
+
+
+def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_threads=None):
+    # pair_pos is not needed: x is among the touched competitors with D = 0 and s_dif = 0, which
+    # bounds nothing (as in the reference and the CPU backend).
+    n_pairs = len(pair_query)
+    if n_pairs == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool)
+    t = S.shape[1]
+    low = cp.empty(n_pairs, dtype=cp.float64)
+    high = cp.empty(n_pairs, dtype=cp.float64)
+    feasible = cp.empty(n_pairs, dtype=cp.uint8)
+    threads = LAUNCH["NUDGE_M"]["THREADS"]
+    S_dev = _dev(S, np.float64) if S.size else cp.zeros(1, cp.float64)
+    G_dev = _dev(G, np.float64) if G.size else cp.zeros(1, cp.float64)
+    _kernel("nudge_m_intervals.cu", "nudge_m_intervals")(
+        (_blocks(n_pairs * 32, threads),), (threads,),
+        (S_dev, G_dev, _i64(t), _dev(pair_query, np.int64), _dev(s_x, np.float64),
+         _dev(g_x, np.float64), _dev(u_score, np.float64), _i64(n_pairs), np.float64(eps),
+         low, high, feasible))
+    return low.get(), high.get(), feasible.get().astype(bool)
+
+
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *,
+                  n_threads=None):
+    n_b, t = S.shape
+    n_gamma = alpha.shape[0]
+    k_val = int(k_val)
+    if n_b == 0 or n_gamma == 0 or k_val <= 0:
+        return np.zeros((n_b, n_gamma), dtype=np.int64)
+    warps = LAUNCH["SWEEP"]["WARPS"]
+    smem = warps * k_val * 16
+    kernel = _kernel("nudge_n_sweep.cu", "nudge_n_sweep")
+    if smem + kernel.shared_size_bytes > _device_props()["smem_optin"]:
+        # The per-warp lists do not fit on chip: k_val in the thousands. Rare enough to leave to
+        # the reference implementation (exact, on the host) rather than keep a second kernel.
+        from . import numpy_backend
+        log.warning("nudge_n_sweep: k_val=%d needs %d bytes of shared memory per block; "
+                    "computing on the host", k_val, smem)
+        return numpy_backend.nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index,
+                                           ans_ptr, ans_index, k_val)
+    _with_dynamic_smem(kernel, smem)
+    n_unt = unt_scores.shape[1]
+    hits = cp.empty((n_b, n_gamma), dtype=cp.int64)
+    error = cp.zeros(1, dtype=cp.int32)
+    blocks = max(1, min(-(-(n_b * n_gamma) // warps), _device_props()["sms"] * 16))
+
+    def nonempty(a, dtype):
+        return _dev(a, dtype) if np.size(a) else cp.zeros(1, dtype)
+
+    kernel((blocks,), (warps * 32,),
+           (nonempty(S, np.float64), nonempty(H, np.float64), _i64(n_b), _i64(t),
+            nonempty(alpha, np.float64), nonempty(beta, np.float64), _i64(n_gamma),
+            nonempty(touched, np.int64), nonempty(unt_scores, np.float64),
+            nonempty(unt_index, np.int64), _i64(n_unt), _dev(ans_ptr, np.int64),
+            nonempty(ans_index, np.int64), _i64(k_val), hits, error),
+           shared_mem=smem)
+    if int(error.get()[0]):
+        raise RuntimeError(f"nudge_n_sweep: {_TOPK_ERRORS.get(int(error.get()[0]), 'kernel error')}")
+    return hits.get()
+
+
+def project(E, C, alpha, beta, *, n_threads=None):
+    t, d = E.shape
+    if t == 0 or d == 0:
+        return np.zeros((t, d), dtype=np.float32)
+    out = cp.empty((t, d), dtype=cp.float32)
+    threads = LAUNCH["PROJECT"]["THREADS"]
+    # float32 inputs widen to float64 exactly: the kernel computes in double either way.
+    _kernel("project.cu", "project")(
+        (_blocks(t * d, threads),), (threads,),
+        (_dev(E, np.float64), _dev(C, np.float64), _dev(alpha, np.float64), _dev(beta, np.float64),
+         _i64(t), _i64(d), out))
+    return out.get()
+
+
+def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
+    retrieved = np.ascontiguousarray(retrieved, dtype=np.int64)
+    n, width = retrieved.shape
+    k = int(k)
+    if n == 0:
+        return np.zeros((0, 3))
+    ans_ptr = np.ascontiguousarray(ans_ptr, dtype=np.int64)
+    ans_rel = np.ascontiguousarray(ans_rel, dtype=np.float64)
+    # The ideal ordering and the discounts on the host, with NumPy: the reference's own values.
+    query_of = np.repeat(np.arange(n), np.diff(ans_ptr))
+    ideal = ans_rel[np.lexsort((-ans_rel, query_of))] if ans_rel.size else ans_rel
+    discount = 1.0 / np.log2(np.arange(max(k, 1)) + 2.0)
+    out = cp.empty((n, 3), dtype=cp.float64)
+    threads = LAUNCH["METRICS"]["THREADS"]
+
+    def nonempty(a, dtype):
+        return _dev(a, dtype) if np.size(a) else cp.zeros(1, dtype)
+
+    _kernel("metrics.cu", "metrics")(
+        (_blocks(n, threads),), (threads,),
+        (cp.asarray(retrieved) if retrieved.size else cp.zeros(1, cp.int64), _i64(n), _i64(width),
+         _dev(ans_ptr, np.int64), nonempty(ans_index, np.int64), nonempty(ans_rel, np.float64),
+         nonempty(ideal, np.float64), _dev(discount, np.float64), _i64(k), out))
+    return out.get()
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k
+
+class _Queries:
+    """The queries in the layout of one corpus kind, prepared once per pass (host NumPy, then
+    uploaded): zero-padded to a multiple of QT queries and of the slice width in d.
+
+    float32 corpus: transposed (d_pad, n_q_pad) float32. float16 corpus: each query scaled by a
+    power of two (exact) so its largest |value| lies in [2^14, 2^15), then split into float16
+    hi = fp16(q) and lo = fp16(q - hi); ``qscale`` undoes the scaling exactly.
+    """
+
+    def __init__(self, queries: np.ndarray, kind: str):
+        t = LAUNCH["TOPK"]
+        self.kind = kind
+        self.n_q, self.d = queries.shape
+        self.n_q_pad = _round_up(max(self.n_q, 1), t["QT"])
+        self.d_pad = _round_up(self.d, t["BK_F32"] if kind == "f32" else t["BK_F16"])
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if kind == "f32":
+            qT = np.zeros((self.d_pad, self.n_q_pad), dtype=np.float32)
+            qT[: self.d, : self.n_q] = q.T
+            self.qT, self.qhi, self.qlo, self.qscale = cp.asarray(qT), _NULL, _NULL, _NULL
+            return
+        biggest = np.abs(q).max(axis=1) if self.d else np.ones(self.n_q, np.float32)
+        biggest = np.where(biggest > 0, biggest, 1.0)
+        _, e = np.frexp(biggest)  # biggest < 2^e
+        e = np.clip(e, -100, 100)
+        scale = np.ldexp(np.float32(1.0), 15 - e).astype(np.float32)
+        scaled = q * scale[:, None]
+        hi = scaled.astype(np.float16)
+        lo = (scaled - hi.astype(np.float32)).astype(np.float16)
+        qhi = np.zeros((self.n_q_pad, self.d_pad), dtype=np.float16)
+        qlo = np.zeros_like(qhi)
+        qhi[: self.n_q, : self.d] = hi
+        qlo[: self.n_q, : self.d] = lo
+        qscale = np.ones(self.n_q_pad, dtype=np.float32)
+        qscale[: self.n_q] = np.ldexp(np.float32(1.0), e - 15).astype(np.float32)
+        self.qT, self.qhi, self.qlo, self.qscale = _NULL, cp.asarray(qhi), cp.asarray(qlo), cp.asarray(qscale)
+
+
+class _TopkPass:
+    """A running top-k on the device: chunks (device arrays) are merged in with ``add``.
+
+    State: (n_q, k) float32 scores / int64 global indices, sorted (tie rule), empties (-inf, -1).
+    ``exclude`` (host, sorted global rows) is uploaded once; each launch gets the slice of it in
+    its row range. ``first_bad`` is the smallest bad global row seen, ``error`` a kernel error.
+    Everything runs on the current stream.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, normalize: bool, state, exclude: np.ndarray):
+        self.n_q, self.d = queries.shape
+        self.k = k
+        self.normalize = normalize
+        self.queries = queries
+        self._prepared: dict[str, _Queries] = {}
+        props = _device_props()
+        self.sms = props["sms"]
+        self.f16_tensor_cores = props["cc"] >= 80
+        self.fused = _fused_fits(k)
+        self.ex_host = exclude
+        self.ex_dev = cp.asarray(exclude) if exclude.size else cp.zeros(1, dtype=cp.int64)
+        if state is None:
+            self.s = cp.full((self.n_q, k), -np.inf, dtype=cp.float32)
+            self.i = cp.full((self.n_q, k), -1, dtype=cp.int64)
+        else:
+            s, i = state
+            if s.shape != (self.n_q, k) or i.shape != (self.n_q, k):
+                raise ValueError(f"state: expected two ({self.n_q}, {k}) arrays, got {s.shape} and {i.shape}")
+            self.s = cp.asarray(np.ascontiguousarray(s, dtype=np.float32))
+            self.i = cp.asarray(np.ascontiguousarray(i, dtype=np.int64))
+            # Empty slots as the kernels expect them: (-inf, -1).
+            self.i = cp.where(cp.isneginf(self.s), -1, self.i)
+        self.first_bad = cp.full(1, _NO_BAD_ROW, dtype=cp.uint64)
+        self.error = cp.zeros(1, dtype=cp.int32)
+
+    def queries_for(self, kind: str) -> _Queries:
+        if kind not in self._prepared:
+            self._prepared[kind] = _Queries(self.queries, kind)
+        return self._prepared[kind]
+
+    def _floor(self):
+        """Per query, the state's worst entry when the state is full, else (-inf, EMPTY): a row
+        must rank before it to matter."""
+        full = cp.all(self.i >= 0, axis=1)
+        worst_s = self.s.min(axis=1)
+        worst_i = cp.where(self.s == worst_s[:, None], self.i, -1).max(axis=1)
+        floor_s = cp.where(full, worst_s, -np.inf).astype(cp.float32)
+        floor_i = cp.where(full, worst_i, _EMPTY_INDEX).astype(cp.int64)
+        return floor_s, floor_i
+
+    def rows_per_launch(self) -> int:
+        """Fused path: launch rows are int32 in the kernel. Two-phase path: the keys (n_q x rows
+        x 8 bytes) and the sort's scratch within a fraction of free memory."""
+        if self.fused:
+            return (1 << 31) - LAUNCH["TOPK"]["RT"]
+        per_row = max(1, self.n_q) * 8 * 3
+        rows = int(_free_device_bytes() * STREAM["free_fraction"]) // per_row
+        return int(min(1 << 31, max(STREAM["min_chunk_rows"], rows)))
+
+    def add(self, x, row0: int) -> None:
+        """Merges the rows of the device array ``x`` (global rows row0 + r) into the state."""
+        m = x.shape[0]
+        if m == 0 or self.n_q == 0 or self.k == 0:
+            return
+        if x.dtype == cp.float16 and not self.f16_tensor_cores:
+            x = x.astype(cp.float32)  # mma.m16n8k16 needs sm_80
+        rows_ok = m <= 1 or (x.strides[0] > 0 and x.strides[0] % x.itemsize == 0)
+        cols_ok = x.shape[1] <= 1 or x.strides[1] == x.itemsize
+        if x.dtype not in (cp.float16, cp.float32) or not rows_ok or not cols_ok:
+            x = cp.ascontiguousarray(x, dtype=cp.float16 if x.dtype == cp.float16 else cp.float32)
+        step = self.rows_per_launch()
+        for s in range(0, m, step):
+            self._add_block(x[s:s + step], row0 + s)
+
+    def _add_block(self, x, row0: int) -> None:
+        t = LAUNCH["TOPK"]
+        m, d = x.shape
+        kind = "f16" if x.dtype == cp.float16 else "f32"
+        q = self.queries_for(kind)
+        row_stride = x.strides[0] // x.itemsize if m > 1 else d
+        width = 8 if kind == "f16" else 4  # elements per 16-byte load
+        vec = x.data.ptr % 16 == 0 and row_stride % width == 0 and d % width == 0
+        n_qtiles = q.n_q_pad // t["QT"]
+        target = self.sms * STREAM["blocks_per_sm"]
+        n_splits = max(1, min(-(-target // n_qtiles), -(-m // t["RT"]), 65535))
+        rows_per_split = _round_up(-(-m // n_splits), t["RT"])
+        n_splits = -(-m // rows_per_split)
+        lo, hi = (int(v) for v in np.searchsorted(self.ex_host, [row0, row0 + m]))
+        ex = self.ex_dev[lo:hi] if hi > lo else self.ex_dev[:1]
+        # Launch row r is global row row0 + r; exclude entries are global rows (base row0).
+        common = (q.qT, q.qhi, q.qlo, q.qscale, _i64(self.n_q), _i64(q.n_q_pad), _i64(d), _i64(q.d_pad),
+                  x, _i64(m), _i64(row_stride), _i64(vec), ex, _i64(hi - lo), _i64(row0),
+                  _i64(self.normalize), _i64(row0), _i64(rows_per_split))
+        grid = (n_qtiles, n_splits)
+        if self.fused:
+            k = self.k
+            out_s = cp.empty((n_splits, self.n_q, k), dtype=cp.float32)
+            out_i = cp.empty((n_splits, self.n_q, k), dtype=cp.int64)
+            floor_s, floor_i = self._floor()
+            kernel = _kernel("topk.cu", f"topk_select_{kind}")
+            smem = t["QT"] * k * 8
+            _with_dynamic_smem(kernel, smem)
+            kernel(grid, (t["THREADS"],),
+                   common + (floor_s, floor_i, _i64(k), out_s, out_i, _NULL, _i64(0),
+                             self.first_bad, self.error),
+                   shared_mem=smem)
+            lists_s, lists_i = self._merge_lists(out_s, out_i)
+        else:
+            keys = cp.empty((self.n_q, m), dtype=cp.uint64)
+            kernel = _kernel("topk.cu", f"topk_keys_{kind}")
+            kernel(grid, (t["THREADS"],),
+                   common + (_NULL, _NULL, _i64(0), _NULL, _NULL, keys, _i64(m),
+                             self.first_bad, self.error))
+            keys.sort(axis=1)  # the tie rule is the keys' ascending order
+            lists_s = cp.empty((self.n_q, self.k), dtype=cp.float32)
+            lists_i = cp.empty((self.n_q, self.k), dtype=cp.int64)
+            threads = LAUNCH["MERGE"]["THREADS"]
+            _kernel("topk.cu", "topk_keys_decode")(
+                (_blocks(self.n_q * self.k, threads),), (threads,),
+                (keys, _i64(self.n_q), _i64(m), _i64(min(self.k, m)), _i64(self.k), _i64(row0),
+                 lists_s, lists_i))
+            del keys
+        self._merge_state(lists_s, lists_i)
+
+    def _merge_lists(self, s, i):
+        """(n_lists, n_q, k) per-split lists -> (n_q, k), pairwise (merge path)."""
+        threads = LAUNCH["MERGE"]["THREADS"]
+        kernel = _kernel("topk.cu", "topk_merge_pairs")
+        while s.shape[0] > 1:
+            n_lists = s.shape[0]
+            n_out = (n_lists + 1) // 2
+            out_s = cp.empty((n_out, self.n_q, self.k), dtype=cp.float32)
+            out_i = cp.empty((n_out, self.n_q, self.k), dtype=cp.int64)
+            kernel((_blocks(out_s.size, threads),), (threads,),
+                   (s, i, _i64(n_lists), _i64(self.n_q), _i64(self.k), out_s, out_i))
+            s, i = out_s, out_i
+        return s[0], i[0]
+
+    def _merge_state(self, s, i):
+        threads = LAUNCH["MERGE"]["THREADS"]
+        new_s = cp.empty_like(self.s)
+        new_i = cp.empty_like(self.i)
+        _kernel("topk.cu", "topk_merge_state")(
+            (_blocks(self.n_q, threads),), (threads,),
+            (self.s, self.i, s, i, _i64(self.n_q), _i64(self.k), new_s, new_i))
+        self.s, self.i = new_s, new_i  # only now: an out-of-memory error above leaves the state intact
+
+    def result(self):
+        """(scores float32, index int64, first bad global row or -1) on the host."""
+        code = int(self.error.get()[0])
+        if code:
+            raise RuntimeError(f"nudgefast CUDA top-k: {_TOPK_ERRORS.get(code, f'kernel error {code}')}")
+        bad = int(self.first_bad.get()[0])
+        return self.s.get(), self.i.get(), (-1 if bad == int(_NO_BAD_ROW) else bad)
+
+
+def _free_device_bytes() -> int:
+    free, _ = cp.cuda.runtime.memGetInfo()
+    return int(free) + int(cp.get_default_memory_pool().free_bytes())
+
+
+def _as_device_array(corpus):
+    """The corpus as a CuPy array when it lives on the GPU (no copy), else None."""
+    if isinstance(corpus, cp.ndarray):
+        arr = corpus
+    elif hasattr(corpus, "__cuda_array_interface__"):
+        arr = cp.asarray(corpus)
+    elif hasattr(corpus, "__dlpack__") and hasattr(corpus, "__dlpack_device__") \
+            and int(corpus.__dlpack_device__()[0]) in (2, 13):  # kDLCUDA, kDLCUDAManaged
+        arr = cp.from_dlpack(corpus)
+    else:
+        return None
+    if arr.device.id != cp.cuda.Device().id:
+        raise ValueError(f"corpus: is on GPU {arr.device.id} but the current device is "
+                         f"{cp.cuda.Device().id}; use `with cupy.cuda.Device({arr.device.id}):`")
+    return arr
+
+
+class _Slot:
+    """One stage of the host pipeline: a pinned buffer, a device buffer and the two events that
+    order their reuse."""
+
+    def __init__(self, rows: int, d: int, dtype):
+        self.rows = rows
+        nbytes = max(1, rows * d * np.dtype(dtype).itemsize)
+        self.pinned_mem = cp.cuda.alloc_pinned_memory(nbytes)
+        self.pinned = np.frombuffer(self.pinned_mem, dtype=dtype, count=rows * d).reshape(rows, d)
+        self.dev = cp.empty((rows, d), dtype=dtype)
+        self.copied = cp.cuda.Event(disable_timing=True)    # the upload that read `pinned` is done
+        self.consumed = cp.cuda.Event(disable_timing=True)  # the compute that read `dev` is done
+
+
+def _fill(dst: np.ndarray, src, pool) -> None:
+    """dst[...] = src (a memmap slice, any float dtype), row blocks on the pool's threads."""
+    m = dst.shape[0]
+    if pool is None or m < 4096:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    n = pool._max_workers
+    bounds = np.linspace(0, m, n + 1).astype(int)
+    futures = [pool.submit(np.copyto, dst[a:b], src[a:b], casting="unsafe")
+               for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for f in futures:
+        f.result()
+
+
+def _host_chunk_rows(d: int, itemsize: int, run: _TopkPass) -> int:
+    per_row = d * itemsize
+    by_bytes = STREAM["max_chunk_bytes"] // max(1, per_row)
+    by_free = int(_free_device_bytes() * STREAM["free_fraction"]) // max(1, 2 * per_row)
+    rows = min(by_bytes, by_free)
+    rows = min(rows, run.rows_per_launch())
+    return max(STREAM["min_chunk_rows"], rows)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, cp.cuda.memory.OutOfMemoryError)
+
+
+def _shrink(rows: int, exc) -> int:
+    if rows <= STREAM["min_chunk_rows"]:
+        raise exc
+    cp.get_default_memory_pool().free_all_blocks()
+    new = max(STREAM["min_chunk_rows"], rows // 2)
+    log.warning("nudgefast CUDA top-k: out of device memory with %d-row chunks; retrying with %d",
+                rows, new)
+    return new
+
+
+def _stream_device(run: _TopkPass, corpus, row_offset, chunk_rows, bar):
+    n = corpus.shape[0]
+    rows = chunk_rows or STREAM["device_chunk_rows"]
+    start = 0
+    while start < n:
+        stop = min(n, start + rows)
+        try:
+            chunk = corpus[start:stop]
+            if chunk.dtype not in (cp.float16, cp.float32):
+                chunk = chunk.astype(cp.float32)  # this chunk only
+            run.add(chunk, row_offset + start)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            rows = _shrink(rows, exc)
+            continue
+        if bar is not None:
+            bar.update(stop - start)
+        start = stop
+
+
+def _stream_host(run: _TopkPass, corpus, row_offset, chunk_rows, n_threads, bar):
+    n, d = corpus.shape
+    dtype = np.float16 if corpus.dtype == np.float16 else np.float32
+    rows = chunk_rows or _host_chunk_rows(d, np.dtype(dtype).itemsize, run)
+    rows = min(rows, n)
+    workers = n_threads if n_threads is not None else min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    copy_stream = cp.cuda.Stream(non_blocking=True)
+    compute_stream = cp.cuda.get_current_stream()
+    slots = None
+    chunk_no = 0
+    start = 0
+    try:
+        while start < n:
+            stop = min(n, start + rows)
+            try:
+                if slots is None:
+                    slots = [_Slot(rows, d, dtype), _Slot(rows, d, dtype)]
+                slot = slots[chunk_no % 2]
+                m = stop - start
+                slot.copied.synchronize()  # the upload of chunk_no - 2 has read the pinned buffer
+                _fill(slot.pinned[:m], corpus[start:stop], pool)
+                copy_stream.wait_event(slot.consumed)  # the compute of chunk_no - 2 has read dev
+                slot.dev[:m].set(slot.pinned[:m], stream=copy_stream)
+                slot.copied.record(copy_stream)
+                compute_stream.wait_event(slot.copied)
+                run.add(slot.dev[:m], row_offset + start)
+                slot.consumed.record(compute_stream)
+            except Exception as exc:
+                if not _is_oom(exc):
+                    raise
+                compute_stream.synchronize()
+                copy_stream.synchronize()
+                slots = None
+                rows = _shrink(rows, exc)
+                continue
+            if bar is not None:
+                bar.update(stop - start)
+            chunk_no += 1
+            start = stop
+        compute_stream.synchronize()
+    finally:
+        copy_stream.synchronize()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def topk_stream(queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=None, n_threads=None,
+                progress=None, row_offset=0, state=None):
+    """One pass over ``corpus``: the top-``k`` rows per query merged into ``state``.
+
+    queries: (n_q, d) float array (scored in float32). corpus: (N, d) float16/float32 (float64 is
+    scored as float32) host array or ``np.memmap`` (streamed), or a device array (read in place).
+    exclude: sorted global row indices that are not candidates. Rows are numbered from
+    ``row_offset``. state: optional (scores, index) (n_q, k) to continue from (sorted, empties
+    (-inf, -1)). chunk_rows: rows per chunk (default from free device memory). n_threads: host
+    threads filling the pinned buffers. Returns ``(scores float32, index int64, first bad global
+    row or -1)``; a bad row (NaN/inf, or zero with ``normalize``) is never a candidate.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n_q = q.shape[0]
+    k = int(k)
+    if state is None and (n_q == 0 or k == 0):
+        return np.full((n_q, k), -np.inf, np.float32), np.full((n_q, k), -1, np.int64), -1
+    device_corpus = _as_device_array(corpus)
+    host_corpus = None if device_corpus is not None else np.asarray(corpus)
+    n_rows = (device_corpus if device_corpus is not None else host_corpus).shape[0]
+    ex_host = np.zeros(0, np.int64) if exclude is None else np.ascontiguousarray(exclude, dtype=np.int64)
+    # Only the entries in this pass's range matter.
+    lo, hi = np.searchsorted(ex_host, [row_offset, row_offset + n_rows])
+    ex_host = ex_host[lo:hi]
+    from nudgefast.search import _progress_bar  # here: search imports the backends
+    bar = _progress_bar(progress, n_rows, "top-k (cuda)")
+    try:
+        run = _TopkPass(q, k, bool(normalize), state, ex_host)
+        if n_q and k and n_rows:
+            if device_corpus is not None:
+                _stream_device(run, device_corpus, row_offset, chunk_rows, bar)
+            else:
+                _stream_host(run, host_corpus, row_offset, chunk_rows, n_threads, bar)
+        return run.result()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
+    k = best_scores.shape[1]
+    if chunk.shape[0] == 0 or k == 0 or queries.shape[0] == 0:
+        return -1
+    ex = None if exclude is None else np.asarray(exclude, dtype=np.int64) + int(row_offset)
+    scores, index, bad = topk_stream(queries, chunk, k, exclude=ex, normalize=normalize,
+                                     chunk_rows=None, n_threads=n_threads, progress=False,
+                                     row_offset=int(row_offset), state=(best_scores, best_index))
+    best_scores[...] = scores
+    best_index[...] = index
+    return bad
