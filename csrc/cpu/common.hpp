@@ -19,6 +19,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef _MSC_VER
+#include <malloc.h>  // _aligned_malloc
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -76,7 +79,7 @@ private:
 };
 
 // ---------------------------------------------------------------------------------------------
-// Aligned scratch (32 bytes: one AVX register), so the micro-kernels never split a cache line.
+// Scratch aligned to a cache line (64 bytes), so aligned AVX loads never split one.
 
 template <typename T>
 class AlignedBuffer {
@@ -86,7 +89,11 @@ public:
     void resize(std::size_t n) {
         std::size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
         if (bytes == 0) bytes = 64;
+#ifdef _MSC_VER
+        void* p = _aligned_malloc(bytes, 64);
+#else
         void* p = std::aligned_alloc(64, bytes);
+#endif
         if (!p) throw std::bad_alloc();
         ptr_.reset(static_cast<T*>(p));
         size_ = n;
@@ -98,7 +105,11 @@ public:
 
 private:
     struct Free {
+#ifdef _MSC_VER
+        void operator()(T* p) const { _aligned_free(p); }
+#else
         void operator()(T* p) const { std::free(p); }
+#endif
     };
     std::unique_ptr<T, Free> ptr_;
     std::size_t size_ = 0;

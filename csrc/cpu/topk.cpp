@@ -302,8 +302,8 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
 
     // Blocks: at most BLOCK_ROWS, but small chunks are split so every thread gets work.
     const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>((m + RT - 1) / RT)));
-    const int64_t sub = std::min<int64_t>(BLOCK_ROWS, round_up((m + 4 * threads - 1) / (4 * threads), RT));
-    const int64_t n_blocks = (m + sub - 1) / sub;
+    const int64_t block = std::min<int64_t>(BLOCK_ROWS, round_up((m + 4 * threads - 1) / (4 * threads), RT));
+    const int64_t n_blocks = (m + block - 1) / block;
 
     std::vector<ThreadState> states(threads);
     WorkerErrors errors;
@@ -315,7 +315,7 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
         for (int64_t b = 0; b < n_blocks; ++b) {
             if (!st.ready) continue;  // allocation failed: reported after the join
             errors.run([&] {
-                const int64_t begin = b * sub, end = std::min(m, begin + sub);
+                const int64_t begin = b * block, end = std::min(m, begin + block);
                 switch (chunk_type) {
                     case ChunkType::f16: process_block<Half>(st, p, begin, end); break;
                     case ChunkType::f32: process_block<float>(st, p, begin, end); break;
