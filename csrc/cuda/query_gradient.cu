@@ -1,10 +1,11 @@
 // query_gradient: c_j = sum of the train queries that have record j among their answers.
 //
 // A segmented sum in double: row j is the sum of queries[order[p]] for p in
-// [seg_ptr[j], seg_ptr[j+1]), added in that order starting from the first term, exactly as the
-// reference's np.add.reduceat adds rows, so the result is bit-identical to it (segments are never
-// empty). One thread per output element (segment, column): consecutive threads read consecutive
-// columns of the same query row (coalesced). Only additions: no contraction can change rounding.
+// [seg_ptr[j], seg_ptr[j+1]), added in that order starting from the first term: the CPU backend's
+// order, so the two agree bit for bit (segments are never empty). NumPy's reduceat (the reference)
+// associates differently (first term added last), so it agrees to rounding only. One thread per
+// output element (segment, column): consecutive threads read consecutive columns of the same query
+// row (coalesced). Only additions: no contraction can change rounding.
 //
 // UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) without a GPU; tests/test_cuda.py checks
 // it against the reference on a device.
