@@ -511,7 +511,8 @@ def test_outputs_fully_written():
     S, H, alpha, beta, touched, unt_s, unt_i, ans_ptr, ans_index = _n_problem(5)
     out = _poisoned((S.shape[0], alpha.shape[0]), np.int64)
     _cpu.nudge_n_sweep(S, H, alpha, beta, touched, unt_s.astype(np.float64), unt_i, ans_ptr, ans_index, 10, out=out)
-    np.testing.assert_array_equal(out, ref.nudge_n_sweep(S, H, alpha, beta, touched, unt_s, unt_i, ans_ptr, ans_index, 10))
+    want = ref.nudge_n_sweep(S, H, alpha, beta, touched, unt_s, unt_i, ans_ptr, ans_index, 10)
+    np.testing.assert_array_equal(out, want)
 
     E, C = rng.standard_normal((45, 37)).astype(np.float32), rng.standard_normal((45, 37))
     alpha, beta = rng.standard_normal(45), rng.standard_normal(45)

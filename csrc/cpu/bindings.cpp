@@ -22,11 +22,14 @@ constexpr char kind_of() {
     return std::is_same<T, bool>::value ? 'b' : (std::is_floating_point<T>::value ? 'f' : 'i');
 }
 
+bool has_dtype(const py::array& a, char kind, std::size_t itemsize) {
+    const py::dtype dt = a.dtype();
+    return dt.kind() == kind && dt.itemsize() == static_cast<py::ssize_t>(itemsize) && dt.byteorder() != '>';
+}
+
 template <typename T>
 bool has_dtype(const py::array& a) {
-    const py::dtype dt = a.dtype();
-    return dt.kind() == kind_of<T>() && dt.itemsize() == static_cast<py::ssize_t>(sizeof(T)) &&
-           dt.byteorder() != '>';
+    return has_dtype(a, kind_of<T>(), sizeof(T));
 }
 
 [[noreturn]] void fail_type(const char* name, const std::string& want, const py::array& a) {
@@ -119,7 +122,7 @@ int64_t py_topk_update(const py::array& queries, const py::array& chunk, int64_t
     ChunkType type;
     if (has_dtype<float>(chunk)) type = ChunkType::f32;
     else if (has_dtype<double>(chunk)) type = ChunkType::f64;
-    else if (chunk.dtype().kind() == 'f' && chunk.dtype().itemsize() == 2 && chunk.dtype().byteorder() != '>') type = ChunkType::f16;
+    else if (has_dtype(chunk, 'f', 2)) type = ChunkType::f16;
     else fail_type("chunk", "float16, float32 or float64", chunk);
     const int64_t m = chunk.shape(0);
     const int64_t item = chunk.itemsize();

@@ -12,8 +12,12 @@ namespace nudgefast {
 namespace {
 
 // np.max / np.min propagate NaN; so do these.
-inline double nan_max(double acc, double v) { return (std::isnan(acc) || std::isnan(v)) ? std::nan("") : std::max(acc, v); }
-inline double nan_min(double acc, double v) { return (std::isnan(acc) || std::isnan(v)) ? std::nan("") : std::min(acc, v); }
+inline double nan_max(double acc, double v) {
+    return (std::isnan(acc) || std::isnan(v)) ? std::numeric_limits<double>::quiet_NaN() : std::max(acc, v);
+}
+inline double nan_min(double acc, double v) {
+    return (std::isnan(acc) || std::isnan(v)) ? std::numeric_limits<double>::quiet_NaN() : std::min(acc, v);
+}
 
 struct Bounds {
     double low = 0.0, high;

@@ -19,9 +19,12 @@ void project(const TE* E, const TC* C, const double* alpha, const double* beta, 
     }
 }
 
-template void project<float, float>(const float*, const float*, const double*, const double*, int64_t, int64_t, float*, int);
-template void project<float, double>(const float*, const double*, const double*, const double*, int64_t, int64_t, float*, int);
-template void project<double, float>(const double*, const float*, const double*, const double*, int64_t, int64_t, float*, int);
-template void project<double, double>(const double*, const double*, const double*, const double*, int64_t, int64_t, float*, int);
+#define NUDGEFAST_PROJECT(TE, TC) \
+    template void project<TE, TC>(const TE*, const TC*, const double*, const double*, int64_t, int64_t, float*, int);
+NUDGEFAST_PROJECT(float, float)
+NUDGEFAST_PROJECT(float, double)
+NUDGEFAST_PROJECT(double, float)
+NUDGEFAST_PROJECT(double, double)
+#undef NUDGEFAST_PROJECT
 
 }  // namespace nudgefast

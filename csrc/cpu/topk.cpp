@@ -205,7 +205,8 @@ void pack_tile(ThreadState& st, const Problem& p, int64_t r0, int64_t n, const i
         }
         rows_to_panel(rows, p.d, st.panels.data() + h * p.d);
     }
-    for (; ex != p.exclude + p.n_exclude && *ex < r0 + n; ++ex) st.norm[*ex - r0] = st.inv_norm[*ex - r0] = not_candidate;
+    for (; ex != p.exclude + p.n_exclude && *ex < r0 + n; ++ex)
+        st.norm[*ex - r0] = st.inv_norm[*ex - r0] = not_candidate;
 }
 
 // Scores the packed records (chunk rows r0..r0+RT-1) against every query tile and offers the
