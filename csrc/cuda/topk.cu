@@ -60,6 +60,9 @@
 #ifndef NF_TOPK_KMAX
 #define NF_TOPK_KMAX 128  // largest k of the fused path (the lists take QT * k * 8 bytes)
 #endif
+#ifndef NF_TOPK_MIN_BLOCKS
+#define NF_TOPK_MIN_BLOCKS 1  // __launch_bounds__ minimum blocks per multiprocessor (caps registers)
+#endif
 #ifndef NF_MERGE_THREADS
 #define NF_MERGE_THREADS 256
 #endif
@@ -78,6 +81,7 @@ constexpr int SP = RT + 4;  // padded row of the score tile (floats; keeps 16-by
 static_assert(THREADS % 32 == 0, "whole warps");
 static_assert(RT % 32 == 0, "the selection reads a tile row in warp-wide steps");
 static_assert(THREADS >= RT && THREADS >= QT, "one thread per tile row and per tile query for the per-row work");
+static_assert(QT % 16 == 0 && RT % 8 == 0, "tiles are whole MMA fragments");
 
 enum Mode { kSelect = 0, kKeys = 1 };
 
@@ -156,8 +160,7 @@ struct GemmF32 {
     static constexpr int TY = THREADS / TX;
     static constexpr int XP = RT + 4;  // padded k-major corpus slice row
     static_assert(TY * 4 == QT, "float32 tile: THREADS / (RT / 8) * 4 must equal QT");
-    static_assert((QT * BK / 4) % THREADS == 0, "whole float4 query loads per thread");
-    static_assert((RT * BK / 4) % THREADS == 0, "whole float4 corpus loads per thread");
+    static_assert(BK % 4 == 0, "float32 slices are whole float4 along d");
 
     union __align__(16) Smem {
         struct {
@@ -167,12 +170,14 @@ struct GemmF32 {
         float st[QT][SP];
     };
 
-    static constexpr int QV = QT * BK / 4 / THREADS;  // float4 query loads per thread and slice
-    static constexpr int XS = RT * BK / THREADS;      // corpus values per thread and slice
+    // Loads per slice and per thread (the last round may leave threads idle).
+    static constexpr int QN = QT * BK / 4, QV = (QN + THREADS - 1) / THREADS;  // float4 of queries
+    static constexpr int XN = RT * BK, XS = (XN + THREADS - 1) / THREADS;     // corpus values
+    static constexpr int XV = (XN / 4 + THREADS - 1) / THREADS;                 // float4 of corpus
 
     struct Stage {
         float4 q[QV];
-        float x[XS];
+        float x[XS > 4 * XV ? XS : 4 * XV];
     };
 
     float acc[4][8];
@@ -193,14 +198,16 @@ struct GemmF32 {
 #pragma unroll
         for (int v = 0; v < QV; ++v) {
             const int e = tid + v * THREADS;
+            if (QN % THREADS != 0 && e >= QN) break;
             const int kr = e / (QT / 4), qv = e % (QT / 4);
             st.q[v] = *reinterpret_cast<const float4*>(p.qT + (k0 + kr) * p.n_q_pad + q0 + qv * 4);
         }
         const float* x = static_cast<const float*>(p.x);
         if (VEC) {  // rows 16-byte aligned and d % 4 == 0: a float4 never crosses d
 #pragma unroll
-            for (int v = 0; v < XS / 4; ++v) {
+            for (int v = 0; v < XV; ++v) {
                 const int e = tid + v * THREADS;
+                if ((XN / 4) % THREADS != 0 && e >= XN / 4) break;
                 const int r = e % RT, kv = e / RT;
                 const i64 row = r0 + r, c = k0 + kv * 4;
                 float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -214,6 +221,7 @@ struct GemmF32 {
 #pragma unroll
             for (int v = 0; v < XS; ++v) {
                 const int e = tid + v * THREADS;
+                if (XN % THREADS != 0 && e >= XN) break;
                 const int r = e % RT, kk = e / RT;
                 const i64 row = r0 + r, c = k0 + kk;
                 st.x[v] = (row < re && c < p.d) ? x[row * p.row_stride + c] : 0.0f;
@@ -229,13 +237,15 @@ struct GemmF32 {
 #pragma unroll
         for (int v = 0; v < QV; ++v) {
             const int e = tid + v * THREADS;
+            if (QN % THREADS != 0 && e >= QN) break;
             const int kr = e / (QT / 4), qv = e % (QT / 4);
             *reinterpret_cast<float4*>(&sm.g.q[buf][kr][qv * 4]) = st.q[v];
         }
         if (VEC) {
 #pragma unroll
-            for (int v = 0; v < XS / 4; ++v) {
+            for (int v = 0; v < XV; ++v) {
                 const int e = tid + v * THREADS;
+                if ((XN / 4) % THREADS != 0 && e >= XN / 4) break;
                 const int r = e % RT, kv = e / RT;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) sm.g.x[buf][kv * 4 + i][r] = st.x[v * 4 + i];
@@ -244,6 +254,7 @@ struct GemmF32 {
 #pragma unroll
             for (int v = 0; v < XS; ++v) {
                 const int e = tid + v * THREADS;
+                if (XN % THREADS != 0 && e >= XN) break;
                 sm.g.x[buf][e / RT][e % RT] = st.x[v];
             }
         }
@@ -321,8 +332,7 @@ struct GemmF16 {
     static constexpr int FQ = MQ / 16, FR = MR / 8;
     static_assert(BK % 16 == 0, "float16 slices are whole k16 steps");
     static_assert(NWARPS % WQ == 0 && QT % (WQ * 16) == 0 && RT % (WR * 8) == 0, "float16 warp grid must tile QT x RT");
-    static_assert((QT * BK / 8) % THREADS == 0, "whole 16-byte query loads per thread");
-    static_assert((RT * BK / 8) % THREADS == 0, "whole 16-byte corpus loads per thread");
+
 
     union __align__(16) Smem {
         struct {
@@ -333,9 +343,10 @@ struct GemmF16 {
         float st[QT][SP];
     };
 
-    static constexpr int QV = QT * BK / 8 / THREADS;  // 16-byte query loads per thread and slice (each part)
-    static constexpr int XV = RT * BK / 8 / THREADS;  // 16-byte corpus loads per thread and slice
-    static constexpr int XS = RT * BK / THREADS;      // corpus values per thread and slice
+    // Loads per slice and per thread (the last round may leave threads idle).
+    static constexpr int QN = QT * BK / 8, QV = (QN + THREADS - 1) / THREADS;  // 16 bytes of queries (each part)
+    static constexpr int XN = RT * BK, XS = (XN + THREADS - 1) / THREADS;     // corpus values
+    static constexpr int XV = (XN / 8 + THREADS - 1) / THREADS;                 // 16 bytes of corpus
 
     struct Stage {
         uint4 qh[QV];
@@ -362,6 +373,7 @@ struct GemmF16 {
 #pragma unroll
         for (int v = 0; v < QV; ++v) {
             const int e = tid + v * THREADS;
+            if (QN % THREADS != 0 && e >= QN) break;
             const int row = e / (BK / 8), kv = e % (BK / 8);
             const i64 off = (q0 + row) * p.d_pad + k0 + kv * 8;
             st.qh[v] = *reinterpret_cast<const uint4*>(p.qhi + off);
@@ -372,6 +384,7 @@ struct GemmF16 {
 #pragma unroll
             for (int v = 0; v < XV; ++v) {
                 const int e = tid + v * THREADS;
+                if ((XN / 8) % THREADS != 0 && e >= XN / 8) break;
                 const int r = e / (BK / 8), kv = e % (BK / 8);
                 const i64 row = r0 + r, c = k0 + kv * 8;
                 uint4 val = make_uint4(0u, 0u, 0u, 0u);
@@ -382,6 +395,7 @@ struct GemmF16 {
 #pragma unroll
             for (int v = 0; v < XS; ++v) {
                 const int e = tid + v * THREADS;
+                if (XN % THREADS != 0 && e >= XN) break;
                 const int r = e / BK, kk = e % BK;
                 const i64 row = r0 + r, c = k0 + kk;
                 st.xs[v] = (row < re && c < p.d) ? x[row * p.row_stride + c] : static_cast<u16>(0);
@@ -395,6 +409,7 @@ struct GemmF16 {
 #pragma unroll
         for (int v = 0; v < QV; ++v) {
             const int e = tid + v * THREADS;
+            if (QN % THREADS != 0 && e >= QN) break;
             const int row = e / (BK / 8), kv = e % (BK / 8);
             *reinterpret_cast<uint4*>(&sm.g.qh[buf][row][kv * 8]) = st.qh[v];
             if (F16_SPLIT) *reinterpret_cast<uint4*>(&sm.g.ql[buf][row][kv * 8]) = st.ql[v];
@@ -403,12 +418,14 @@ struct GemmF16 {
 #pragma unroll
             for (int v = 0; v < XV; ++v) {
                 const int e = tid + v * THREADS;
+                if ((XN / 8) % THREADS != 0 && e >= XN / 8) break;
                 *reinterpret_cast<uint4*>(&sm.g.x[buf][e / (BK / 8)][(e % (BK / 8)) * 8]) = st.xv[v];
             }
         } else {
 #pragma unroll
             for (int v = 0; v < XS; ++v) {
                 const int e = tid + v * THREADS;
+                if (XN % THREADS != 0 && e >= XN) break;
                 sm.g.x[buf][e / BK][e % BK] = st.xs[v];
             }
         }
@@ -548,7 +565,7 @@ NF_DEV void write_keys(const Problem& p, const Smem& sm, const Aux& aux, i64 q0,
         const i64 row = r0 + t;
         if (ql >= n_qv || row >= re) continue;
         const float s = tile_score(sm, aux, ql, t);
-        p.keys[(q0 + ql) * p.keys_ld + row] = admissible(s) ? desc_key(s, static_cast<u32>(row)) : kInvalidKey;
+        p.keys[(q0 + ql) * p.keys_ld + row] = admissible(s) ? desc_key(s, static_cast<u32>(row)) : nf::invalid_key();
     }
 }
 
@@ -670,35 +687,38 @@ using nf::u64;
 using namespace nf::topk;
 
 // ---------------------------------------------------------------------------------------------
-// Entry points. One signature for the four fused kernels; `vec` (rows 16-byte aligned, d a
-// multiple of the vector width) picks the 16-byte loader, else element loads.
+// Entry points: {select, keys} x {f32, f16} x {element loads, _vec: 16-byte loads}. The _vec
+// kernels need rows 16-byte aligned and d a multiple of the 16-byte width (4 floats, 8 halves);
+// separate kernels so each loader gets its own register allocation.
 
 #define NF_TOPK_PARAMS                                                                                     \
     const float *qT, const u16 *qhi, const u16 *qlo, const float *qscale, i64 n_q, i64 n_q_pad, i64 d,    \
-        i64 d_pad, const void *x, i64 m, i64 row_stride, i64 vec, const i64 *exclude, i64 n_exclude,      \
+        i64 d_pad, const void *x, i64 m, i64 row_stride, const i64 *exclude, i64 n_exclude,               \
         i64 exclude_base, i64 normalize, i64 row_offset, i64 rows_per_split, const float *floor_s,         \
         const i64 *floor_i, i64 k, float *out_s, i64 *out_i, u64 *keys, i64 keys_ld, u64 *first_bad,       \
         int *error
 
-#define NF_TOPK_PROBLEM                                                                                   \
-    Problem p{qT,     qhi,  qlo,     qscale,  n_q,   n_q_pad, d,     d_pad,   x,          m,         \
-              row_stride, exclude, n_exclude, exclude_base, normalize != 0, row_offset, rows_per_split,   \
-              floor_s, floor_i, k, out_s, out_i, keys, keys_ld, first_bad, error}
-
-#define NF_TOPK_KERNEL(NAME, GEMM, MODE)                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(NF_TOPK_PARAMS) {          \
-        __shared__ GEMM::Smem sm;                                                         \
-        __shared__ Aux aux;                                                               \
-        extern __shared__ __align__(16) unsigned char nf_dyn_smem[];                      \
-        NF_TOPK_PROBLEM;                                                                  \
-        if (vec) nf::topk::topk_body<GEMM, MODE, true>(p, sm, aux, nf_dyn_smem);          \
-        else nf::topk::topk_body<GEMM, MODE, false>(p, sm, aux, nf_dyn_smem);             \
+#define NF_TOPK_KERNEL(NAME, GEMM, MODE, VEC)                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS, NF_TOPK_MIN_BLOCKS) NAME(NF_TOPK_PARAMS) {  \
+        __shared__ GEMM::Smem sm;                                                                     \
+        __shared__ Aux aux;                                                                           \
+        extern __shared__ __align__(16) unsigned char nf_dyn_smem[];                                  \
+        const Problem p{qT,      qhi,       qlo,          qscale,         n_q,        n_q_pad,        \
+                        d,       d_pad,     x,            m,              row_stride, exclude,        \
+                        n_exclude, exclude_base, normalize != 0, row_offset, rows_per_split,          \
+                        floor_s, floor_i,   k,            out_s,          out_i,      keys,           \
+                        keys_ld, first_bad, error};                                                   \
+        nf::topk::topk_body<GEMM, MODE, VEC>(p, sm, aux, nf_dyn_smem);                                \
     }
 
-NF_TOPK_KERNEL(topk_select_f32, GemmF32, kSelect)
-NF_TOPK_KERNEL(topk_select_f16, GemmF16, kSelect)
-NF_TOPK_KERNEL(topk_keys_f32, GemmF32, kKeys)
-NF_TOPK_KERNEL(topk_keys_f16, GemmF16, kKeys)
+NF_TOPK_KERNEL(topk_select_f32, GemmF32, kSelect, false)
+NF_TOPK_KERNEL(topk_select_f32_vec, GemmF32, kSelect, true)
+NF_TOPK_KERNEL(topk_select_f16, GemmF16, kSelect, false)
+NF_TOPK_KERNEL(topk_select_f16_vec, GemmF16, kSelect, true)
+NF_TOPK_KERNEL(topk_keys_f32, GemmF32, kKeys, false)
+NF_TOPK_KERNEL(topk_keys_f32_vec, GemmF32, kKeys, true)
+NF_TOPK_KERNEL(topk_keys_f16, GemmF16, kKeys, false)
+NF_TOPK_KERNEL(topk_keys_f16_vec, GemmF16, kKeys, true)
 
 // Merges sorted lists pairwise: list j of the output (n_lists + 1) / 2 lists is the top-k of
 // input lists 2j and 2j + 1 (list 2j alone when it has no partner). Lists are (n_lists, n_q, k),
@@ -770,8 +790,8 @@ extern "C" __global__ void __launch_bounds__(NF_MERGE_THREADS)
     for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
          e += static_cast<i64>(gridDim.x) * blockDim.x) {
         const i64 q = e / k, j = e % k;
-        const u64 key = j < width ? keys[q * ld + j] : nf::kInvalidKey;
-        const bool has = key != nf::kInvalidKey;
+        const u64 key = j < width ? keys[q * ld + j] : nf::invalid_key();
+        const bool has = key != nf::invalid_key();
         out_s[e] = has ? nf::key_score(key) : nf::neg_inf_f();
         out_i[e] = has ? row_offset + static_cast<i64>(nf::key_row(key)) : -1;
     }

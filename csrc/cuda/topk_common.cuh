@@ -72,9 +72,9 @@ NF_HD bool is_finite(double x) { return x > neg_inf_d() && x < pos_inf_d(); }
 // ---------------------------------------------------------------------------------------------
 // Sort keys for the two-phase path (k above the on-chip limit): one uint64 per (query, row) whose
 // ascending order is the tie rule: high word = score mapped to an order-reversing uint32, low word
-// = the row inside the scored block. Rows that are not candidates get kInvalidKey (sorts last).
+// = the row inside the scored block. Rows that are not candidates get invalid_key() (sorts last).
 
-constexpr u64 kInvalidKey = 0xffffffffffffffffULL;
+NF_HD constexpr u64 invalid_key() { return 0xffffffffffffffffULL; }
 
 // Larger score -> smaller key. -0.0 is folded into +0.0 first: they compare equal as floats, so
 // they must tie here too.

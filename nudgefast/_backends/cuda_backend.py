@@ -76,8 +76,9 @@ LAUNCH = {
     # Fused top-k: a block scores QT queries x RT rows per tile over d in slices of BK_F32 /
     # BK_F16 (float16: a multiple of 16), F16_WARPS_Q of its THREADS / 32 warps along the queries.
     # KMAX: the largest k kept on chip (the lists take QT * k * 8 bytes of shared memory).
+    # MIN_BLOCKS: __launch_bounds__' minimum resident blocks per multiprocessor (caps registers).
     "TOPK": {"THREADS": 256, "QT": 64, "RT": 128, "BK_F32": 16, "BK_F16": 32, "F16_WARPS_Q": 2,
-             "F16_SPLIT": 1, "KMAX": 128},
+             "F16_SPLIT": 1, "KMAX": 128, "MIN_BLOCKS": 1},
     "MERGE": {"THREADS": 256},      # topk_merge_pairs / topk_merge_state / topk_keys_decode
     "QG": {"THREADS": 128},         # query_gradient
     "NUDGE_M": {"THREADS": 256},    # nudge_m_intervals (one warp per pair)
@@ -193,8 +194,8 @@ def _fused_fits(k: int) -> bool:
     t = LAUNCH["TOPK"]
     if not 1 <= k <= t["KMAX"]:
         return False
-    static = max(_kernel("topk.cu", "topk_select_f32").shared_size_bytes,
-                 _kernel("topk.cu", "topk_select_f16").shared_size_bytes)
+    static = max(_kernel("topk.cu", f"topk_select_{kind}").shared_size_bytes
+                 for kind in ("f32", "f32_vec", "f16", "f16_vec"))
     return static + t["QT"] * k * 8 <= _device_props()["smem_optin"]
 
 
@@ -465,8 +466,9 @@ class _TopkPass:
         lo, hi = (int(v) for v in np.searchsorted(self.ex_host, [row0, row0 + m]))
         ex = self.ex_dev[lo:hi] if hi > lo else self.ex_dev[:1]
         # Launch row r is global row row0 + r; exclude entries are global rows (base row0).
+        suffix = f"{kind}_vec" if vec else kind
         common = (q.qT, q.qhi, q.qlo, q.qscale, _i64(self.n_q), _i64(q.n_q_pad), _i64(d), _i64(q.d_pad),
-                  x, _i64(m), _i64(row_stride), _i64(vec), ex, _i64(hi - lo), _i64(row0),
+                  x, _i64(m), _i64(row_stride), ex, _i64(hi - lo), _i64(row0),
                   _i64(self.normalize), _i64(row0), _i64(rows_per_split))
         grid = (n_qtiles, n_splits)
         if self.fused:
@@ -474,7 +476,7 @@ class _TopkPass:
             out_s = cp.empty((n_splits, self.n_q, k), dtype=cp.float32)
             out_i = cp.empty((n_splits, self.n_q, k), dtype=cp.int64)
             floor_s, floor_i = self._floor()
-            kernel = _kernel("topk.cu", f"topk_select_{kind}")
+            kernel = _kernel("topk.cu", f"topk_select_{suffix}")
             smem = t["QT"] * k * 8
             _with_dynamic_smem(kernel, smem)
             kernel(grid, (t["THREADS"],),
@@ -484,7 +486,7 @@ class _TopkPass:
             lists_s, lists_i = self._merge_lists(out_s, out_i)
         else:
             keys = cp.empty((self.n_q, m), dtype=cp.uint64)
-            kernel = _kernel("topk.cu", f"topk_keys_{kind}")
+            kernel = _kernel("topk.cu", f"topk_keys_{suffix}")
             kernel(grid, (t["THREADS"],),
                    common + (_NULL, _NULL, _i64(0), _NULL, _NULL, keys, _i64(m),
                              self.first_bad, self.error))
