@@ -6,8 +6,8 @@
 // caller, computed with NumPy, so no device log2 can differ from the reference's in the last bit.
 // Queries without answers get NaN. One thread per query.
 //
-// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) without a GPU; tests/test_cuda.py checks
-// it against the reference on a device.
+// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) and run only on a CPU emulation of CUDA;
+// tests/test_cuda.py checks it against the reference on a device.
 #include "topk_common.cuh"
 
 #ifndef NF_METRICS_THREADS

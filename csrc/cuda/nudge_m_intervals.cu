@@ -10,8 +10,8 @@
 // gives the reference's bits whatever order the lanes combine in. One warp per pair, lanes over
 // the competitors (coalesced reads of the query's row of S and G).
 //
-// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) without a GPU; tests/test_cuda.py checks
-// it against the reference on a device, bit for bit.
+// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) and run only on a CPU emulation of CUDA;
+// tests/test_cuda.py checks it against the reference on a device, bit for bit.
 #include "topk_common.cuh"
 
 #ifndef NF_NUDGE_M_THREADS

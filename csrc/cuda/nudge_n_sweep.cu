@@ -11,8 +11,8 @@
 // Dynamic shared memory: NF_SWEEP_WARPS * k_val * 16 bytes (the caller sizes it; a launch with
 // less sets *error = 2 and writes nothing).
 //
-// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) without a GPU; tests/test_cuda.py checks
-// it against the reference on a device.
+// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) and run only on a CPU emulation of CUDA;
+// tests/test_cuda.py checks it against the reference on a device.
 #include "topk_common.cuh"
 
 #ifndef NF_SWEEP_WARPS

@@ -6,8 +6,8 @@
 // to float32: bit-identical to the reference. E and C arrive as float64 (float32 inputs are
 // widened exactly on the way in). One thread per output element.
 //
-// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) without a GPU; tests/test_cuda.py checks
-// it against the reference on a device.
+// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) and run only on a CPU emulation of CUDA;
+// tests/test_cuda.py checks it against the reference on a device.
 #include "topk_common.cuh"
 
 #ifndef NF_PROJECT_THREADS

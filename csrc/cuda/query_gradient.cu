@@ -7,8 +7,8 @@
 // output element (segment, column): consecutive threads read consecutive columns of the same query
 // row (coalesced). Only additions: no contraction can change rounding.
 //
-// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) without a GPU; tests/test_cuda.py checks
-// it against the reference on a device.
+// UNVERIFIED ON HARDWARE: compiled to PTX (sm_80/sm_90) and run only on a CPU emulation of CUDA;
+// tests/test_cuda.py checks it against the reference on a device.
 #include "topk_common.cuh"
 
 #ifndef NF_QG_THREADS

@@ -29,13 +29,14 @@
 // relative instead of the 2^-11 of a float16 query; two MMAs per product. NF_TOPK_F16_SPLIT=0
 // uses the hi part only (half the tensor work; scores then differ from float32 by ~1e-4).
 //
-// UNVERIFIED ON HARDWARE: written and compiled (PTX, sm_80/sm_90) on a machine without a GPU. The
-// mma.sync fragment layouts follow the PTX ISA (m16n8k16, .row.col); tests/test_cuda.py checks
-// everything against the float64 reference on a device.
+// UNVERIFIED ON HARDWARE: written and compiled (PTX, sm_80/sm_90) on a machine without a GPU, and
+// run only on a CPU emulation of CUDA (fibers, randomised barrier order, mma.sync emulated from the
+// PTX ISA's fragment layouts for m16n8k16 .row.col). tests/test_cuda.py checks everything against
+// the float64 reference on a device.
 #include "topk_common.cuh"
 
 // Launch widths. These defaults let `nvcc -ptx` compile the file alone; the values actually used
-// come from the one table in nudgefast/_backends/cuda_backend.py (LAUNCH["topk"]) through -D.
+// come from the one table in nudgefast/_backends/cuda_backend.py (LAUNCH["TOPK"]) through -D.
 #ifndef NF_TOPK_THREADS
 #define NF_TOPK_THREADS 256
 #endif

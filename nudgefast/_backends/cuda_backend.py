@@ -31,13 +31,17 @@ float32-level accuracy (``F16_SPLIT``; 0 halves the tensor work and costs ~1e-4 
 Norms come from the same tiles (float32 sum of squares, float64 for rows where float32 under- or
 overflows), so bad rows (NaN/inf, zero with ``normalize``) are those of the reference.
 
-STATUS: written on a machine without a GPU. The kernels compile to PTX for sm_80/sm_90 with nvcc
-and with NVRTC; nothing here has run on a device yet. ``tests/test_cuda.py`` is the check.
+STATUS: written on a machine without a GPU; nothing here has run on a device yet. The kernels
+compile to PTX for sm_80/sm_90 with nvcc and with NVRTC (as this module hands them to CuPy), and
+the whole of ``tests/test_cuda.py`` plus the backend-parametrised suite passed on a CPU emulation
+of the CUDA subset the kernels use (one fiber per thread, barriers resumed in random orders over
+several seeds, guard pages after every buffer, mma.sync per the PTX fragment layouts). That
+checks indexing, synchronisation and this module's plumbing; it cannot check the hardware (the
+real mma layouts, timing, streams overlapping). ``tests/test_cuda.py`` on a device is the check.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import threading
@@ -98,8 +102,16 @@ STREAM = {"max_chunk_bytes": 256 << 20, "free_fraction": 0.25, "device_chunk_row
 _NULL = np.uint64(0)  # a null pointer argument (same size and alignment as a device pointer)
 _EMPTY_INDEX = np.iinfo(np.int64).max
 _NO_BAD_ROW = np.uint64(np.iinfo(np.uint64).max)
-_TOPK_ERRORS = {1: "k outside 1..KMAX reached the fused top-k kernel",
-                2: "a kernel got less dynamic shared memory than it needs"}
+_KERNEL_ERRORS = {1: "k outside 1..KMAX reached the fused top-k kernel",
+                  2: "a kernel got less dynamic shared memory than it needs"}
+
+
+def _raise_kernel_error(what: str, error) -> None:
+    """Kernels report launch-contract violations through a device int (0: none)."""
+    code = int(error.get()[0])
+    if code:
+        raise RuntimeError(f"nudgefast CUDA {what}: {_KERNEL_ERRORS.get(code, f'kernel error {code}')} "
+                           f"(a bug in cuda_backend: please report it)")
 
 
 def _find_sources() -> Path:
@@ -209,6 +221,10 @@ def _i64(v) -> np.int64:
 
 
 def _dev(a, dtype) -> "cp.ndarray":
+    """A host array on the device, C-contiguous, in `dtype`; an empty one as a 1-element
+    placeholder (kernels never read it, and a zero-size allocation may have no address)."""
+    if np.size(a) == 0:
+        return cp.zeros(1, dtype=dtype)
     return cp.asarray(np.ascontiguousarray(a, dtype=dtype))
 
 
@@ -246,11 +262,9 @@ def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_t
     high = cp.empty(n_pairs, dtype=cp.float64)
     feasible = cp.empty(n_pairs, dtype=cp.uint8)
     threads = LAUNCH["NUDGE_M"]["THREADS"]
-    S_dev = _dev(S, np.float64) if S.size else cp.zeros(1, cp.float64)
-    G_dev = _dev(G, np.float64) if G.size else cp.zeros(1, cp.float64)
     _kernel("nudge_m_intervals.cu", "nudge_m_intervals")(
         (_blocks(n_pairs * 32, threads),), (threads,),
-        (S_dev, G_dev, _i64(t), _dev(pair_query, np.int64), _dev(s_x, np.float64),
+        (_dev(S, np.float64), _dev(G, np.float64), _i64(t), _dev(pair_query, np.int64), _dev(s_x, np.float64),
          _dev(g_x, np.float64), _dev(u_score, np.float64), _i64(n_pairs), np.float64(eps),
          low, high, feasible))
     return low.get(), high.get(), feasible.get().astype(bool)
@@ -279,19 +293,13 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
     hits = cp.empty((n_b, n_gamma), dtype=cp.int64)
     error = cp.zeros(1, dtype=cp.int32)
     blocks = max(1, min(-(-(n_b * n_gamma) // warps), _device_props()["sms"] * 16))
-
-    def nonempty(a, dtype):
-        return _dev(a, dtype) if np.size(a) else cp.zeros(1, dtype)
-
     kernel((blocks,), (warps * 32,),
-           (nonempty(S, np.float64), nonempty(H, np.float64), _i64(n_b), _i64(t),
-            nonempty(alpha, np.float64), nonempty(beta, np.float64), _i64(n_gamma),
-            nonempty(touched, np.int64), nonempty(unt_scores, np.float64),
-            nonempty(unt_index, np.int64), _i64(n_unt), _dev(ans_ptr, np.int64),
-            nonempty(ans_index, np.int64), _i64(k_val), hits, error),
+           (_dev(S, np.float64), _dev(H, np.float64), _i64(n_b), _i64(t), _dev(alpha, np.float64),
+            _dev(beta, np.float64), _i64(n_gamma), _dev(touched, np.int64),
+            _dev(unt_scores, np.float64), _dev(unt_index, np.int64), _i64(n_unt),
+            _dev(ans_ptr, np.int64), _dev(ans_index, np.int64), _i64(k_val), hits, error),
            shared_mem=smem)
-    if int(error.get()[0]):
-        raise RuntimeError(f"nudge_n_sweep: {_TOPK_ERRORS.get(int(error.get()[0]), 'kernel error')}")
+    _raise_kernel_error("nudge_n_sweep", error)
     return hits.get()
 
 
@@ -323,15 +331,11 @@ def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
     discount = 1.0 / np.log2(np.arange(max(k, 1)) + 2.0)
     out = cp.empty((n, 3), dtype=cp.float64)
     threads = LAUNCH["METRICS"]["THREADS"]
-
-    def nonempty(a, dtype):
-        return _dev(a, dtype) if np.size(a) else cp.zeros(1, dtype)
-
     _kernel("metrics.cu", "metrics")(
         (_blocks(n, threads),), (threads,),
-        (cp.asarray(retrieved) if retrieved.size else cp.zeros(1, cp.int64), _i64(n), _i64(width),
-         _dev(ans_ptr, np.int64), nonempty(ans_index, np.int64), nonempty(ans_rel, np.float64),
-         nonempty(ideal, np.float64), _dev(discount, np.float64), _i64(k), out))
+        (_dev(retrieved, np.int64), _i64(n), _i64(width), _dev(ans_ptr, np.int64),
+         _dev(ans_index, np.int64), _dev(ans_rel, np.float64), _dev(ideal, np.float64),
+         _dev(discount, np.float64), _i64(k), out))
     return out.get()
 
 
@@ -526,9 +530,7 @@ class _TopkPass:
 
     def result(self):
         """(scores float32, index int64, first bad global row or -1) on the host."""
-        code = int(self.error.get()[0])
-        if code:
-            raise RuntimeError(f"nudgefast CUDA top-k: {_TOPK_ERRORS.get(code, f'kernel error {code}')}")
+        _raise_kernel_error("top-k", self.error)
         bad = int(self.first_bad.get()[0])
         return self.s.get(), self.i.get(), (-1 if bad == int(_NO_BAD_ROW) else bad)
 
@@ -569,14 +571,14 @@ class _Slot:
         self.consumed = cp.cuda.Event(disable_timing=True)  # the compute that read `dev` is done
 
 
-def _fill(dst: np.ndarray, src, pool) -> None:
-    """dst[...] = src (a memmap slice, any float dtype), row blocks on the pool's threads."""
+def _fill(dst: np.ndarray, src, pool, workers: int) -> None:
+    """dst[...] = src (a memmap slice, any float dtype): row blocks on `workers` pool threads
+    (NumPy releases the GIL while copying), since one thread cannot keep up with PCIe."""
     m = dst.shape[0]
     if pool is None or m < 4096:
         np.copyto(dst, src, casting="unsafe")
         return
-    n = pool._max_workers
-    bounds = np.linspace(0, m, n + 1).astype(int)
+    bounds = np.linspace(0, m, workers + 1).astype(int)
     futures = [pool.submit(np.copyto, dst[a:b], src[a:b], casting="unsafe")
                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     for f in futures:
@@ -648,7 +650,7 @@ def _stream_host(run: _TopkPass, corpus, row_offset, chunk_rows, n_threads, bar)
                 slot = slots[chunk_no % 2]
                 m = stop - start
                 slot.copied.synchronize()  # the upload of chunk_no - 2 has read the pinned buffer
-                _fill(slot.pinned[:m], corpus[start:stop], pool)
+                _fill(slot.pinned[:m], corpus[start:stop], pool, workers)
                 copy_stream.wait_event(slot.consumed)  # the compute of chunk_no - 2 has read dev
                 slot.dev[:m].set(slot.pinned[:m], stream=copy_stream)
                 slot.copied.record(copy_stream)
