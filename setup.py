@@ -16,6 +16,7 @@ from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 
 def _compiles(compiler_cmd: list[str], flags: list[str]) -> bool:
@@ -59,6 +60,18 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPy(build_py):
+    """Also ship the CUDA kernel sources (csrc/cuda) inside the package as ``nudgefast/_cuda``:
+    the CUDA backend compiles them at run time with CuPy's RawModule (NVRTC)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "nudgefast", "_cuda")
+        os.makedirs(target, exist_ok=True)
+        for src in sorted(glob("csrc/cuda/*.cu") + glob("csrc/cuda/*.cuh")):
+            shutil.copy(src, target)
+
+
 ext_modules = [
     Pybind11Extension(
         "nudgefast._cpu",
@@ -87,6 +100,6 @@ setup(
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
     zip_safe=False,
 )
