@@ -95,7 +95,7 @@ setup(
         "cuda13": ["cupy-cuda13x"],
         # torch (for the nudge-ft parity tests) is pinned by .ci/run: torch==2.13.0 is the local CPU
         # build; an unpinned torch would pull a multi-GB CUDA build.
-        "test": ["pytest", "pytest-benchmark", "faiss-cpu"],
+        "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib"],
         "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib"],
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},

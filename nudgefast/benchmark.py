@@ -159,7 +159,18 @@ class PeakRss:
             pass
         return 0
 
+    @staticmethod
+    def _release_free_heap():
+        # glibc keeps freed memory mapped; without trimming, a second fit reuses it and shows
+        # no growth at all. Trimming first makes the growth the fit's own peak.
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
     def __enter__(self):
+        import gc
+        gc.collect()
+        self._release_free_heap()
         self.base = self.peak = self.read()
         self._stop = threading.Event()
 
@@ -310,8 +321,8 @@ def markdown(rows, info, flops_of=None) -> str:
            + (f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU")
            + f"; commit {info['commit']}", "",
            "| workload | N | what | who | median (min-max) | speed-up vs nudge-ft "
-           "| time / FAISS pass | time / own search pass | peak RSS growth | note |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| time / FAISS pass | time / own search pass | GPU speed-up over cpp | peak RSS growth "
+           "| note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r.workload, r.what, r.who): r for r in rows}
     for r in rows:
         ref = by_key.get((r.workload, r.what, "nudge-ft"))
@@ -323,9 +334,12 @@ def markdown(rows, info, flops_of=None) -> str:
         own = by_key.get((r.workload, "topk", r.who))
         vs_own = (f"{r.timing.median / own.timing.median:.2f}" if r.what != "topk" and r.timing
                   and own and own.timing else "")
+        cpu = by_key.get((r.workload, r.what, "cpp"))
+        vs_cpu = (f"{cpu.timing.median / r.timing.median:.1f}" if r.who == "cuda" and r.timing
+                  and cpu and cpu.timing else "")
         mem = f"{r.peak_rss / 2**20:.0f} MiB" if r.peak_rss is not None else ""
         out.append(f"| {r.workload} | {r.n} | {r.what} | {r.who} | "
-                   f"{r.timing if r.timing else '-'} | {speed_ref} | {vs_floor} | {vs_own} | {mem} | "
+                   f"{r.timing if r.timing else '-'} | {speed_ref} | {vs_floor} | {vs_own} | {vs_cpu} | {mem} | "
                    f"{r.note} |")
     return "\n".join(out)
 

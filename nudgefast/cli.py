@@ -84,7 +84,7 @@ def bench(args) -> int:
     text = benchmark.markdown(rows, info)
     made = benchmark.plots(rows, out, info)
     report = out / "report.md"
-    cmd = "nudgefast bench " + " ".join(args.argv)
+    cmd = "nudgefast " + " ".join(args.argv)
     report.write_text(f"# nudgefast bench\n\ncommand: `{cmd}`\n\n{text}\n\n"
                       + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n")
     print(text)
