@@ -10,8 +10,12 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-# Fastest first: the order ``backend="auto"`` tries.
-AUTO_ORDER = ("cuda", "cpp", "numba", "numpy")
+#: Every backend, fastest first.
+KNOWN = ("cuda", "cpp", "numba", "numpy")
+#: The order ``backend="auto"`` tries. The CUDA backend has compiled but not yet run on a GPU;
+#: it joins ``auto`` (first) once its test-suite has passed on a device. Until then it is used
+#: only when asked for by name.
+AUTO_ORDER = ("cpp", "numba", "numpy")
 
 _MODULES = {
     "cuda": "nudgefast._backends.cuda_backend",
@@ -53,9 +57,9 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
 
 
 def backends() -> dict[str, BackendInfo]:
-    """Every known backend, in ``auto`` order, with availability and the reason when missing."""
+    """Every known backend, fastest first, with availability and the reason when missing."""
     out = {}
-    for name in AUTO_ORDER:
+    for name in KNOWN:
         module, reason = _load(name)
         out[name] = BackendInfo(name, module is not None, reason)
     return out
@@ -73,7 +77,7 @@ def get(name: str = "auto") -> ModuleType:
         raise RuntimeError("no nudgefast backend is available; tried " + "; ".join(tried))
     if name not in _MODULES:
         raise ValueError(f"backend={name!r} is not known; choose one of "
-                         f"{['auto', *AUTO_ORDER]}")
+                         f"{['auto', *KNOWN]}")
     module, reason = _load(name)
     if module is None:
         raise RuntimeError(f"backend={name!r} is not available here: {reason}")
