@@ -22,7 +22,7 @@ import numpy as np
 
 from ._defaults import NUDGE_N_GAMMAS, REFERENCE_EPS, VAL_BLOCK
 from . import _validate
-from .nudge import NudgeResult, _fit_m, _fit_n, _prepare
+from .nudge import NudgeResult, _fit_m, _fit_n, _prepare, _result
 
 
 class QueriesAnswersDict(TypedDict):
@@ -75,10 +75,8 @@ class NUDGEM(_Compat):
         else:
             cnorm = np.linalg.norm(prep.grad, axis=1)
             beta = np.where(cnorm > 0, float(gamma) / np.where(cnorm > 0, cnorm, 1.0), 0.0)
-            vectors = prep.backend.project(prep.base, prep.grad, np.ones(cnorm.size), beta,
-                                           n_threads=self.n_threads)
-            res = NudgeResult("nudge-m", float(gamma), prep.touched, vectors, np.zeros(0),
-                              np.zeros(0), prep.corpus.shape[0], prep.timings)
+            res = _result("nudge-m", prep, float(gamma), np.ones(cnorm.size), beta,
+                          np.zeros(0), np.zeros(0), self.n_threads)
         self.result_ = res
         return res.apply(prep.corpus)
 
