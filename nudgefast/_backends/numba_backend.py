@@ -474,8 +474,8 @@ def _sweep_offer(top_s, top_i, k, s, idx):
 
 
 @njit(**_jit)
-def _is_answer(ans_index, a, b, x):
-    """Binary search of x in the sorted ans_index[a:b]."""
+def _lower_bound(ans_index, a, b, x):
+    """The first position in the sorted ans_index[a:b] whose value is >= x (b if none)."""
     lo = a
     hi = b
     while lo < hi:
@@ -484,6 +484,13 @@ def _is_answer(ans_index, a, b, x):
             lo = mid + 1
         else:
             hi = mid
+    return lo
+
+
+@njit(**_jit)
+def _is_answer(ans_index, a, b, x):
+    """Binary search of x in the sorted ans_index[a:b]."""
+    lo = _lower_bound(ans_index, a, b, x)
     return lo < b and ans_index[lo] == x
 
 
@@ -587,15 +594,7 @@ def _metrics_kernel(retrieved, ans_ptr, ans_index, ans_rel, k, out):
             x = retrieved[i, p]
             if x < 0:
                 continue
-            # Position of x among the sorted answers.
-            lo = a
-            hi = b
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if ans_index[mid] < x:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = _lower_bound(ans_index, a, b, x)  # position of x among the sorted answers
             if lo < b and ans_index[lo] == x:
                 n_hit += 1
                 dcg += ans_rel[lo] * (1.0 / np.log2(p + 2.0))
