@@ -383,7 +383,8 @@ def plots(rows, folder, info) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(folder / fname, dpi=110)
         plt.close(fig)
@@ -418,7 +419,8 @@ def plots(rows, folder, info) -> list[Path]:
         ax.set_title(f"speed-up over {peer}" + (" (same fit)" if peer == "nudge-ft" else
                                                  " (one search of the val queries)"), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no peer in this run: nothing to label
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(folder / "speedup.png", dpi=110)
