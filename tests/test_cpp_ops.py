@@ -18,6 +18,7 @@ pytest.importorskip("nudgefast._cpu")
 from nudgefast import _cpu  # noqa: E402
 from nudgefast._backends import cpp_backend as cpp  # noqa: E402
 from nudgefast._backends import numpy_backend as ref  # noqa: E402
+from op_cases import _assert_unchanged, _copies, _corpus, _empty_state, _segments
 
 TOPK_ATOL = 2e-5  # float32 accumulation over d <= 385 of unit-norm rows
 METRICS_RTOL = 1e-12
@@ -27,31 +28,8 @@ def _rng(*key):
     return np.random.default_rng(abs(hash(key)) % (2**32))
 
 
-def _copies(*arrays):
-    return [None if a is None else np.array(a, copy=True) for a in arrays]
-
-
-def _assert_unchanged(before, after):
-    for b, a in zip(before, after):
-        if b is not None:
-            np.testing.assert_array_equal(np.asarray(a), b)
-
-
 # ---------------------------------------------------------------------------------------------
 # topk_update
-
-
-def _corpus(n, d, dtype, seed, n_dup=15, bad_rows=True):
-    """Rows of varied norms with exact duplicates (ties), a NaN row and a zero row."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0, size=(n, 1))
-    src = rng.choice(n, n_dup, replace=False)
-    dst = rng.choice(np.setdiff1d(np.arange(n), src), n_dup, replace=False)
-    x[dst] = x[src]
-    if bad_rows:
-        x[n // 3, d // 2] = np.nan
-        x[n // 2] = 0.0
-    return x.astype(dtype)
 
 
 def _queries(n_q, d, seed):
@@ -59,10 +37,6 @@ def _queries(n_q, d, seed):
     q = rng.standard_normal((n_q, d))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return q
-
-
-def _empty_state(n_q, k):
-    return np.full((n_q, k), -np.inf, dtype=np.float32), np.full((n_q, k), -1, dtype=np.int64)
 
 
 def _true_scores(q64, x64, normalize):
@@ -297,13 +271,6 @@ def test_topk_float64_state_is_updated_through_a_copy():
 
 # ---------------------------------------------------------------------------------------------
 # query_gradient
-
-
-def _segments(n_queries, t, rng):
-    counts = rng.integers(1, 6, size=t)
-    order = rng.integers(0, n_queries, size=counts.sum()).astype(np.int64)
-    seg_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return order, seg_ptr
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: np.dtype(t).name)

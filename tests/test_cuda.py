@@ -34,6 +34,7 @@ if _visible_devices() == 0:
 
 from nudgefast._backends import cuda_backend as cuda  # noqa: E402  (after the skips)
 from nudgefast._backends import numpy_backend as ref  # noqa: E402
+from op_cases import _assert_unchanged, _copies, _corpus, _empty_state, _segments
 
 try:
     from nudgefast._backends import cpp_backend as cpp
@@ -50,16 +51,6 @@ KMAX = cuda.LAUNCH["TOPK"]["KMAX"]
 
 def _rng(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _copies(*arrays):
-    return [None if a is None else np.array(a, copy=True) for a in arrays]
-
-
-def _assert_unchanged(before, after):
-    for b, a in zip(before, after):
-        if b is not None:
-            np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def _poison_pool():
@@ -81,19 +72,6 @@ def poisoned_pool():
 # Data
 
 
-def _corpus(n, d, dtype, seed, n_dup=15, bad_rows=True):
-    """Rows of varied norms with exact duplicates (ties), a NaN row and a zero row."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0, size=(n, 1))
-    src = rng.choice(n, n_dup, replace=False)
-    dst = rng.choice(np.setdiff1d(np.arange(n), src), n_dup, replace=False)
-    x[dst] = x[src]
-    if bad_rows:
-        x[n // 3, d // 2] = np.nan
-        x[n // 2] = 0.0
-    return x.astype(dtype)
-
-
 def _queries(n_q, d, seed):
     rng = np.random.default_rng(seed + 1)
     q = rng.standard_normal((n_q, d))
@@ -109,10 +87,6 @@ def _twin_queries(q64, x, n=3):
     q64 = q64.copy()
     q64[: len(twins)] = twins / np.linalg.norm(twins, axis=1, keepdims=True)
     return q64
-
-
-def _empty_state(n_q, k):
-    return np.full((n_q, k), -np.inf, dtype=np.float32), np.full((n_q, k), -1, dtype=np.int64)
 
 
 def _reference(q64, x, row_offset, exclude_local, normalize, k):
@@ -466,13 +440,6 @@ def test_topk_agrees_with_cpp_backend(dtype):
 
 # ---------------------------------------------------------------------------------------------
 # query_gradient
-
-
-def _segments(n_queries, t, rng):
-    counts = rng.integers(1, 6, size=t)
-    order = rng.integers(0, n_queries, size=counts.sum()).astype(np.int64)
-    seg_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return order, seg_ptr
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: np.dtype(t).name)

@@ -23,6 +23,7 @@ pytest.importorskip("numba")
 
 from nudgefast._backends import numba_backend as nb  # noqa: E402
 from nudgefast._backends import numpy_backend as ref  # noqa: E402
+from op_cases import _assert_unchanged, _copies, _corpus
 
 TOPK_RTOL = {np.float16: 2e-5, np.float32: 2e-5, np.float64: 2e-5}
 METRICS_RTOL = 1e-12
@@ -31,31 +32,8 @@ CHUNK_DTYPES = [np.float16, np.float32, np.float64]
 _dtype_id = lambda t: np.dtype(t).name  # noqa: E731
 
 
-def _copies(*arrays):
-    return [None if a is None else np.array(a, copy=True) for a in arrays]
-
-
-def _assert_unchanged(before, after):
-    for b, a in zip(before, after):
-        if b is not None:
-            np.testing.assert_array_equal(np.asarray(a), b)
-
-
 # ---------------------------------------------------------------------------------------------
 # topk_update
-
-
-def _corpus(n, d, dtype, seed, n_dup=15, bad_rows=True):
-    """Rows of varied norms with exact duplicates (ties), a NaN row and a zero row."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0, size=(n, 1))
-    src = rng.choice(n, n_dup, replace=False)
-    dst = rng.choice(np.setdiff1d(np.arange(n), src), n_dup, replace=False)
-    x[dst] = x[src]
-    if bad_rows:
-        x[n // 3, d // 2] = np.nan
-        x[n // 2] = 0.0
-    return x.astype(dtype)
 
 
 def _queries(n_q, d, seed):
