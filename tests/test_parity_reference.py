@@ -28,6 +28,11 @@ def _as_dict(qs: QuerySet):
 
 
 def _reference(cls, corpus, train, val, **kw):
+    # The reference's torch matmuls need float32 on both sides: a float16 corpus (as the
+    # shared datasets store it) is widened for it, exactly; our own code reads it as it is.
+    corpus = np.ascontiguousarray(corpus, dtype=np.float32)
+    if kw.get("nontrain_embeddings") is not None:
+        kw["nontrain_embeddings"] = np.ascontiguousarray(kw["nontrain_embeddings"], np.float32)
     with contextlib.redirect_stdout(io.StringIO()):  # the reference prints progress
         return cls(device=torch.device("cpu")).finetune_embeddings(corpus, train, val, **kw)
 
@@ -48,7 +53,12 @@ def _check(variant, corpus, train, val, backend, nontrain=None, **kw):
     assert ours.shape == ref.shape and ours.dtype == np.float32
     res = est.result_
     if variant == "m":
-        assert res.gamma == pytest.approx(_reference_gamma_m(ref, corpus, res.indices), rel=1e-5)
+        # The reference's interval ends are quotients of float32 score differences; on real
+        # data with near-tied scores (e5: every cosine near 0.8) their relative error reaches
+        # 1e-4 when gamma is small. A touched row moves by exactly gamma, so an absolute error
+        # below EMB_TOL / 10 in gamma is well inside the embedding tolerance checked below.
+        ref_gamma = _reference_gamma_m(ref, corpus, res.indices)
+        assert res.gamma == pytest.approx(ref_gamma, rel=1e-5, abs=EMB_TOL / 10)
     # NUDGE-N: neighbouring grid gammas move touched rows by far more than EMB_TOL, so the
     # embedding check below is also the gamma check.
     np.testing.assert_allclose(ours, ref, atol=EMB_TOL, rtol=0)
@@ -109,15 +119,18 @@ def test_parity_fixed_gamma(variant, backend):
 
 
 def _reference_retrieve(tuned, queries, k, metric):
+    """The reference's retrieval (torch float32), with ties ranked by record index ascending
+    (nudgefast's rule; ``torch.topk`` orders exact ties arbitrarily, and the real datasets hold
+    exact duplicate records)."""
     e = torch.from_numpy(np.ascontiguousarray(tuned, dtype=np.float32))
     if metric == "cos":
         e = torch.nn.functional.normalize(e)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    return torch.topk(q @ e.T, k, dim=1).indices.numpy()
+    return torch.sort(q @ e.T, dim=1, descending=True, stable=True).indices[:, :k].numpy()
 
 
 def _reference_metrics(retrieved, answers, relevance, k):
-    """recall@k and ndcg@k as the NUDGE paper's evaluation code defines them."""
+    """Per-query recall@k and ndcg@k as the NUDGE paper's evaluation code defines them."""
     recall, ndcg = [], []
     for top, ans, rel in zip(retrieved, answers, relevance):
         grades = dict(zip(ans, rel))
@@ -127,29 +140,59 @@ def _reference_metrics(retrieved, answers, relevance, k):
         idcg = sum(g / np.log2(i + 2) for i, g in enumerate(ideal))
         dcg = sum(grades.get(int(x), 0.0) / np.log2(i + 2) for i, x in enumerate(top[:k]))
         ndcg.append(dcg / idcg)
-    return np.mean(recall), np.mean(ndcg)
+    return np.array(recall), np.array(ndcg)
+
+
+def _near_tie_queries(ours, ref, embeddings, queries, metric, tol):
+    """Queries whose two rankings differ; every difference must be a near-tie: at each position
+    where they disagree the two records score within ``tol`` (float64 scores over
+    ``embeddings``, the reference's tuned output), i.e. float32 rounding decided the order."""
+    differ = np.flatnonzero((ours != ref).any(axis=1))
+    if differ.size == 0:
+        return differ
+    e = np.asarray(embeddings, dtype=np.float64)
+    if metric == "cos":
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    q = np.asarray(queries, dtype=np.float64)[differ]
+    gap = (np.take_along_axis(q @ e.T, ours[differ], axis=1)
+           - np.take_along_axis(q @ e.T, ref[differ], axis=1))
+    assert np.abs(gap).max() <= tol, (differ, gap)
+    return differ
 
 
 def _pipeline(ds, backend, k=10):
     train, val = _as_dict(ds.train), _as_dict(ds.dev)
     test = ds.test
     rel = test.relevance or [[1.0] * len(a) for a in test.answers]
+    corpus = np.asarray(ds.corpus)
     ours_base = search(test.embeddings, ds.corpus, k, backend=backend)
-    ref_base = _reference_retrieve(np.asarray(ds.corpus), test.embeddings, k, "cos")
-    rows = [("none", metrics(ours_base.indices, test, k, backend=backend),
-             _reference_metrics(ref_base, test.answers, rel, k))]
+    runs = [("none", ours_base.indices, corpus, "cos", 2e-6)]
     for variant, ref_cls, ours_cls, metric in (("nudge-m", nudge.NUDGEM, NUDGEM, "dot"),
                                                ("nudge-n", nudge.NUDGEN, NUDGEN, "cos")):
-        ref = _reference(ref_cls, np.asarray(ds.corpus), train, val)
+        ref = _reference(ref_cls, corpus, train, val)
         est = ours_cls(backend=backend)
         est.finetune_embeddings(ds.corpus, train, val)
         ours = search(test.embeddings, ds.corpus, k, est.result_, backend=backend)
-        rows.append((variant, metrics(ours.indices, test, k, backend=backend),
-                     _reference_metrics(_reference_retrieve(ref, test.embeddings, k, metric),
-                                        test.answers, rel, k)))
-    for name, ours, (ref_recall, ref_ndcg) in rows:
-        assert ours[f"recall@{k}"] == pytest.approx(ref_recall, abs=1e-9), name
-        assert ours[f"ndcg@{k}"] == pytest.approx(ref_ndcg, abs=1e-9), name
+        # Tuned embeddings agree to EMB_TOL, so scores of unit queries to 2 EMB_TOL.
+        runs.append((variant, ours.indices, ref, metric, 2 * EMB_TOL + 2e-6))
+    rows = []
+    for name, ours_idx, ref_emb, metric, tol in runs:
+        ref_idx = _reference_retrieve(ref_emb, test.embeddings, k, metric)
+        ref_recall, ref_ndcg = _reference_metrics(ref_idx, test.answers, rel, k)
+        ours = metrics(ours_idx, test, k, backend=backend, per_query=True)
+        # Our metric kernels against the paper's formulas, on our own ranking: exact.
+        own_recall, own_ndcg = _reference_metrics(ours_idx, test.answers, rel, k)
+        assert ours[f"recall@{k}"] == pytest.approx(own_recall.mean(), abs=1e-9), name
+        assert ours[f"ndcg@{k}"] == pytest.approx(own_ndcg.mean(), abs=1e-9), name
+        # Our ranking against the reference's: identical but for near-ties, on few queries.
+        differ = _near_tie_queries(ours_idx, ref_idx, ref_emb, test.embeddings, metric, tol)
+        assert differ.size <= max(2, len(test) // 100), (name, differ.size)
+        same = np.setdiff1d(np.arange(len(test)), differ)
+        np.testing.assert_allclose(ours["per_query"][same, 0], ref_recall[same], atol=1e-12)
+        np.testing.assert_allclose(ours["per_query"][same, 1], ref_ndcg[same], atol=1e-12)
+        bound = differ.size / len(test) + 1e-9
+        assert abs(ours[f"ndcg@{k}"] - ref_ndcg.mean()) <= bound, name
+        rows.append((name, ours, (ref_recall.mean(), ref_ndcg.mean()), differ.size))
     return rows
 
 
@@ -168,4 +211,5 @@ def test_parity_real(folder, variant):
 
 @pytest.mark.parametrize("folder", real_dataset_params())
 def test_pipeline_real(folder):
-    _pipeline(datasets.load(folder), BACKENDS[0])
+    rows = _pipeline(datasets.load(folder), BACKENDS[0])
+    assert rows[2][1]["ndcg@10"] > rows[0][1]["ndcg@10"]  # NUDGE-N helps on real data
