@@ -11,6 +11,16 @@ match; the native :class:`nudgefast.NudgeM` / :class:`nudgefast.NudgeN` do bette
 - NUDGE-N with any validation query without answers gets a NaN accuracy for every gamma and so
   returns gamma = 0; native: such queries are skipped with a warning.
 
+One defect of the reference is *not* kept: in NUDGE-N, a touched record whose query gradient
+``c`` is parallel to its embedding ``e`` up to rounding (a train query equal to the record, as
+recurring queries on real data produce) gets ``c.c - (e.c)^2`` slightly below 0 in float32; the
+reference takes its ``sqrt`` (NaN), the NaN row is ranked first by ``torch.topk`` for every
+validation query, every gamma > 0 then scores near 0 and it silently returns gamma = 0. Here that
+quantity is computed in float64 and a record with ``c.c - (e.c)^2 <= 0`` gets no sphere step
+(the reference's own rule for exactly 0); for gamma > 0 the snap rule then sends it to ``c/|c|``,
+its own direction, so it stays put, no row is ever NaN and gamma is chosen as if the record
+were well-behaved. NUDGE-M has no square root there and is unaffected.
+
 Unlike the reference nothing is printed; progress goes through ``logging``.
 """
 from __future__ import annotations

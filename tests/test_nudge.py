@@ -156,3 +156,29 @@ def test_real_data_matches_reference(folder, cls, backend):
     ref = cls(backend="numpy", precision="float64").fit(ds.corpus, ds.train, ds.dev)
     ours = cls(backend=backend).fit(ds.corpus, ds.train, ds.dev)
     _assert_same_result(ours, ref, 1e-6)
+
+
+@pytest.mark.parametrize("sign", ["negative", "zero"])
+def test_nudge_n_parallel_gradient_stays_finite(backend, sign):
+    """A train query equal to its record's own row: c is parallel to e, and c.c - (e.c)^2 is
+    rounding noise (below 0 or exactly 0 in float64). The record must not move, nothing may be
+    NaN, and gamma must be what the task without that query gives (nudge-ft returns gamma 0
+    there: its sqrt of a negative number is NaN; see compat's docstring)."""
+    ds = datasets.synthetic(n_records=3001, d=48, n_train=600, n_dev=150, n_test=150, seed=7)
+    corpus = np.asarray(ds.corpus, dtype=np.float32)
+    c = corpus.astype(np.float64)
+    e = c / np.linalg.norm(c, axis=1, keepdims=True)
+    b = (c * c).sum(axis=1) - (e * c).sum(axis=1) ** 2
+    touched = {a for ans in ds.train.answers for a in ans}
+    pick = b < 0 if sign == "negative" else b == 0
+    row = next(int(r) for r in np.flatnonzero(pick) if int(r) not in touched)
+    train = QuerySet(np.vstack([ds.train.embeddings, corpus[row:row + 1]]),
+                     list(ds.train.answers) + [[row]])
+    clean = NudgeN(backend=backend).fit(corpus, ds.train, ds.dev)
+    res = NudgeN(backend=backend).fit(corpus, train, ds.dev)
+    assert clean.gamma > 0
+    assert np.isfinite(res.vectors).all() and np.isfinite(res.val_accuracy).all()
+    assert res.gamma == clean.gamma
+    np.testing.assert_allclose(res.val_accuracy, clean.val_accuracy, atol=1e-12)
+    pos = int(np.searchsorted(res.indices, row))
+    np.testing.assert_allclose(res.vectors[pos], e[row], atol=1e-6)

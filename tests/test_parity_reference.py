@@ -213,3 +213,45 @@ def test_parity_real(folder, variant):
 def test_pipeline_real(folder):
     rows = _pipeline(datasets.load(folder), BACKENDS[0])
     assert rows[2][1]["ndcg@10"] > rows[0][1]["ndcg@10"]  # NUDGE-N helps on real data
+
+
+# ---- the reference's NaN trap ----------------------------------------------------------------
+
+
+def _parallel_gradient_task():
+    """A task where NUDGE-N should move records, plus one extra train query equal to an
+    untouched record's own row: that record's query gradient c is parallel to it, so the
+    reference's float32 ``c.c - (e.c)^2`` is rounding noise, negative for the chosen row."""
+    ds = datasets.synthetic(n_records=3001, d=48, n_train=600, n_dev=150, n_test=150, seed=7)
+    corpus = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    touched = {a for ans in ds.train.answers for a in ans}
+    # The reference's arithmetic, as it runs it on the whole corpus.
+    e = torch.nn.functional.normalize(torch.from_numpy(corpus))
+    c = torch.from_numpy(corpus)
+    b = ((c * c).sum(dim=-1) - (c * e).sum(dim=-1) ** 2).numpy()
+    row = next(int(r) for r in np.flatnonzero(b < 0) if int(r) not in touched)
+    train = _as_dict(ds.train)
+    train["q_embs"] = np.vstack([train["q_embs"], corpus[row:row + 1]])
+    train["q_ans_indx"] = train["q_ans_indx"] + [[row]]
+    return ds, corpus, train, _as_dict(ds.dev), row
+
+
+def test_reference_nan_trap_is_avoided(backend):
+    ds, corpus, train, val, row = _parallel_gradient_task()
+    ref = _reference(nudge.NUDGEN, corpus, train, val)
+    unit = corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    # The reference falls in: its sqrt of a negative number makes that row NaN for every
+    # gamma > 0, torch.topk ranks the NaN row first for every validation query, and it
+    # returns gamma = 0, the untuned embeddings.
+    np.testing.assert_allclose(ref, unit, atol=1e-6)
+    est = NUDGEN(backend=backend)
+    ours = est.finetune_embeddings(corpus, train, val)
+    assert np.isfinite(ours).all()
+    assert est.result_.gamma > 0 and est.result_.val_accuracy.max() > est.result_.val_accuracy[0]
+    # The parallel record snaps to c/|c|, which is its own direction: it does not move.
+    np.testing.assert_allclose(ours[row], unit[row], atol=1e-6)
+    # That extra train query moves nothing, so compat's answer is the reference's answer on
+    # the task without it, where the reference does not fall in.
+    clean = _reference(nudge.NUDGEN, corpus, _as_dict(ds.train), val)
+    assert not np.allclose(clean, unit, atol=1e-6)
+    np.testing.assert_allclose(ours, clean, atol=EMB_TOL, rtol=0)
