@@ -87,7 +87,7 @@ setup(
     version="0.1.0",
     description="NUDGE embedding fine-tuning (arXiv 2409.02343) at hardware speed: CPU (OpenMP) and CUDA kernels",
     packages=find_packages(include=["nudgefast*"]),
-    package_data={"nudgefast": ["data/*"]},
+    package_data={"nudgefast": ["data/*/*"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.24", "numba>=0.59", "tqdm", "scipy"],
     extras_require={

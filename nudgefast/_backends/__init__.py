@@ -65,6 +65,18 @@ def backends() -> dict[str, BackendInfo]:
     return out
 
 
+def resolve(name: str = "auto") -> str:
+    """The backend name ``name`` stands for (``"auto"``: the fastest available)."""
+    if name != "auto":
+        get(name)
+        return name
+    for candidate in AUTO_ORDER:
+        if _load(candidate)[0] is not None:
+            return candidate
+    get("auto")  # raises, listing every backend tried
+    raise AssertionError("unreachable")
+
+
 def get(name: str = "auto") -> ModuleType:
     """The backend module for ``name`` (``"auto"``: the fastest available)."""
     if name == "auto":
