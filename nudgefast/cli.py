@@ -158,6 +158,8 @@ def bench(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.accuracy:
+        return _bench_accuracy(args, out)
     scratch = benchmark.temp_dir() if args.memmap else None
     workloads = []
     try:
@@ -182,6 +184,29 @@ def bench(args) -> int:
                       + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n")
     print(text)
     print(f"\nwrote {report} and {len(made)} plots")
+    return 0
+
+
+def _bench_accuracy(args, out) -> int:
+    from . import accuracy, benchmark
+
+    folders = accuracy.dataset_folders(args.dataset)
+    backend = args.backends if args.backends != "all" else "auto"
+    info = benchmark.device_info(args.threads)
+    rows = []
+    for folder in folders:
+        ds = datasets.load(folder)
+        print(f"{ds.name}: N={ds.corpus.shape[0]}, {len(ds.train)}/{len(ds.dev)}/{len(ds.test)} "
+              f"train/dev/test queries ...", flush=True)
+        rows += accuracy.evaluate(ds, backend=backend, repeat=args.repeat,
+                                  reference="nudge-ft" in args.peers.split(","),
+                                  adapters=not args.no_adapters)
+    text = accuracy.markdown(rows, info)
+    cmd = "nudgefast " + " ".join(args.argv)
+    report = out / "report.md"
+    report.write_text(f"# nudgefast bench --accuracy\n\ncommand: `{cmd}`\n\n{text}\n")
+    print(text)
+    print(f"\nwrote {report}")
     return 0
 
 
@@ -237,6 +262,14 @@ def main(argv=None) -> int:
     p.add_argument("--memmap", action="store_true",
                    help="write synthetic corpora to a temp .npy and stream them as memmaps")
     p.add_argument("--out", default="bench/out", help="folder for report.md and the plots")
+    p.add_argument("--accuracy", action="store_true",
+                   help="instead of speed: test recall/NDCG/MRR of no fine-tuning, NUDGE-M/N "
+                        "(native, compat, nudge-ft) and the linear adapters on every dataset")
+    p.add_argument("--dataset", action="append", metavar="DIR",
+                   help="with --accuracy: a dataset folder (repeatable; default: every one "
+                        "under ../shared/data or $NUDGEFAST_DATA)")
+    p.add_argument("--no-adapters", action="store_true",
+                   help="with --accuracy: leave out the adapter baselines")
     p.set_defaults(func=bench)
     p = sub.add_parser("backends", help="which backends are available here, and why not")
     p.set_defaults(func=show_backends)
