@@ -27,7 +27,8 @@ class SearchResult:
     indices: np.ndarray
 
 
-def _progress_bar(progress, total, desc):
+def _progress_bar(progress, total, desc, unit="rows"):
+    """A tqdm bar, or None: ``progress=None`` shows one only when stderr is a terminal."""
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if not show:
         return None
@@ -35,7 +36,7 @@ def _progress_bar(progress, total, desc):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency; without it just stay quiet
         return None
-    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "rows", leave=False)
 
 
 def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=None,
