@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import compat, datasets
+from ._defaults import NUDGE_N_GAMMAS
 from .metrics import metrics
 from .nudge import NudgeM, NudgeN
 from .search import search
@@ -79,12 +80,15 @@ def evaluate(ds, *, k=10, backend="auto", repeat=3, reference=True, adapters=Tru
     base = search(test.embeddings, corpus, k, backend=backend, progress=progress)
     rows.append(AccuracyRow(ds.name, "no fine-tuning", score(base.indices), None))
 
-    for variant, cls, kw in (("NUDGE-M", NudgeM, {}), ("NUDGE-N", NudgeN, {})):
+    # The paper's NUDGE-N grid {0, 0.02, ..., 0.48} is coarse for models whose cosines crowd
+    # into a narrow band (e5: 0.80 +- 0.02); the same grid divided by 10 shows what that costs.
+    for label, cls, kw in (("NUDGE-M (native)", NudgeM, {}), ("NUDGE-N (native)", NudgeN, {}),
+                           ("NUDGE-N (native, gammas/10)", NudgeN,
+                            {"gammas": NUDGE_N_GAMMAS / 10})):
         est = cls(backend=backend, progress=progress, **kw)
         res, sec = _timed(lambda: est.fit(corpus, ds.train, ds.dev), repeat)
         hits = search(test.embeddings, corpus, k, res, backend=backend, progress=progress)
-        rows.append(AccuracyRow(ds.name, f"{variant} (native)", score(hits.indices), sec,
-                                res.gamma))
+        rows.append(AccuracyRow(ds.name, label, score(hits.indices), sec, res.gamma))
 
     train, dev = _as_dict(ds.train), _as_dict(ds.dev)
     compat_dense = {}
