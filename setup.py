@@ -93,9 +93,11 @@ setup(
     extras_require={
         "cuda12": ["cupy-cuda12x"],
         "cuda13": ["cupy-cuda13x"],
-        # torch (for the nudge-ft parity tests) is pinned by .ci/run: torch==2.13.0 is the local CPU
-        # build; an unpinned torch would pull a multi-GB CUDA build.
-        "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib"],
+        # The reference nudge-ft (parity tests and the accuracy table) needs torch; pinned to
+        # 2.13.0, the CPU build this project's machines install (an unpinned torch pulls a
+        # multi-GB CUDA build). nudge-ft itself only asks for numpy and torch.
+        "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib", "torch==2.13.0",
+                 "nudge-ft==0.1.2"],
         "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib"],
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},
