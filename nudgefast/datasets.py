@@ -166,12 +166,15 @@ def is_dataset(folder: str | os.PathLike) -> bool:
 
 def find(root: str | os.PathLike | None = None) -> list[Path]:
     """Every dataset folder under ``root`` (default: ``$NUDGEFAST_DATA``, else the ``data``
-    folder of a ``shared`` checkout next to the repository)."""
+    folder of a ``shared`` checkout next to the repository or the working directory)."""
     if root is None:
         root = os.environ.get("NUDGEFAST_DATA")
     if root is None:
-        here = Path(__file__).resolve().parents[1]
-        candidates = [here.parent / "shared" / "data", here / "shared" / "data"]
+        # A source checkout next to shared/ (the package imported from the checkout, or the
+        # checkout being the working directory while an installed copy is imported).
+        candidates = []
+        for base in (Path(__file__).resolve().parents[1], Path.cwd().resolve()):
+            candidates += [base.parent / "shared" / "data", base / "shared" / "data"]
         root = next((c for c in candidates if c.is_dir()), None)
         if root is None:
             return []

@@ -1,6 +1,9 @@
 """Shared fixtures: the available backends, real datasets found on disk, awkward synthetic data."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,11 @@ BACKENDS = [name for name, info in _backends.backends().items() if info.availabl
 #: Tolerances stated once per dtype: float32 production paths vs the float64 reference.
 TOL = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 2e-5}
 
-REAL = datasets.find()
+#: The shared datasets beside this checkout (tests/../../shared/data), else wherever
+#: ``datasets.find()`` looks ($NUDGEFAST_DATA first).
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL = datasets.find(None if os.environ.get("NUDGEFAST_DATA") or not _BESIDE.is_dir()
+                     else _BESIDE)
 
 
 def pytest_configure(config):

@@ -2,10 +2,12 @@
 and nothing the caller passed is modified."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from conftest import awkward
+from conftest import REAL, awkward
 from nudgefast import NudgeM, NudgeN, QuerySet, backends, search
 from nudgefast import _backends
 
@@ -107,9 +109,15 @@ def test_missing_backend_names_the_fix(monkeypatch):
 
 def test_ci_builds_every_cpu_backend():
     """In CI a backend that failed to build must fail the run, not silently skip its tests."""
-    import os
     if os.environ.get("CI") != "true":
         pytest.skip("only enforced in CI (CI=true)")
     missing = {n: b.reason for n, b in backends().items()
                if n in ("cpp", "numba", "numpy") and not b.available}
     assert not missing, missing
+
+
+def test_ci_sees_the_real_datasets():
+    """In CI shared/ lies beside the checkout: the real-data tests must run, not skip."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("only enforced in CI (CI=true)")
+    assert REAL, "no dataset under ../shared/data: the real-data tests would all skip"
