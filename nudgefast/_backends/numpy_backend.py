@@ -41,6 +41,15 @@ Op contract (identical signatures in every backend; every op also takes a keywor
 ``project(E, C, alpha, beta) -> (t, d) float32``
     ``alpha[:, None] * E + beta[:, None] * C`` computed in float64.
 
+``normalize_rows(chunk, out) -> int``
+    ``out[r] = chunk[r] / |chunk[r]|`` for every row of ``chunk`` ((m, d) float16 or float32,
+    C-contiguous), the squared norm accumulated in float64 (float32 values widen exactly),
+    ``x / |x|`` in float64 rounded once to float32 into ``out`` (compiled backends may multiply
+    by the float64 reciprocal: within one float32 ulp) ((m, d) float32, C-contiguous; may be an
+    ``np.memmap`` view). Returns the local index of the first row whose norm is not finite or
+    is zero, else ``-1``; what such a row's ``out`` holds is unspecified (the caller raises).
+    Memory-bound: one read of ``chunk``, one write of ``out``.
+
 ``metrics(retrieved, ans_ptr, ans_index, ans_rel, k) -> (n, 3) float64``
     Per query recall@k, ndcg@k (graded), mrr@k over the first ``k`` columns of ``retrieved``
     (answers sorted unique, ``ans_rel`` aligned). Queries without answers get NaN.
@@ -156,6 +165,20 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
 def project(E, C, alpha, beta, *, n_threads=None):
     out = alpha[:, None] * np.asarray(E, dtype=np.float64) + beta[:, None] * np.asarray(C, dtype=np.float64)
     return out.astype(np.float32)
+
+
+def normalize_rows(chunk, out, *, n_threads=None):
+    # Blocks of rows keep the float64 temporaries small (the chunk itself may be large).
+    step = max(1, (8 << 20) // max(1, 8 * chunk.shape[1]))
+    for s in range(0, chunk.shape[0], step):
+        x = np.asarray(chunk[s:s + step], dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        bad = ~np.isfinite(norms) | (norms == 0)
+        if bad.any():
+            return s + int(np.argmax(bad))
+        np.divide(x, norms[:, None], out=x)
+        out[s:s + step] = x
+    return -1
 
 
 def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
