@@ -4,9 +4,15 @@
 // chunk (possibly a read-only memmap of 10^8 rows) is exactly what must not happen, so wrong
 // input is a TypeError and the Python wrapper (nudgefast/_backends/cpp_backend.py) decides what
 // to convert. Output arrays are allocated with the GIL held; all native work runs without it.
+//
+// The kernels trust their index arguments (one unchecked value is a silent read or write outside
+// a buffer), so every index array is checked here, whole, before any output is touched: O(n)
+// scans, negligible next to the ops. A bad index is a ValueError naming the argument, the first
+// offending entry and the fix.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -63,7 +69,8 @@ T* inout(py::array& a, const char* name, py::ssize_t ndim) {
 void check_dim(const py::array& a, const char* name, py::ssize_t axis, py::ssize_t want) {
     if (a.shape(axis) != want)
         throw py::value_error(std::string("nudgefast._cpu: ") + name + ".shape[" + std::to_string(axis) + "] is " +
-                              std::to_string(a.shape(axis)) + ", expected " + std::to_string(want));
+                              std::to_string(a.shape(axis)) + ", expected " + std::to_string(want) +
+                              " (the shapes of one call's arrays must agree; see the op contract)");
 }
 
 // The result array: a fresh one, or the caller's `out` (checked: dtype, layout, shape). Tests pass
@@ -80,17 +87,119 @@ py::array_t<T> output(const py::object& out, const char* name, std::vector<py::s
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scalar arguments. Taken as Python objects, so that a bad value is one line naming it rather than
+// pybind11's "incompatible function arguments" with every array of the call printed.
+
+[[noreturn]] void fail_value(const std::string& msg) { throw py::value_error("nudgefast._cpu: " + msg); }
+
+std::string repr_of(const py::handle& v) { return std::string(py::repr(v)); }
+
+// An int (anything with __index__ but bool); false when it does not fit in int64.
+bool to_int64(const py::object& v, const char* name, int64_t& n) {
+    if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+        throw py::type_error(std::string("nudgefast._cpu: ") + name + " must be an int, got " + repr_of(v) + " (" +
+                             std::string(Py_TYPE(v.ptr())->tp_name) + ")");
+    const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+    if (!index) throw py::error_already_set();
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+    n = static_cast<int64_t>(value);
+    return overflow == 0;
+}
+
+int64_t int_arg(const py::object& v, const char* name) {
+    int64_t n = 0;
+    if (!to_int64(v, name, n)) fail_value(std::string(name) + " = " + repr_of(v) + " does not fit in int64");
+    return n;
+}
+
+// n_threads: None for all cores, else an int in [1, kMaxThreads].
+int threads_arg(const py::object& v) {
+    if (v.is_none()) return resolve_threads(0);
+    int64_t n = 0;
+    if (!to_int64(v, "n_threads", n) || n < 1 || n > kMaxThreads)
+        fail_value("n_threads must be None (all cores) or an int in [1, " + std::to_string(kMaxThreads) + "], got " +
+                   repr_of(v));
+    return resolve_threads(n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index arrays (int64, already checked for dtype and layout).
+
+// name[i], or name[i / cols, i % cols] for a 2-D array of `cols` columns.
+std::string at(const char* name, int64_t i, int64_t cols = 0) {
+    if (cols > 0) return std::string(name) + "[" + std::to_string(i / cols) + ", " + std::to_string(i % cols) + "]";
+    return std::string(name) + "[" + std::to_string(i) + "]";
+}
+
+// Every entry in [lo, hi); `what` names the range for the message, `fix` says what to pass.
+void check_range(const int64_t* v, int64_t n, int64_t lo, int64_t hi, const char* name, const std::string& what,
+                 const std::string& fix = "", int64_t cols = 0) {
+    for (int64_t i = 0; i < n; ++i)
+        if (v[i] < lo || v[i] >= hi)
+            fail_value(at(name, i, cols) + " = " + std::to_string(v[i]) + " is outside [" + std::to_string(lo) +
+                       (hi == std::numeric_limits<int64_t>::max() ? ", inf" : ", " + std::to_string(hi)) + ") (" +
+                       what + ")" + (fix.empty() ? "" : "; " + fix));
+}
+
+// Sorted strictly ascending (sorted, no duplicates).
+void check_ascending(const int64_t* v, int64_t n, const char* name, const std::string& fix) {
+    for (int64_t i = 1; i < n; ++i)
+        if (v[i] <= v[i - 1])
+            fail_value(std::string(name) + " must be sorted strictly ascending, but " + at(name, i) + " = " +
+                       std::to_string(v[i]) + " follows " + at(name, i - 1) + " = " + std::to_string(v[i - 1]) +
+                       "; " + fix);
+}
+
+// A CSR pointer array: ptr[0] == 0, non-decreasing, ptr[n - 1] == total (the length of the array
+// it splits, named `of`). n >= 1.
+void check_ptr(const int64_t* ptr, int64_t n, int64_t total, const char* name, const char* of) {
+    if (ptr[0] != 0) fail_value(at(name, 0) + " = " + std::to_string(ptr[0]) + ", must be 0 (" + name +
+                                " holds segment starts into " + of + ")");
+    for (int64_t i = 1; i < n; ++i)
+        if (ptr[i] < ptr[i - 1])
+            fail_value(std::string(name) + " must be non-decreasing, but " + at(name, i) + " = " +
+                       std::to_string(ptr[i]) + " < " + at(name, i - 1) + " = " + std::to_string(ptr[i - 1]));
+    if (ptr[n - 1] != total)
+        fail_value(at(name, n - 1) + " = " + std::to_string(ptr[n - 1]) + ", must equal len(" + of + ") = " +
+                   std::to_string(total));
+}
+
+// Answer lists: ans_ptr splits ans_index into one list per query (n_lists + 1 entries), every
+// list sorted strictly ascending with entries >= 0 (the kernels binary-search them). Returns the
+// longest list's length.
+int64_t check_answers(const int64_t* ptr, int64_t n_lists, const int64_t* index, int64_t n_index) {
+    check_ptr(ptr, n_lists + 1, n_index, "ans_ptr", "ans_index");
+    check_range(index, n_index, 0, std::numeric_limits<int64_t>::max(), "ans_index", "record rows");
+    int64_t longest = 0;
+    for (int64_t i = 0; i < n_lists; ++i) {
+        longest = std::max(longest, ptr[i + 1] - ptr[i]);
+        for (int64_t p = ptr[i] + 1; p < ptr[i + 1]; ++p)
+            if (index[p] <= index[p - 1])
+                fail_value("the answers of query " + std::to_string(i) + " (ans_index[ans_ptr[" + std::to_string(i) +
+                           "]:ans_ptr[" + std::to_string(i + 1) + "]]) must be sorted strictly ascending, but " +
+                           at("ans_index", p) + " = " + std::to_string(index[p]) + " follows " +
+                           std::to_string(index[p - 1]) + "; pass np.unique of each query's answers");
+    }
+    return longest;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 py::array_t<double> py_query_gradient(const py::array& queries, const py::array& order, const py::array& seg_ptr,
-                                      int n_threads, const py::object& out_arg) {
+                                      const py::object& n_threads, const py::object& out_arg) {
     check_ndim(queries, "queries", 2);
-    const int64_t d = queries.shape(1);
+    const int64_t n_queries = queries.shape(0), d = queries.shape(1);
     const int64_t* ord = in<int64_t>(order, "order", 1);
     const int64_t* ptr = in<int64_t>(seg_ptr, "seg_ptr", 1);
-    const int64_t t = std::max<int64_t>(seg_ptr.shape(0) - 1, 0);
+    if (seg_ptr.shape(0) < 1) fail_value("seg_ptr must have t + 1 >= 1 entries (it is [0] when t = 0), got none");
+    const int64_t t = seg_ptr.shape(0) - 1;
+    check_ptr(ptr, t + 1, order.shape(0), "seg_ptr", "order");
+    check_range(ord, order.shape(0), 0, n_queries, "order", "the rows of queries");
+    const int threads = threads_arg(n_threads);
     py::array_t<double> out = output<double>(out_arg, "out", {t, d});
     double* o = out.mutable_data();
-    const int threads = resolve_threads(n_threads);
     if (has_dtype<double>(queries)) {
         const double* q = in<double>(queries, "queries", 2);
         py::gil_scoped_release nogil;
@@ -103,8 +212,9 @@ py::array_t<double> py_query_gradient(const py::array& queries, const py::array&
     return out;
 }
 
-int64_t py_topk_update(const py::array& queries, const py::array& chunk, int64_t row_offset, const py::array& exclude,
-                       bool normalize, py::array& best_scores, py::array& best_index, int n_threads) {
+int64_t py_topk_update(const py::array& queries, const py::array& chunk, const py::object& row_offset_arg,
+                       const py::array& exclude, bool normalize, py::array& best_scores, py::array& best_index,
+                       const py::object& n_threads) {
     const float* q = in<float>(queries, "queries", 2);
     const int64_t n_q = queries.shape(0), d = queries.shape(1);
     float* bs = inout<float>(best_scores, "best_scores", 2);
@@ -133,15 +243,24 @@ int64_t py_topk_update(const py::array& queries, const py::array& chunk, int64_t
     const int64_t row_stride = m > 1 ? stride0 / item : d;
     const void* data = chunk.data();
     const int64_t n_ex = exclude.shape(0);
+    // The kernel walks exclude in step with the rows and marks exclude[i] - r0 in a tile of r0's
+    // rows: an unsorted or out-of-range entry is a write outside that tile.
+    check_ascending(ex, n_ex, "exclude", "pass np.unique(exclude)");
+    check_range(ex, n_ex, 0, m, "exclude", "the rows of chunk",
+                "exclude holds chunk-local rows: subtract row_offset from global record indices");
+    const int64_t row_offset = int_arg(row_offset_arg, "row_offset");
+    if (row_offset < 0 || row_offset > std::numeric_limits<int64_t>::max() - m)
+        fail_value("row_offset must be >= 0 (the global index of chunk row 0) with row_offset + len(chunk) in "
+                   "int64, got " + std::to_string(row_offset));
+    const int threads = threads_arg(n_threads);
 
     py::gil_scoped_release nogil;
-    return topk_update(q, n_q, d, data, type, m, row_stride, row_offset, ex, n_ex, normalize, bs, bi, k,
-                       resolve_threads(n_threads));
+    return topk_update(q, n_q, d, data, type, m, row_stride, row_offset, ex, n_ex, normalize, bs, bi, k, threads);
 }
 
 py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py::array& pair_query,
                                const py::array& s_x, const py::array& g_x, const py::array& u_score, double eps,
-                               int n_threads, const py::object& out) {
+                               const py::object& n_threads, const py::object& out) {
     const double* s = in<double>(S, "S", 2);
     const double* g = in<double>(G, "G", 2);
     check_dim(G, "G", 0, S.shape(0));
@@ -154,6 +273,8 @@ py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py:
     check_dim(s_x, "s_x", 0, P);
     check_dim(g_x, "g_x", 0, P);
     check_dim(u_score, "u_score", 0, P);
+    check_range(pq, P, 0, S.shape(0), "pair_query", "the rows of S: validation queries");
+    const int threads = threads_arg(n_threads);
     const bool given = !out.is_none();
     if (given && (!py::isinstance<py::tuple>(out) || py::len(out) != 3))
         throw py::type_error("nudgefast._cpu: out must be a tuple (low, high, feasible)");
@@ -167,7 +288,7 @@ py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py:
     bool* fe = feasible.mutable_data();
     {
         py::gil_scoped_release nogil;
-        nudge_m_intervals(s, g, S.shape(1), pq, sx, gx, us, P, eps, lo, hi, fe, resolve_threads(n_threads));
+        nudge_m_intervals(s, g, S.shape(1), pq, sx, gx, us, P, eps, lo, hi, fe, threads);
     }
     return py::make_tuple(low, high, feasible);
 }
@@ -175,8 +296,8 @@ py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py:
 py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, const py::array& alpha,
                                       const py::array& beta, const py::array& touched, const py::array& unt_scores,
                                       const py::array& unt_index, const py::array& ans_ptr,
-                                      const py::array& ans_index, int64_t k_val, int n_threads,
-                                      const py::object& out) {
+                                      const py::array& ans_index, const py::object& k_val_arg,
+                                      const py::object& n_threads, const py::object& out) {
     const double* s = in<double>(S, "S", 2);
     const double* h = in<double>(H, "H", 2);
     const int64_t n_b = S.shape(0), t = S.shape(1);
@@ -198,13 +319,25 @@ py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, co
     const int64_t* ap = in<int64_t>(ans_ptr, "ans_ptr", 1);
     check_dim(ans_ptr, "ans_ptr", 0, n_b + 1);
     const int64_t* ai = in<int64_t>(ans_index, "ans_index", 1);
-    if (k_val < 0) throw py::value_error("nudgefast._cpu: k_val must be >= 0");
+    const int64_t n_unt = unt_scores.shape(1);
+    check_range(tch, t, 0, std::numeric_limits<int64_t>::max(), "touched", "record rows");
+    check_range(ui, n_b * n_unt, -1, std::numeric_limits<int64_t>::max(), "unt_index",
+                "record rows, -1 for an empty slot", "", n_unt);
+    check_answers(ap, n_b, ai, ans_index.shape(0));
+    int64_t k_val = int_arg(k_val_arg, "k_val");
+    if (k_val < 0) fail_value("k_val must be >= 0, got " + std::to_string(k_val));
+    // Past t + n_unt (every candidate) a larger k_val changes nothing but the heap sizes, which
+    // kGroup * n_gamma * k_val must not overflow.
+    k_val = std::min(k_val, t + n_unt);
+    if (n_gamma > 0 && k_val > (std::numeric_limits<int64_t>::max() / 64) / n_gamma)
+        fail_value("n_gamma * (t + unt_scores.shape[1]) is too large for the per-query heaps; sweep fewer gammas "
+                   "at a time");
+    const int threads = threads_arg(n_threads);
     py::array_t<int64_t> hits = output<int64_t>(out, "out", {n_b, n_gamma});
     int64_t* o = hits.mutable_data();
     {
         py::gil_scoped_release nogil;
-        nudge_n_sweep(s, h, n_b, t, a, b, n_gamma, tch, us, ui, unt_scores.shape(1), ap, ai, k_val, o,
-                      resolve_threads(n_threads));
+        nudge_n_sweep(s, h, n_b, t, a, b, n_gamma, tch, us, ui, n_unt, ap, ai, k_val, o, threads);
     }
     return hits;
 }
@@ -219,7 +352,7 @@ void run_project(const py::array& E, const py::array& C, const double* a, const 
 }
 
 py::array_t<float> py_project(const py::array& E, const py::array& C, const py::array& alpha, const py::array& beta,
-                              int n_threads, const py::object& out_arg) {
+                              const py::object& n_threads, const py::object& out_arg) {
     check_ndim(E, "E", 2);
     check_ndim(C, "C", 2);
     const int64_t t = E.shape(0), d = E.shape(1);
@@ -229,9 +362,9 @@ py::array_t<float> py_project(const py::array& E, const py::array& C, const py::
     const double* b = in<double>(beta, "beta", 1);
     check_dim(alpha, "alpha", 0, t);
     check_dim(beta, "beta", 0, t);
+    const int threads = threads_arg(n_threads);
     py::array_t<float> out = output<float>(out_arg, "out", {t, d});
     float* o = out.mutable_data();
-    const int threads = resolve_threads(n_threads);
     const bool e64 = has_dtype<double>(E), c64 = has_dtype<double>(C);
     if (e64 && c64) run_project<double, double>(E, C, a, b, t, d, o, threads);
     else if (e64) run_project<double, float>(E, C, a, b, t, d, o, threads);
@@ -241,7 +374,8 @@ py::array_t<float> py_project(const py::array& E, const py::array& C, const py::
 }
 
 py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_ptr, const py::array& ans_index,
-                               const py::array& ans_rel, int64_t k, int n_threads, const py::object& out_arg) {
+                               const py::array& ans_rel, const py::object& k_arg, const py::object& n_threads,
+                               const py::object& out_arg) {
     const int64_t* r = in<int64_t>(retrieved, "retrieved", 2);
     const int64_t n = retrieved.shape(0);
     const int64_t* ap = in<int64_t>(ans_ptr, "ans_ptr", 1);
@@ -249,14 +383,42 @@ py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_
     const int64_t* ai = in<int64_t>(ans_index, "ans_index", 1);
     const double* rel = in<double>(ans_rel, "ans_rel", 1);
     check_dim(ans_rel, "ans_rel", 0, ans_index.shape(0));
-    if (k < 0) throw py::value_error("nudgefast._cpu: k must be >= 0");
+    const int64_t longest = check_answers(ap, n, ai, ans_index.shape(0));
+    int64_t k = int_arg(k_arg, "k");
+    if (k < 0) fail_value("k must be >= 0, got " + std::to_string(k));
+    // The kernel keeps k discounts; past max(width, longest answer list) a larger k changes nothing.
+    const int64_t width = retrieved.shape(1);
+    k = std::min(k, std::max(width, longest));
+    const int threads = threads_arg(n_threads);
     py::array_t<double> out = output<double>(out_arg, "out", {n, 3});
     double* o = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        metrics(r, n, retrieved.shape(1), ap, ai, rel, k, o, resolve_threads(n_threads));
+        metrics(r, n, width, ap, ai, rel, k, o, threads);
     }
     return out;
+}
+
+int64_t py_normalize_rows(const py::array& chunk, py::array& out, const py::object& n_threads) {
+    check_ndim(chunk, "chunk", 2);
+    const bool f16 = has_dtype(chunk, 'f', 2);
+    if (!(f16 || has_dtype<float>(chunk)) || !(chunk.flags() & py::array::c_style))
+        fail_type("chunk", "float16 or float32", chunk);
+    const int64_t m = chunk.shape(0), d = chunk.shape(1);
+    float* o = inout<float>(out, "out", 2);
+    check_dim(out, "out", 0, m);
+    check_dim(out, "out", 1, d);
+    // Rows are normalised in parallel, in any order: out may be chunk itself (float32, in place,
+    // each row read before it is written) but must not overlap it otherwise.
+    const auto c0 = reinterpret_cast<std::uintptr_t>(chunk.data()), o0 = reinterpret_cast<std::uintptr_t>(o);
+    const auto c1 = c0 + static_cast<std::uintptr_t>(chunk.nbytes()), o1 = o0 + static_cast<std::uintptr_t>(out.nbytes());
+    if (m * d > 0 && c0 < o1 && o0 < c1 && !(c0 == o0 && !f16))
+        fail_value("out overlaps chunk without being chunk itself; pass a separate buffer, or out=chunk "
+                   "(float32) to normalise in place");
+    const int threads = threads_arg(n_threads);
+    py::gil_scoped_release nogil;
+    if (f16) return normalize_rows(static_cast<const Half*>(chunk.data()), m, d, o, threads);
+    return normalize_rows(static_cast<const float*>(chunk.data()), m, d, o, threads);
 }
 
 }  // namespace
@@ -265,7 +427,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "nudgefast CPU kernels (OpenMP). The op contract is documented in "
               "nudgefast._backends.numpy_backend; call them through nudgefast._backends.cpp_backend. "
               "Ops that return arrays also take out= (the result buffer, checked, fully overwritten).";
-    const auto threads = py::arg("n_threads") = 0;
+    m.attr("MAX_THREADS") = kMaxThreads;
+    const auto threads = py::arg("n_threads") = py::none();
     const auto out = py::arg("out") = py::none();
     m.def("query_gradient", &py_query_gradient, py::arg("queries"), py::arg("order"), py::arg("seg_ptr"), threads, out,
           "(t, d) float64 segmented sum of queries[order] over seg_ptr.");
@@ -282,4 +445,7 @@ PYBIND11_MODULE(_cpu, m) {
           "(t, d) float32: alpha[:, None] * E + beta[:, None] * C in float64.");
     m.def("metrics", &py_metrics, py::arg("retrieved"), py::arg("ans_ptr"), py::arg("ans_index"), py::arg("ans_rel"),
           py::arg("k"), threads, out, "(n, 3) float64 recall@k, ndcg@k, mrr@k (NaN without answers).");
+    m.def("normalize_rows", &py_normalize_rows, py::arg("chunk"), py::arg("out"), threads,
+          "out[r] = chunk[r] / |chunk[r]| into the (m, d) float32 out; returns the first row of norm zero or not "
+          "finite, or -1.");
 }

@@ -37,6 +37,10 @@ namespace nudgefast {
 // ---------------------------------------------------------------------------------------------
 // Threads
 
+// More threads than this is a mistake, not a request (nudgefast._validate.MAX_THREADS agrees);
+// the bindings refuse it before OpenMP tries to start them.
+constexpr int64_t kMaxThreads = 1 << 12;
+
 // n_threads <= 0 means "all cores" (the OpenMP default), the meaning of n_threads=None in Python.
 inline int resolve_threads(int64_t n_threads) {
 #ifdef _OPENMP
@@ -288,5 +292,10 @@ void project(const TE* E, const TC* C, const double* alpha, const double* beta, 
 
 void metrics(const int64_t* retrieved, int64_t n, int64_t width, const int64_t* ans_ptr, const int64_t* ans_index,
              const double* ans_rel, int64_t k, double* out, int n_threads);
+
+// T = float or Half; chunk and out are (m, d) C-contiguous. Returns the first row whose norm is
+// not finite or is zero (its out row is left as it was), else -1.
+template <typename T>
+int64_t normalize_rows(const T* chunk, int64_t m, int64_t d, float* out, int n_threads);
 
 }  // namespace nudgefast

@@ -6,6 +6,10 @@ only converts dtypes and layouts the kernels do not take directly; the corpus ch
 ``topk_update`` is never copied when it is float16, float32 or float64 with contiguous rows
 (a read-only ``np.memmap`` slice included). Top-k scores are computed in float32 (queries are
 cast to float32); the small ops compute in float64.
+
+The compiled module checks every index argument (ranges, sort order, pointer arrays) and
+``n_threads`` before any native work and raises ``ValueError`` naming the argument; this module
+checks what never reaches it (``pair_pos``) and that index arrays hold integers.
 """
 from __future__ import annotations
 
@@ -18,22 +22,25 @@ NAME = "cpp"
 _CHUNK_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _threads(n_threads):
-    return 0 if n_threads is None else int(n_threads)
-
-
 def _f64(a):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _i64(a):
+def _i64(a, name):
+    """An index array as C-contiguous int64; a float or bool array is refused, not truncated
+    (an empty one of any dtype, e.g. ``np.array([])``, is taken)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu" and a.size:
+        raise TypeError(f"{name}: must be an integer array (record/row indices), got dtype {a.dtype}; "
+                        f"pass it as np.int64")
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
 def query_gradient(queries, order, seg_ptr, *, n_threads=None):
     if queries.dtype not in (np.float32, np.float64):
         queries = queries.astype(np.float64)
-    return _cpu.query_gradient(np.ascontiguousarray(queries), _i64(order), _i64(seg_ptr), _threads(n_threads))
+    return _cpu.query_gradient(np.ascontiguousarray(queries), _i64(order, "order"), _i64(seg_ptr, "seg_ptr"),
+                               n_threads)
 
 
 def _chunk_view(chunk):
@@ -52,14 +59,14 @@ def _chunk_view(chunk):
 
 def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    ex = np.empty(0, dtype=np.int64) if exclude is None else _i64(exclude)
+    ex = np.empty(0, dtype=np.int64) if exclude is None else _i64(exclude, "exclude")
     # The kernel keeps float32 scores; a state of another dtype/layout is updated through a copy.
     direct = (best_scores.dtype == np.float32 and best_scores.flags.c_contiguous and best_scores.flags.writeable)
     direct_i = (best_index.dtype == np.int64 and best_index.flags.c_contiguous and best_index.flags.writeable)
     scores = best_scores if direct else np.ascontiguousarray(best_scores, dtype=np.float32)
     index = best_index if direct_i else np.ascontiguousarray(best_index, dtype=np.int64)
     first_bad = _cpu.topk_update(q, _chunk_view(chunk), int(row_offset), ex, bool(normalize), scores, index,
-                                 _threads(n_threads))
+                                 n_threads)
     if not direct:
         best_scores[...] = scores
     if not direct_i:
@@ -69,22 +76,45 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
 
 def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_threads=None):
     # pair_pos is part of the contract but not needed: x is among the touched competitors with
-    # D = 0 and s_dif = 0, which bounds nothing (as in the reference).
-    return _cpu.nudge_m_intervals(_f64(S), _f64(G), _i64(pair_query), _f64(s_x), _f64(g_x), _f64(u_score),
-                                  float(eps), _threads(n_threads))
+    # D = 0 and s_dif = 0, which bounds nothing (as in the reference). Checked all the same: a
+    # bad one means the caller's pairs and columns disagree.
+    pair_query = _i64(pair_query, "pair_query")
+    pair_pos = _i64(pair_pos, "pair_pos")
+    if pair_pos.shape != pair_query.shape:
+        raise ValueError(f"pair_pos: shape {pair_pos.shape} differs from pair_query's {pair_query.shape}; "
+                         f"pass one position per validation pair")
+    t = S.shape[1] if np.ndim(S) == 2 else 0
+    bad = np.flatnonzero((pair_pos < -1) | (pair_pos >= t))
+    if bad.size:
+        raise ValueError(f"pair_pos[{bad[0]}] = {pair_pos[bad[0]]} is outside [-1, {t}) (the column of the "
+                         f"answer among the t touched records of S, -1 when untouched)")
+    return _cpu.nudge_m_intervals(_f64(S), _f64(G), pair_query, _f64(s_x), _f64(g_x), _f64(u_score),
+                                  float(eps), n_threads)
 
 
 def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
-    return _cpu.nudge_n_sweep(_f64(S), _f64(H), _f64(alpha), _f64(beta), _i64(touched), _f64(unt_scores),
-                              _i64(unt_index), _i64(ans_ptr), _i64(ans_index), int(k_val), _threads(n_threads))
+    return _cpu.nudge_n_sweep(_f64(S), _f64(H), _f64(alpha), _f64(beta), _i64(touched, "touched"),
+                              _f64(unt_scores), _i64(unt_index, "unt_index"), _i64(ans_ptr, "ans_ptr"),
+                              _i64(ans_index, "ans_index"), int(k_val), n_threads)
 
 
 def project(E, C, alpha, beta, *, n_threads=None):
     def native(a):  # float32 and float64 go in as they are; anything else (float16) as float64
         return np.ascontiguousarray(a) if a.dtype in (np.float32, np.float64) else _f64(a)
 
-    return _cpu.project(native(E), native(C), _f64(alpha), _f64(beta), _threads(n_threads))
+    return _cpu.project(native(E), native(C), _f64(alpha), _f64(beta), n_threads)
+
+
+def normalize_rows(chunk, out, *, n_threads=None):
+    # float16/float32 rows are read in place; anything else is converted once (this chunk only).
+    # out is written in place, so it is never converted: the binding checks it (float32,
+    # C-contiguous, writeable, (m, d)).
+    chunk = np.asarray(chunk)
+    if chunk.dtype not in (np.float16, np.float32) or not chunk.flags.c_contiguous:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+    return int(_cpu.normalize_rows(chunk, out, n_threads))
 
 
 def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
-    return _cpu.metrics(_i64(retrieved), _i64(ans_ptr), _i64(ans_index), _f64(ans_rel), int(k), _threads(n_threads))
+    return _cpu.metrics(_i64(retrieved, "retrieved"), _i64(ans_ptr, "ans_ptr"), _i64(ans_index, "ans_index"),
+                        _f64(ans_rel), int(k), n_threads)
