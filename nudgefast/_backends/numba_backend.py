@@ -6,13 +6,20 @@ call and runs ``@njit(cache=True, nogil=True)`` kernels.
 
 ``topk_update`` is the hot op. The chunk is cut into sub-blocks of ``_BLOCK`` rows at fixed
 offsets (independent of the thread count); each sub-block is converted to float32 into a
-per-worker buffer (float16 through a lookup table, so a float16 or read-only memmap chunk is
+per-worker buffer (float16 decoded from its bits, so a float16 or read-only memmap chunk is
 never copied whole), its row norms are taken in float64, and a 6-query x 2-row register tile
-computes scores that go straight into a per-worker, per-query sorted top-k (threshold check,
-then insertion). Workers own disjoint (row group, query block) pairs; their states are merged
-into the caller's at the end. Every (query, row) score is produced by the same tile code, so
-equal rows give bit-identical scores, and the (score desc, index asc) order is a strict total
-order: the result does not depend on the thread count.
+computes scores that go straight to a per-worker, per-query admission test. Admitted
+candidates are appended, as one uint64 rank key each (order-reversed float32 score bits, then
+the chunk-local row: the tie rule is integer order), to an unsorted reservoir of ``2k`` (at
+least ``k + 64``) keys; a full reservoir is cut back to its best k by selection and its k-th
+key becomes the threshold. The threshold starts at the caller's k-th best score, so after the
+first chunks almost every row is rejected by one compare. Cost: O(1) amortised per admitted
+candidate, then per query O(k + s log s) to sort the s survivors and merge them with the
+caller's state (a sorted insertion would cost O(k) per admitted row: O(k^2) per chunk while a
+large k fills). Workers own disjoint (row group, query block) pairs. Every (query, row) score
+is produced by the same tile code, so equal rows give bit-identical scores, and the (score
+desc, index asc) order is a strict total order: the result does not depend on the thread
+count.
 
 Differences from the NumPy reference, all within float32 rounding: scores are always computed
 in float32 (float64 queries are rounded to float32), the dot product is accumulated in a
@@ -42,6 +49,8 @@ _RT = 2
 # Bound on the per-worker top-k state (bytes) before workers split the queries instead of
 # the rows; keeps memory O(chunk + n_q k) with a small constant.
 _STATE_BUDGET = 256 << 20
+# Rank keys hold the chunk-local row in their low 32 bits: longer chunks are fed in pieces.
+_MAX_CHUNK_ROWS = (1 << 32) - 1
 
 # Only the reassociation (SIMD partial sums) and FMA contraction are allowed: never
 # 'nnan'/'ninf', the non-finite norm check must stay meaningful.
@@ -49,11 +58,6 @@ _FAST = {"reassoc", "contract"}
 
 _jit = dict(cache=True, nogil=True, error_model="numpy")
 
-# float16 -> float32 for all 65536 bit patterns (exact); numba has no CPU float16 type.
-_F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-_F16_TABLE.flags.writeable = False
-_NO_TABLE = np.zeros(1, dtype=np.float32)
-_NO_TABLE.flags.writeable = False
 _CHUNK_KIND = {np.dtype(np.float16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 
 
@@ -83,40 +87,39 @@ def _ro(a, dtype=None):
     return v
 
 
-def _as_f32(x, table):  # pragma: no cover - replaced by the overload inside jitted code
+@njit(**_jit)
+def _f16_bits_to_f32(h):
+    """The float32 value of a float16 bit pattern (uint16), exact for all 65536 patterns (NaN
+    payloads included). Numba has no CPU float16 type; integer ops and selects vectorise,
+    where a 65536-entry table lookup is a gather (3x slower)."""
+    w = np.uint32(h)
+    e = np.uint32(w & np.uint32(0x7FFF))
+    sign = np.uint32((w & np.uint32(0x8000)) << np.uint32(16))
+    # Subnormal or zero: the integer mantissa times 2**-24, a product of normal float32 values
+    # (immune to flush-to-zero modes); else re-bias the exponent (+112), inf/NaN keep all ones.
+    small = np.float32(np.float32(e) * np.float32(5.9604644775390625e-08))
+    normal = np.uint32((e << np.uint32(13)) + np.uint32(0x38000000))
+    special = np.uint32((e << np.uint32(13)) | np.uint32(0x7F800000))
+    big = special if e >= np.uint32(0x7C00) else normal
+    bits = np.uint32(small.view(np.uint32)) if e < np.uint32(0x0400) else big
+    return np.uint32(bits | sign).view(np.float32)
+
+
+def _as_f32(x):  # pragma: no cover - replaced by the overload inside jitted code
     raise NotImplementedError
 
 
 @overload(_as_f32, inline="always")
-def _as_f32_impl(x, table):
+def _as_f32_impl(x):
     if isinstance(x, types.Integer):  # uint16 bit pattern of a float16
-        return lambda x, table: table[x]
-    return lambda x, table: np.float32(x)
+        return lambda x: _f16_bits_to_f32(x)
+    return lambda x: np.float32(x)
 
 
 @njit(**_jit)
 def _beats(s, i, ws, wi):
     """Rank order: score descending, then index ascending."""
     return s > ws or (s == ws and i < wi)
-
-
-@njit(**_jit)
-def _offer(st_s, st_i, w, q, k, s, idx):
-    """Insert candidate (s, idx) into the sorted top-k of worker ``w``, query ``q``."""
-    ws = st_s[w, q, k - 1]
-    if s > ws or (s == ws and idx < st_i[w, q, k - 1]):
-        j = k - 1
-        while j > 0:
-            ps = st_s[w, q, j - 1]
-            pi = st_i[w, q, j - 1]
-            if s > ps or (s == ps and idx < pi):
-                st_s[w, q, j] = ps
-                st_i[w, q, j] = pi
-                j -= 1
-            else:
-                break
-        st_s[w, q, j] = s
-        st_i[w, q, j] = idx
 
 
 # --------------------------------------------------------------------------- query_gradient
@@ -165,30 +168,30 @@ def query_gradient(queries, order, seg_ptr, *, n_threads=None):
 # --------------------------------------------------------------------------- topk_update
 
 @njit(fastmath=_FAST, **_jit)
-def _convert_rows(rows, buf, norms, table):
+def _convert_rows(rows, buf, norms):
     """rows (nr, d) -> float32 buffer rows 0:nr, squared row norms in float64."""
     nr, d = rows.shape
     for r in range(nr):
         acc = 0.0
         for c in range(d):
-            v = _as_f32(rows[r, c], table)
+            v = _as_f32(rows[r, c])
             buf[r, c] = v
             acc += np.float64(v) * np.float64(v)
         norms[r] = acc
 
 
 @njit(**_jit)
-def _load_block(chunk, kind, r0, nr, buf, norms, table):
+def _load_block(chunk, kind, r0, nr, buf, norms):
     """Rows r0:r0+nr of the chunk's bytes, decoded by ``kind`` (0: float16, 1: float32,
     2: float64). The chunk travels as uint8 bytes so that one compiled kernel serves every
     dtype (each parallel specialisation costs seconds of compile time)."""
     rows = chunk[r0:r0 + nr]
     if kind == 0:
-        _convert_rows(rows.view(np.uint16), buf, norms, table)
+        _convert_rows(rows.view(np.uint16), buf, norms)
     elif kind == 1:
-        _convert_rows(rows.view(np.float32), buf, norms, table)
+        _convert_rows(rows.view(np.float32), buf, norms)
     else:
-        _convert_rows(rows.view(np.float64), buf, norms, table)
+        _convert_rows(rows.view(np.float64), buf, norms)
 
 
 @njit(fastmath=_FAST, **_jit)
@@ -222,14 +225,195 @@ def _tile(q, i0, b, r0, d):
 
 
 @njit(**_jit)
-def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
-                 n_row_groups, q_block, st_s, st_i, first_bad):
-    """Work item w = (row group g, query block qb): scores rows of group g against the
-    queries of block qb into st_*[g, queries of qb]."""
+def _rank_key(s, local):
+    """The rank order (score descending, then row ascending) as one unsigned integer,
+    ascending: the float32 bits of ``s`` mapped to an order-reversing uint32 (high half) and
+    the chunk-local row (low half). ``s`` is finite or +inf; -0.0 is keyed as +0.0 because
+    the two compare equal and must tie on the row."""
+    if s == 0:
+        s = np.float32(0.0)
+    b = np.uint64(np.float32(s).view(np.uint32))
+    flip = np.uint64(0x7FFFFFFF) if b < np.uint64(0x80000000) else np.uint64(0)
+    return ((b ^ flip) << np.uint64(32)) | np.uint64(local)
+
+
+@njit(**_jit)
+def _key_score(key):
+    """The float32 score a rank key was made from (exact)."""
+    b = np.uint32(key >> np.uint64(32))
+    flip = np.uint32(0x7FFFFFFF) if b < np.uint32(0x80000000) else np.uint32(0)
+    return np.uint32(b ^ flip).view(np.float32)
+
+
+# Hand-written selection and sort of rank keys: np.partition and np.sort would each add
+# seconds of compile time to the kernels that call them (measured: np.partition alone ~6 s).
+# Keys are distinct (distinct rows), so Lomuto partitioning does not degrade on duplicates;
+# a depth limit falls back to heapsort (introsort), so no input is quadratic.
+
+@njit(**_jit)
+def _split_keys(a, lo, hi):
+    """Partition a[lo:hi] (at least 3 keys) around the median of its first, middle and last
+    keys; returns the pivot's final position p: a[lo:p] < a[p] < a[p + 1:hi]."""
+    mid = (lo + hi - 1) >> 1
+    x, y, z = a[lo], a[mid], a[hi - 1]
+    m = mid if (x < y) == (y < z) else (lo if (y < x) == (x < z) else hi - 1)
+    a[m], a[hi - 1] = a[hi - 1], a[m]
+    pivot = a[hi - 1]
+    p = lo
+    for i in range(lo, hi - 1):
+        if a[i] < pivot:
+            a[i], a[p] = a[p], a[i]
+            p += 1
+    a[p], a[hi - 1] = a[hi - 1], a[p]
+    return p
+
+
+@njit(**_jit)
+def _insertion_sort_keys(a, lo, hi):
+    for i in range(lo + 1, hi):
+        v = a[i]
+        j = i
+        while j > lo and a[j - 1] > v:
+            a[j] = a[j - 1]
+            j -= 1
+        a[j] = v
+
+
+@njit(**_jit)
+def _heapsort_keys(a, lo, hi):
+    n = hi - lo
+    for start in range(n // 2 - 1, -1, -1):
+        _sift_down_keys(a, lo, start, n)
+    for end in range(n - 1, 0, -1):
+        a[lo], a[lo + end] = a[lo + end], a[lo]
+        _sift_down_keys(a, lo, 0, end)
+
+
+@njit(**_jit)
+def _sift_down_keys(a, lo, root, n):
+    while True:
+        child = 2 * root + 1
+        if child >= n:
+            return
+        if child + 1 < n and a[lo + child + 1] > a[lo + child]:
+            child += 1
+        if a[lo + root] >= a[lo + child]:
+            return
+        a[lo + root], a[lo + child] = a[lo + child], a[lo + root]
+        root = child
+
+
+@njit(**_jit)
+def _depth_limit(n):
+    depth = 8
+    while n > 1:
+        n >>= 1
+        depth += 2
+    return depth
+
+
+@njit(**_jit)
+def _select_keys(a, n, kth):
+    """Reorder a[:n] so that a[kth] is its kth smallest key, smaller keys before it."""
+    lo = 0
+    hi = n
+    depth = _depth_limit(n)
+    while hi - lo > 16:
+        if depth == 0:
+            _heapsort_keys(a, lo, hi)
+            return
+        depth -= 1
+        p = _split_keys(a, lo, hi)
+        if p == kth:
+            return
+        if kth < p:
+            hi = p
+        else:
+            lo = p + 1
+    _insertion_sort_keys(a, lo, hi)
+
+
+@njit(**_jit)
+def _sort_keys(a, n):
+    """Sort a[:n] ascending (introsort: the smaller side is deferred, so the stack holds at
+    most log2(n) segments)."""
+    stack = np.empty((64, 3), dtype=np.int64)
+    stack[0, 0] = 0
+    stack[0, 1] = n
+    stack[0, 2] = _depth_limit(n)
+    top = 1
+    while top > 0:
+        top -= 1
+        lo = stack[top, 0]
+        hi = stack[top, 1]
+        depth = stack[top, 2]
+        while hi - lo > 16:
+            if depth == 0:
+                _heapsort_keys(a, lo, hi)
+                lo = hi
+                break
+            depth -= 1
+            p = _split_keys(a, lo, hi)
+            if p - lo > hi - p - 1:  # defer the larger side, go on with the smaller
+                stack[top, 0] = lo
+                stack[top, 1] = p
+                lo = p + 1
+            else:
+                stack[top, 0] = p + 1
+                stack[top, 1] = hi
+                hi = p
+            stack[top, 2] = depth
+            top += 1
+        _insertion_sort_keys(a, lo, hi)
+
+
+@njit(**_jit)
+def _shrink(res, cnt, thr_s, thr_k, g, q, k):
+    """Keep the k best keys of a full reservoir; the k-th becomes the admission threshold.
+    Between two shrinks at least ``cap - k >= k`` candidates are admitted, so the selection
+    costs O(1) per admitted candidate."""
+    keys = res[g, q]
+    _select_keys(keys, cnt[g, q], k - 1)
+    kth = keys[k - 1]
+    thr_k[g, q] = kth
+    thr_s[g, q] = _key_score(kth)
+    cnt[g, q] = k
+    return k
+
+
+@njit(**_jit)
+def _admit(res, cnt, thr_s, thr_k, g, q, k, s, local):
+    """Candidate (score s, chunk row ``local``) of row group g, query q, that passed the score
+    test: keep it unless it loses the tie rule to the threshold key."""
+    if s > -np.inf:  # -inf and NaN: non-candidates
+        key = _rank_key(s, local)
+        if key < thr_k[g, q]:
+            c = cnt[g, q]
+            if c == res.shape[2]:
+                # cap > k here: a cap bounded by the group's rows is never reached before them.
+                c = _shrink(res, cnt, thr_s, thr_k, g, q, k)
+            res[g, q, c] = key
+            cnt[g, q] = c + 1
+
+
+@njit(**_jit)
+def _admit_tile(tile, res, cnt, thr_s, thr_k, g, i0, k, x0):
+    """Offer a tile's scores (queries i0 + a, chunk rows x0 + b) to the reservoirs."""
+    for a in range(_QT):
+        for b in range(_RT):
+            v = tile[a, b]
+            if v >= thr_s[g, i0 + a]:
+                _admit(res, cnt, thr_s, thr_k, g, i0 + a, k, v, x0 + b)
+
+
+@njit(**_jit)
+def _topk_worker(w, q, chunk, kind, exclude, normalize, n_row_groups, q_block, k,
+                 res, cnt, thr_s, thr_k, first_bad):
+    """Work item w = (row group g, query block qb): offers rows of group g, scored against the
+    queries of block qb, to the reservoirs res[g, queries of qb]."""
     m = chunk.shape[0]
     d = q.shape[1]
     nq = q.shape[0]  # padded to a multiple of _QT with zero queries
-    k = st_s.shape[2]
     n_blocks = (m + _BLOCK - 1) // _BLOCK
     per_group = (n_blocks + n_row_groups - 1) // n_row_groups
     n_qblocks = (nq + q_block - 1) // q_block
@@ -241,18 +425,19 @@ def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
     norms = np.empty(_BLOCK, dtype=np.float64)
     scale = np.empty(_BLOCK + _RT, dtype=np.float32)
     bias = np.empty(_BLOCK + _RT, dtype=np.float32)
+    tile = np.empty((_QT, _RT), dtype=np.float32)
     fb = -1
     for blk in range(g * per_group, min((g + 1) * per_group, n_blocks)):
         r0 = blk * _BLOCK
         nr = min(_BLOCK, m - r0)
-        _load_block(chunk, kind, r0, nr, buf, norms, table)
+        _load_block(chunk, kind, r0, nr, buf, norms)
         for r in range(nr):
             nrm = np.sqrt(norms[r])
             bad = not np.isfinite(nrm) or (normalize and nrm == 0.0)
             if bad and fb < 0:
                 fb = r0 + r
-            # bias = -inf turns a non-candidate's score into -inf (or NaN), which never
-            # enters a top-k: no branch in the scoring loop.
+            # bias = -inf turns a non-candidate's score into -inf (or NaN), which is never
+            # admitted: no branch in the scoring loop.
             bias[r] = -np.inf if bad else np.float32(0.0)
             scale[r] = np.float32(1.0 / nrm) if (normalize and not bad) else np.float32(1.0)
         nr_pad = (nr + _RT - 1) // _RT * _RT
@@ -267,7 +452,6 @@ def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
             e += 1
         if k == 0:
             continue
-        base = row_offset + r0
         for i0 in range(q0, q1, _QT):
             for rr in range(0, nr_pad, _RT):
                 s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51 = _tile(q, i0, buf, rr, d)
@@ -275,74 +459,111 @@ def _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
                 c1 = scale[rr + 1]
                 z0 = bias[rr]
                 z1 = bias[rr + 1]
-                x0 = base + rr
-                x1 = x0 + 1
-                _offer(st_s, st_i, g, i0, k, s00 * c0 + z0, x0)
-                _offer(st_s, st_i, g, i0, k, s01 * c1 + z1, x1)
-                _offer(st_s, st_i, g, i0 + 1, k, s10 * c0 + z0, x0)
-                _offer(st_s, st_i, g, i0 + 1, k, s11 * c1 + z1, x1)
-                _offer(st_s, st_i, g, i0 + 2, k, s20 * c0 + z0, x0)
-                _offer(st_s, st_i, g, i0 + 2, k, s21 * c1 + z1, x1)
-                _offer(st_s, st_i, g, i0 + 3, k, s30 * c0 + z0, x0)
-                _offer(st_s, st_i, g, i0 + 3, k, s31 * c1 + z1, x1)
-                _offer(st_s, st_i, g, i0 + 4, k, s40 * c0 + z0, x0)
-                _offer(st_s, st_i, g, i0 + 4, k, s41 * c1 + z1, x1)
-                _offer(st_s, st_i, g, i0 + 5, k, s50 * c0 + z0, x0)
-                _offer(st_s, st_i, g, i0 + 5, k, s51 * c1 + z1, x1)
+                v00 = s00 * c0 + z0
+                v01 = s01 * c1 + z1
+                v10 = s10 * c0 + z0
+                v11 = s11 * c1 + z1
+                v20 = s20 * c0 + z0
+                v21 = s21 * c1 + z1
+                v30 = s30 * c0 + z0
+                v31 = s31 * c1 + z1
+                v40 = s40 * c0 + z0
+                v41 = s41 * c1 + z1
+                v50 = s50 * c0 + z0
+                v51 = s51 * c1 + z1
+                t0 = thr_s[g, i0]
+                t1 = thr_s[g, i0 + 1]
+                t2 = thr_s[g, i0 + 2]
+                t3 = thr_s[g, i0 + 3]
+                t4 = thr_s[g, i0 + 4]
+                t5 = thr_s[g, i0 + 5]
+                # One branch per tile (non-short-circuit |): once the thresholds are set almost
+                # every tile admits nothing.
+                if ((v00 >= t0) | (v01 >= t0) | (v10 >= t1) | (v11 >= t1)
+                        | (v20 >= t2) | (v21 >= t2) | (v30 >= t3) | (v31 >= t3)
+                        | (v40 >= t4) | (v41 >= t4) | (v50 >= t5) | (v51 >= t5)):
+                    tile[0, 0], tile[0, 1], tile[1, 0], tile[1, 1] = v00, v01, v10, v11
+                    tile[2, 0], tile[2, 1], tile[3, 0], tile[3, 1] = v20, v21, v30, v31
+                    tile[4, 0], tile[4, 1], tile[5, 0], tile[5, 1] = v40, v41, v50, v51
+                    _admit_tile(tile, res, cnt, thr_s, thr_k, g, i0, k, r0 + rr)
     first_bad[w] = fb
 
 
 @njit(parallel=True, **_jit)
-def _topk_kernel(q, chunk, kind, row_offset, exclude, normalize, table,
-                 n_row_groups, q_block, st_s, st_i, first_bad):
+def _topk_kernel(q, chunk, kind, exclude, normalize, n_row_groups, q_block, k,
+                 res, cnt, thr_s, thr_k, first_bad):
     # The parallel loop body is one call: a small parfor keeps the compile time down.
     for w in prange(first_bad.shape[0]):
-        _topk_worker(w, q, chunk, kind, row_offset, exclude, normalize, table,
-                     n_row_groups, q_block, st_s, st_i, first_bad)
+        _topk_worker(w, q, chunk, kind, exclude, normalize, n_row_groups, q_block, k,
+                     res, cnt, thr_s, thr_k, first_bad)
+
+
+@njit(**_jit)
+def _merge_query(res, cnt, row_offset, best_scores, best_index, q):
+    """The best k of every group's reservoir for query q, sorted, merged with the caller's
+    sorted state (on equal keys the caller's entry comes first; a row held twice is kept
+    once). O(k + s log s) for s admitted candidates; a query with none is left untouched."""
+    n_groups = res.shape[0]
+    k = best_scores.shape[1]
+    total = 0
+    for g in range(n_groups):
+        total += cnt[g, q]
+    if total == 0:
+        return
+    cand = np.empty(total, dtype=np.uint64)
+    p = 0
+    for g in range(n_groups):
+        for j in range(cnt[g, q]):
+            cand[p] = res[g, q, j]
+            p += 1
+    n_c = min(total, k)
+    if total > k:
+        _select_keys(cand, total, k - 1)
+    _sort_keys(cand, n_c)
+    low = np.uint64(0xFFFFFFFF)
+    out_s = np.empty(k, dtype=np.float64)
+    out_i = np.empty(k, dtype=np.int64)
+    a = 0
+    b = 0
+    j = 0
+    while j < k:
+        have_a = a < k and best_scores[q, a] > -np.inf
+        have_b = b < n_c
+        sa = -np.inf
+        ia = np.int64(-1)
+        sb = -np.inf
+        ib = np.int64(-1)
+        if have_a:
+            sa = np.float64(best_scores[q, a])
+            ia = np.int64(best_index[q, a])
+        if have_b:
+            sb = np.float64(_key_score(cand[b]))
+            ib = row_offset + np.int64(cand[b] & low)
+        if have_a and (not have_b or not _beats(sb, ib, sa, ia)):
+            s, i = sa, ia
+            a += 1
+        elif have_b:
+            s, i = sb, ib
+            b += 1
+        else:
+            for jj in range(j, k):
+                out_s[jj] = -np.inf
+                out_i[jj] = -1
+            break
+        if j > 0 and i == out_i[j - 1]:
+            continue  # a row already held, fed again: equal score, so adjacent; keep one
+        out_s[j] = s
+        out_i[j] = i
+        j += 1
+    for j in range(k):
+        best_scores[q, j] = out_s[j]
+        best_index[q, j] = out_i[j]
 
 
 @njit(parallel=True, **_jit)
-def _topk_merge(st_s, st_i, best_scores, best_index):
-    """k-way merge of the caller's sorted state with every worker's sorted state (on equal
-    keys the caller's entry comes first; a row held twice is kept once)."""
-    n_groups = st_s.shape[0]
-    n_q, k = best_scores.shape
-    for q in prange(n_q):
-        out_s = np.empty(k, dtype=np.float64)
-        out_i = np.empty(k, dtype=np.int64)
-        heads = np.zeros(n_groups + 1, dtype=np.int64)
-        j = 0
-        while j < k:
-            bs = -np.inf
-            bi = np.int64(-1)
-            src = -1
-            h = heads[n_groups]
-            if h < k:
-                s = np.float64(best_scores[q, h])
-                i = np.int64(best_index[q, h])
-                if s > -np.inf:
-                    bs, bi, src = s, i, n_groups
-            for g in range(n_groups):
-                h = heads[g]
-                if h < k:
-                    s = np.float64(st_s[g, q, h])
-                    i = st_i[g, q, h]
-                    if s > -np.inf and (src < 0 or _beats(s, i, bs, bi)):
-                        bs, bi, src = s, i, g
-            if src < 0:
-                for jj in range(j, k):
-                    out_s[jj] = -np.inf
-                    out_i[jj] = -1
-                break
-            heads[src] += 1
-            if j > 0 and bi == out_i[j - 1]:
-                continue  # a row already held, fed again: equal score, so adjacent; keep one
-            out_s[j] = bs
-            out_i[j] = bi
-            j += 1
-        for j in range(k):
-            best_scores[q, j] = out_s[j]
-            best_index[q, j] = out_i[j]
+def _topk_merge(res, cnt, row_offset, best_scores, best_index):
+    for q in prange(best_scores.shape[0]):
+        _merge_query(res, cnt, row_offset, best_scores, best_index, q)
 
 
 def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
@@ -350,17 +571,28 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
 
     queries (n_q, d) float, chunk (m, d) float16/float32/float64 (a read-only memmap slice is
     fine, it is never copied whole), exclude sorted int64 local rows, best_scores (n_q, k)
-    float32 and best_index (n_q, k) int64 updated in place. Returns the global index of the
-    first row with a non-finite (or, with ``normalize``, zero) norm, else -1.
+    float32 (or float64) and best_index (n_q, k) int64 updated in place. Returns the global
+    index of the first row with a non-finite (or, with ``normalize``, zero) norm, else -1.
     """
     chunk = np.asarray(chunk)
     m, d = chunk.shape
     if m == 0:
         return -1
+    exclude = np.empty(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+    if m > _MAX_CHUNK_ROWS:
+        # Rank keys hold the chunk-local row in 32 bits: feed a huge chunk in pieces.
+        first = -1
+        for s in range(0, m, _MAX_CHUNK_ROWS):
+            lo, hi = np.searchsorted(exclude, [s, s + _MAX_CHUNK_ROWS])
+            bad = topk_update(queries, chunk[s:s + _MAX_CHUNK_ROWS], row_offset + s,
+                              exclude[lo:hi] - s, normalize, best_scores, best_index,
+                              n_threads=n_threads)
+            if first < 0:
+                first = bad
+        return first
     if chunk.dtype not in _CHUNK_KIND:
         chunk = chunk.astype(np.float32)
     kind = _CHUNK_KIND[chunk.dtype]
-    table = _F16_TABLE if kind == 0 else _NO_TABLE
     if not chunk.flags.c_contiguous:
         chunk = np.ascontiguousarray(chunk)  # only strided views pay a copy
     chunk = chunk.view(np.uint8)  # no copy: a C-contiguous memmap slice is read in place
@@ -370,26 +602,38 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
     nq_pad = (n_q + _QT - 1) // _QT * _QT
     q = np.zeros((nq_pad, d), dtype=np.float32)
     q[:n_q] = queries
-    exclude = _ro(np.empty(0, np.int64) if exclude is None else exclude, np.int64)
+    exclude = _ro(exclude)
 
     with _threads(n_threads) as nt:
         n_blocks = (m + _BLOCK - 1) // _BLOCK
-        state_bytes = max(1, nq_pad * k * 12)
+        # Reservoir capacity: room for k kept + max(k, 64) admitted between two selections,
+        # never more than the rows a group can admit.
+        cap = min(k + max(k, 64), n_blocks * _BLOCK) if k else 0
+        state_bytes = max(1, nq_pad * cap * 8)
         # Row groups: several per thread for load balance, bounded by the state memory.
         n_groups = max(1, min(n_blocks, 4 * nt, _STATE_BUDGET // state_bytes))
+        cap = min(cap, -(-n_blocks // n_groups) * _BLOCK)
         # When the state is too large for a group per thread, workers split the queries too.
         n_qsplit = max(1, min(nq_pad // _QT, -(-nt // n_groups)))
         q_block = -(-(nq_pad // _QT) // n_qsplit) * _QT if nq_pad else _QT
         n_qblocks = max(1, -(-nq_pad // q_block)) if nq_pad else 1
-        st_s = np.full((n_groups, nq_pad, k), -np.inf, dtype=np.float32)
-        st_i = np.full((n_groups, nq_pad, k), -1, dtype=np.int64)
+        res = np.empty((n_groups, nq_pad, cap), dtype=np.uint64)
+        cnt = np.zeros((n_groups, nq_pad), dtype=np.int64)
+        thr_k = np.full((n_groups, nq_pad), np.iinfo(np.uint64).max, dtype=np.uint64)
+        # Admission starts at the caller's k-th best score: a row scoring below it cannot
+        # enter. The test is s >= gate, so a float64 state rounded to nearest float32 is safe:
+        # a float32 s above the float64 k-th is >= that k-th rounded to nearest. Padding
+        # queries admit nothing.
+        thr_s = np.full((n_groups, nq_pad), np.inf, dtype=np.float32)
+        if k and n_q:
+            thr_s[:, :n_q] = best_scores[:, k - 1]
         first_bad = np.full(n_groups * n_qblocks, -1, dtype=np.int64)
         previous_chunk = numba.set_parallel_chunksize(1)
         try:
-            _topk_kernel(q, chunk, kind, np.int64(row_offset), exclude, bool(normalize), table,
-                         n_groups, q_block, st_s, st_i, first_bad)
+            _topk_kernel(q, chunk, kind, exclude, bool(normalize), n_groups, q_block, k,
+                         res, cnt, thr_s, thr_k, first_bad)
             if k > 0 and n_q > 0:
-                _topk_merge(st_s, st_i, best_scores, best_index)
+                _topk_merge(res, cnt, np.int64(row_offset), best_scores, best_index)
         finally:
             numba.set_parallel_chunksize(previous_chunk)
     found = first_bad[first_bad >= 0]
@@ -570,6 +814,85 @@ def project(E, C, alpha, beta, *, n_threads=None):
         with _threads(n_threads):
             _project_kernel(E, C, alpha, beta, out)
     return out
+
+
+# --------------------------------------------------------------------------- normalize_rows
+
+# Rows per parallel work item: each finds its own first bad row, the smallest one is returned.
+_NORM_BLOCK = 64
+
+
+@njit(fastmath=_FAST, **_jit)
+def _normalize_typed(rows, out, r0):
+    """rows (nr, d) -> out[r0:r0 + nr]; the first bad row (local to ``rows``) or -1."""
+    nr, d = rows.shape
+    first = -1
+    for r in range(nr):
+        acc = 0.0
+        for c in range(d):
+            v = np.float64(_as_f32(rows[r, c]))  # float16/float32 widen exactly
+            acc += v * v
+        nrm = np.sqrt(acc)
+        if first < 0 and not (np.isfinite(nrm) and nrm > 0.0):
+            first = r
+        # The contract allows the float64 reciprocal: within one float32 ulp of x / |x|.
+        inv = 1.0 / nrm
+        for c in range(d):
+            out[r0 + r, c] = np.float32(np.float64(_as_f32(rows[r, c])) * inv)
+    return first
+
+
+@njit(**_jit)
+def _normalize_block(chunk, kind, r0, r1, out):
+    """Rows r0:r1 of the chunk's bytes (kind 0: float16, else float32), see ``_load_block``."""
+    rows = chunk[r0:r1]
+    if kind == 0:
+        return _normalize_typed(rows.view(np.uint16), out, r0)
+    return _normalize_typed(rows.view(np.float32), out, r0)
+
+
+@njit(parallel=True, **_jit)
+def _normalize_kernel(chunk, kind, out, first_bad):
+    m = out.shape[0]
+    for blk in prange(first_bad.shape[0]):
+        r0 = blk * _NORM_BLOCK
+        b = _normalize_block(chunk, kind, r0, min(r0 + _NORM_BLOCK, m), out)
+        first_bad[blk] = r0 + b if b >= 0 else -1
+
+
+def normalize_rows(chunk, out, *, n_threads=None):
+    """``out[r] = chunk[r] / |chunk[r]|``: chunk (m, d) float16/float32 (other dtypes are
+    read as float32), out (m, d) float32 C-contiguous (an ``np.memmap`` view is fine), the
+    norm in float64, each value rounded once to float32. Returns the local index of the first
+    row whose norm is not finite or is zero, else -1 (that row's ``out`` is unspecified).
+    One read of ``chunk``, one write of ``out``; a read-only memmap chunk is read in place.
+    """
+    chunk = np.asarray(chunk)
+    target = np.asarray(out)  # a plain ndarray view of a memmap: writes go to the map
+    # Checked, not trusted: the kernel writes out[r, c] for every element of chunk, and a
+    # smaller out would be written past its end.
+    if target.shape != chunk.shape:
+        raise ValueError(f"out: expected shape {chunk.shape} (the chunk's), got {target.shape}; "
+                         f"pass a float32 array of the chunk's shape")
+    if target.dtype != np.float32 or not target.flags.c_contiguous or not target.flags.writeable:
+        raise ValueError(f"out: expected a writable C-contiguous float32 array, got {target.dtype}"
+                         f" (C-contiguous: {target.flags.c_contiguous}, writeable: "
+                         f"{target.flags.writeable}); pass np.empty(chunk.shape, np.float32)")
+    m = chunk.shape[0]
+    if m == 0 or chunk.shape[1] == 0:
+        return 0 if m else -1  # d = 0: every norm is zero
+    if chunk.dtype not in (np.float16, np.float32):
+        chunk = chunk.astype(np.float32)
+    kind = 0 if chunk.dtype == np.float16 else 1
+    if not chunk.flags.c_contiguous:
+        chunk = np.ascontiguousarray(chunk)
+    chunk = chunk.view(np.uint8)  # one compiled kernel for both dtypes, no copy
+    chunk.flags.writeable = False
+    first_bad = np.empty(-(-m // _NORM_BLOCK), dtype=np.int64)
+    with _threads(n_threads):
+        _normalize_kernel(chunk, kind, target, first_bad)
+    found = first_bad[first_bad >= 0]
+    return int(found.min()) if found.size else -1
 
 
 # --------------------------------------------------------------------------- metrics
