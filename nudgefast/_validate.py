@@ -9,19 +9,76 @@ from __future__ import annotations
 import numpy as np
 
 CORPUS_DTYPES = (np.float16, np.float32, np.float64)
+#: More threads than this is a mistake (no machine has that many cores), not a request.
+MAX_THREADS = 1 << 12
+
+
+def _host_array(name: str, value):
+    """NumPy view of a host array-like; a CPU torch tensor (with grad, or bfloat16) is taken
+    through ``detach()`` (and ``float()`` for bfloat16, which NumPy has no type for)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "__cuda_array_interface__"):
+        raise TypeError(f"{name}: a GPU array was given to a CPU backend; pass a host array "
+                        f"(e.g. .get() / .cpu().numpy()) or use a GPU backend")
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        t = value.detach()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()  # NumPy has no bfloat16: one float32 copy
+        return t.cpu().numpy()
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: expected a 2-D array, got {type(value).__name__}")
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f"{name}: expected a 2-D NumPy array (or np.memmap), got "
+                        f"{type(value).__name__}") from exc
+
+
+def as_size(name: str, value, *, allow_none: bool = True, upper: int | None = None):
+    """A positive int size argument (chunk rows, block sizes, threads), or None when allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: must be a positive int{' or None' if allow_none else ''}, got "
+                        f"{value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < 1 or (upper is not None and value > upper):
+        bound = f"in [1, {upper}]" if upper is not None else ">= 1"
+        raise ValueError(f"{name}: must be an int {bound}, got {value}"
+                         + ("; leave it None for the default" if allow_none else ""))
+    return value
+
+
+def as_threads(name: str, value):
+    """``n_threads``: None (all cores) or an int in [1, MAX_THREADS]."""
+    return as_size(name, value, upper=MAX_THREADS)
+
+
+def as_gammas(name: str, gammas) -> np.ndarray:
+    """A NUDGE-N gamma grid: a non-empty 1-D list of finite values in [0, 4)."""
+    try:
+        arr = np.asarray(gammas, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: expected a 1-D list of numbers, got {gammas!r}") from exc
+    if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all() or np.any(arr < 0) \
+            or np.any(arr >= 4):
+        raise ValueError(f"{name}: must be a non-empty 1-D list of finite values in [0, 4) "
+                         f"(the sphere step needs gamma < 4), got {gammas!r}")
+    return arr
+
+
+def as_step(name: str, value) -> float:
+    """A fixed NUDGE-M step: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def as_corpus(name: str, corpus) -> np.ndarray:
     """A 2-D float16/32/64 array view of ``corpus`` (never a copy of an ndarray or memmap)."""
-    if not isinstance(corpus, np.ndarray):
-        if hasattr(corpus, "__cuda_array_interface__"):
-            raise TypeError(f"{name}: a GPU array was given to a CPU backend; pass a host array "
-                            f"(e.g. .get() / .cpu().numpy()) or use a GPU backend")
-        try:
-            corpus = np.asarray(corpus)
-        except Exception as exc:
-            raise TypeError(f"{name}: expected a 2-D NumPy array (or np.memmap), got "
-                            f"{type(corpus).__name__}") from exc
+    corpus = _host_array(name, corpus)
     if corpus.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array of shape (N, d), got {corpus.ndim}-D "
                          f"shape {corpus.shape}; reshape it to (N, d)")
@@ -36,12 +93,13 @@ def as_corpus(name: str, corpus) -> np.ndarray:
 
 def as_queries(name: str, queries, d: int | None = None, dtype=np.float32) -> np.ndarray:
     """A C-contiguous copy of a query matrix in ``dtype``, checked for shape and values."""
-    arr = np.asarray(queries)
+    arr = _host_array(name, queries)
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array of shape (n, d), got {arr.ndim}-D shape "
                          f"{arr.shape}; reshape it (one row per query)")
     if arr.dtype.kind != "f":
-        raise TypeError(f"{name}: dtype {arr.dtype} is not a float type; pass float32 embeddings")
+        raise TypeError(f"{name}: dtype {arr.dtype} is not a float type; pass float32 embeddings "
+                        f"(e.g. {name}.astype(np.float32))")
     if d is not None and arr.shape[1] != d:
         raise ValueError(f"{name}: has d={arr.shape[1]} but the corpus has d={d}; embed queries "
                          f"and corpus with the same model")

@@ -1,4 +1,4 @@
-"""Console entry points: ``nudgefast demo``, ``nudgefast backends``. The only module that prints."""
+"""Console entry points (``nudgefast demo | bench | backends``). The only module that prints."""
 from __future__ import annotations
 
 import argparse
@@ -216,6 +216,29 @@ def show_backends(args) -> int:
     return 0
 
 
+DEFAULT_BENCH_SIZES = "10000,50000"
+
+
+def _sizes(text):
+    try:
+        sizes = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 10000,1e6, got "
+                                         f"{text!r}") from None
+    if any(n < 2 for n in sizes):
+        raise argparse.ArgumentTypeError(f"every size must be >= 2, got {text!r}")
+    return text
+
+
+def _backend_list(text):
+    if text != "all":
+        for name in text.split(","):
+            if name not in _backends.KNOWN:
+                raise argparse.ArgumentTypeError(f"unknown backend {name!r}; choose from "
+                                                 f"{', '.join(_backends.KNOWN)} or 'all'")
+    return text
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -226,37 +249,76 @@ def _positive_int(text):
     return value
 
 
+DESCRIPTION = ("nudgefast: NUDGE fine-tuning of retrieval embeddings (arXiv 2409.02343) at "
+               "hardware speed. 'nudgefast COMMAND --help' describes each command's options.")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help; descriptions printed as written."""
+
+
+class _UsageError(Exception):
+    """A bad command-line argument found after parsing: one line, exit status 2."""
+
+
+def _backend_name(text):
+    choices = ["all", "auto", *_backends.KNOWN]
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from "
+                                         f"{', '.join(choices)}")
+    return text
+
+
+def _folder(text):
+    if not datasets.is_dataset(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset folder in the shared "
+                                         f"format (corpus.npy, queries_*.npy, qrels_*.jsonl)")
+    return text
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="nudgefast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nudgefast", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="tune the packaged real dataset with NUDGE-M and NUDGE-N "
-                                    "and show test accuracy before/after, with examples")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+    p = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="Tune the packaged real dataset; show test accuracy before and after, "
+                            "and searches that got better.",
+                       description="Tune the packaged real dataset (pkg-search-6k) with NUDGE-M "
+                                   "and NUDGE-N on the fastest backend; print test recall/NDCG "
+                                   "before and after, gamma, fit time and example searches.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", metavar="DIR",
+    src.add_argument("--dataset", metavar="DIR", type=_folder,
                      help="a dataset folder in the shared format instead of the packaged one")
     src.add_argument("--synthetic", action="store_true",
                      help="the seeded synthetic task instead of the packaged real dataset")
     p.add_argument("--all-backends", action="store_true",
                    help="fit on every available backend and print the verification table")
-    p.add_argument("--backend", default="all",
-                   help="one backend (default: the fastest; with --all-backends: every one)")
-    p.add_argument("--k", type=_positive_int, default=10, help="cut-off of recall/NDCG (10)")
+    p.add_argument("--backend", default="all", type=_backend_name,
+                   help="one backend; 'all': the fastest (with --all-backends: every one)")
+    p.add_argument("--k", type=_positive_int, default=10, help="cut-off of recall and NDCG")
     p.add_argument("--repeat", type=_positive_int, default=3,
-                   help="timed fits per method after one warm-up (3)")
+                   help="timed fits per method after one warm-up")
     p.set_defaults(func=demo)
-    p = sub.add_parser("bench", help="fit time, top-k throughput and memory against N for every "
-                                     "backend and peer (nudge-ft, FAISS): Markdown + PNG plots")
-    p.add_argument("--sizes", default="10000,100000,1000000",
+    p = sub.add_parser("bench", formatter_class=_Formatter,
+                       help="Speed against N of every backend and peer, or (--accuracy) the "
+                            "accuracy table on the real datasets.",
+                       description="Fit time, top-k throughput and peak memory against N for "
+                                   "every backend and peer (nudge-ft, FAISS), side by side in "
+                                   "one run: report.md and PNG plots. The defaults take about a "
+                                   "minute on 2 cores; ask for large sizes with --sizes.")
+    p.add_argument("--sizes", default=DEFAULT_BENCH_SIZES, type=_sizes,
                    help="comma-separated corpus sizes N for the synthetic workload")
-    p.add_argument("--d", type=int, default=384)
-    p.add_argument("--train", type=int, default=5000)
-    p.add_argument("--val", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the cpp/numba backends and FAISS (default: all cores)")
-    p.add_argument("--backends", default="all", help="comma-separated, or 'all' available")
+    p.add_argument("--d", type=_positive_int, default=384, help="embedding dimension")
+    p.add_argument("--train", type=_positive_int, default=5000, help="train queries")
+    p.add_argument("--val", type=_positive_int, default=1000, help="validation queries")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the cpp/numba backends and FAISS (None: all cores)")
+    p.add_argument("--backends", default="all", type=_backend_list,
+                   help="comma-separated backends, or 'all' available")
     p.add_argument("--peers", default="nudge-ft,faiss", help="comma-separated peers to run")
     p.add_argument("--packaged", action="store_true", help="also the packaged dataset")
     p.add_argument("--memmap", action="store_true",
@@ -265,16 +327,23 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy", action="store_true",
                    help="instead of speed: test recall/NDCG/MRR of no fine-tuning, NUDGE-M/N "
                         "(native, compat, nudge-ft) and the linear adapters on every dataset")
-    p.add_argument("--dataset", action="append", metavar="DIR",
+    p.add_argument("--dataset", action="append", metavar="DIR", type=_folder,
                    help="with --accuracy: a dataset folder (repeatable; default: every one "
                         "under ../shared/data or $NUDGEFAST_DATA)")
     p.add_argument("--no-adapters", action="store_true",
                    help="with --accuracy: leave out the adapter baselines")
     p.set_defaults(func=bench)
-    p = sub.add_parser("backends", help="which backends are available here, and why not")
+    p = sub.add_parser("backends", help="Which backends are available here; for the others, why not and the fix.",
+                       description="Every backend, whether it is available here, and for the "
+                                   "others why not and how to fix it.")
     p.set_defaults(func=show_backends)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (_UsageError, FileNotFoundError, RuntimeError) as exc:
+        # A missing dataset or backend is the user's to fix: one line, not a traceback.
+        print(f"nudgefast {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -58,7 +58,7 @@ class _Compat:
         # ``device`` is accepted for signature compatibility; the backend picks the hardware.
         self.device = device
         self.backend = backend
-        self.n_threads = n_threads
+        self.n_threads = _validate.as_threads("n_threads", n_threads)
         self.progress = progress
         #: The :class:`NudgeResult` of the last call (gamma, touched records, accuracy).
         self.result_: NudgeResult | None = None
@@ -76,6 +76,7 @@ class NUDGEM(_Compat):
                             val_set: QueriesAnswersDict, nontrain_embeddings: np.ndarray = None,
                             val_batch_size: int = VAL_BLOCK, gamma: float = None) -> np.ndarray:
         """Returns the tuned embeddings (N, d) float32; score them by dot product."""
+        val_batch_size = _validate.as_size("val_batch_size", val_batch_size, allow_none=False)
         prep = self._prep(embeddings, train_set, val_set, unique_val=False)
         extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1])
         if gamma is None:
@@ -83,12 +84,13 @@ class NUDGEM(_Compat):
                          n_threads=self.n_threads, progress=self.progress,
                          val_block=val_batch_size)
         else:
+            gamma = _validate.as_step("gamma", gamma)
             cnorm = np.linalg.norm(prep.grad, axis=1)
             beta = np.where(cnorm > 0, float(gamma) / np.where(cnorm > 0, cnorm, 1.0), 0.0)
             res = _result("nudge-m", prep, float(gamma), np.ones(cnorm.size), beta,
                           np.zeros(0), np.zeros(0), self.n_threads)
         self.result_ = res
-        return res.apply(prep.corpus)
+        return res.apply(prep.corpus, backend=self.backend, n_threads=self.n_threads)
 
 
 class NUDGEN(_Compat):
@@ -99,17 +101,20 @@ class NUDGEN(_Compat):
                             val_batch_size: int = VAL_BLOCK, val_k: int = 1,
                             gamma: float = None) -> np.ndarray:
         """Returns the tuned embeddings (N, d) float32, unit length."""
+        val_batch_size = _validate.as_size("val_batch_size", val_batch_size, allow_none=False)
+        val_k = _validate.as_size("val_k", val_k, allow_none=False)
         prep = self._prep(embeddings, train_set, val_set, unique_val=True)
+        _validate.as_k("val_k", val_k, prep.corpus.shape[0])
         if (prep.val_csr.counts == 0).any():
             warnings.warn("val_set: a validation query has no answers; like nudge-ft every "
                           "gamma then scores NaN and gamma = 0 is returned (the native "
                           "nudgefast.NudgeN skips such queries)", stacklevel=2)
         extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1])
-        gammas = NUDGE_N_GAMMAS if gamma is None else np.array([float(gamma)])
+        gammas = NUDGE_N_GAMMAS if gamma is None else _validate.as_gammas("gamma", [gamma])
         res = _fit_n(prep, int(val_k), gammas, extra_corpus=extra, chunk_rows=None,
                      n_threads=self.n_threads, progress=self.progress, val_block=val_batch_size)
         self.result_ = res
-        return res.apply(prep.corpus)
+        return res.apply(prep.corpus, backend=self.backend, n_threads=self.n_threads)
 
 
 __all__ = ["NUDGEM", "NUDGEN", "QueriesAnswersDict"]

@@ -6,10 +6,30 @@ import warnings
 import numpy as np
 
 from . import _backends
-from .queryset import as_queryset, QuerySet
+from .queryset import QuerySet, as_queryset, check_answers
 
 
-def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_query=False):
+def _check_retrieved(retrieved, k, n_records):
+    """Each row a ranking: record ids >= 0 (``-1`` pads a short list), each at most once."""
+    top = retrieved[:, :k]
+    if (top < -1).any():
+        i, j = map(int, np.argwhere(top < -1)[0])
+        raise ValueError(f"retrieved: row {i} holds record {int(top[i, j])}; ids are record rows "
+                         f">= 0 (-1 only as padding)")
+    if n_records is not None and (top >= n_records).any():
+        i, j = map(int, np.argwhere(top >= n_records)[0])
+        raise ValueError(f"retrieved: row {i} holds record {int(top[i, j])}, which is >= "
+                         f"n_records={n_records}")
+    s = np.sort(top, axis=1)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if dup.any():
+        i, j = map(int, np.argwhere(dup)[0])
+        raise ValueError(f"retrieved: row {i} lists record {int(s[i, j])} more than once in its "
+                         f"top {k}; a ranking holds each record once (deduplicate it first)")
+
+
+def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_query=False,
+            n_records=None):
     """Mean recall@k, ndcg@k and mrr@k of ``retrieved`` against the answers of ``queries``.
 
     retrieved: (n, >=k) int record indices, best first (e.g. ``search(...).indices``).
@@ -17,7 +37,8 @@ def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_qu
     recall@k = |top-k ∩ answers| / min(|answers|, k); ndcg@k uses the graded relevance with
     ideal DCG from the sorted grades; mrr@k = 1 / rank of the first answer (0 if none).
     Queries without answers are skipped with a warning. Returns a dict of floats, plus
-    ``per_query`` (n, 3) arrays when asked.
+    ``per_query`` (n, 3) arrays when asked. A record listed twice in a row of ``retrieved``, an
+    id below -1 (``-1`` pads), or (with ``n_records``) an id or answer >= N is an error.
     """
     retrieved = np.asarray(retrieved)
     if retrieved.ndim != 2 or retrieved.dtype.kind not in "iu":
@@ -30,7 +51,13 @@ def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_qu
         queries, _ = as_queryset("queries", queries, None)
     if len(queries) != retrieved.shape[0]:
         raise ValueError(f"retrieved: has {retrieved.shape[0]} rows for {len(queries)} queries")
+    _check_retrieved(retrieved, int(k), n_records)
     csr = queries.csr(unique=True)
+    if (csr.index < 0).any():
+        raise ValueError("queries: an answer is a negative record index; answers are row "
+                         "indices into the corpus, 0 <= index < N")
+    if n_records is not None:
+        check_answers("queries", csr, int(n_records))
     per = _backends.get(backend).metrics(retrieved.astype(np.int64, copy=False), csr.ptr,
                                          csr.index, csr.relevance, int(k))
     valid = ~np.isnan(per[:, 0])

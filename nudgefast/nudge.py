@@ -43,13 +43,20 @@ class NudgeResult:
     n_records: int
     timings: dict = field(default_factory=dict)
 
-    def apply(self, corpus, out=None, *, chunk_rows=None) -> np.ndarray:
+    def apply(self, corpus, out=None, *, chunk_rows=None, backend="auto",
+              n_threads=None) -> np.ndarray:
         """The tuned corpus (N, d) float32: every row normalised, touched rows replaced.
 
-        Streams ``corpus``; writes into ``out`` when given (a float32 (N, d) array or memmap;
-        it may be ``corpus`` itself to tune in place), else allocates.
+        Streams ``corpus`` through the backend's ``normalize_rows`` (one read, one write: it
+        runs at memory bandwidth); writes into ``out`` when given (a C-contiguous float32
+        (N, d) array or memmap; it may be ``corpus`` itself to tune in place), else allocates.
+        A row with NaN/inf or of norm zero raises, as in ``fit`` (what ``out`` holds then is
+        unspecified; ``corpus`` is unchanged unless it is ``out``).
         """
         corpus = _validate.as_corpus("corpus", corpus)
+        chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
+        n_threads = _validate.as_threads("n_threads", n_threads)
+        impl = _backends.get(backend)
         n, d = corpus.shape
         if n != self.n_records or d != self.vectors.shape[1]:
             raise ValueError(f"corpus: shape {corpus.shape} differs from the fitted corpus "
@@ -57,17 +64,30 @@ class NudgeResult:
                              f"to the corpus it was fitted on")
         if out is None:
             out = np.empty((n, d), dtype=np.float32)
-        elif out.shape != (n, d) or out.dtype != np.float32:
-            raise ValueError(f"out: expected a float32 array of shape {(n, d)}, got "
-                             f"{out.dtype} {out.shape}")
+        elif (not isinstance(out, np.ndarray) or out.shape != (n, d) or out.dtype != np.float32
+              or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out: expected a writable C-contiguous float32 array of shape "
+                             f"{(n, d)}, got {getattr(out, 'dtype', type(out).__name__)} "
+                             f"{getattr(out, 'shape', '')}; allocate np.empty({(n, d)}, "
+                             f"np.float32) or pass None")
         step = chunk_rows or chunk_rows_for(1, d, corpus.dtype.itemsize)
         for start in range(0, n, step):
-            x = np.asarray(corpus[start:start + step], dtype=np.float64)
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out[start:start + step] = np.where(norms > 0, x / norms, 0.0)
+            chunk = corpus[start:start + step]
+            if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
+                chunk = np.ascontiguousarray(chunk, dtype=np.float32)  # this chunk only
+            bad = impl.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
+            if bad >= 0:
+                raise _validate.corpus_row_error("corpus", corpus, start + bad, True)
         out[self.indices] = self.vectors
         return out
+
+    def __repr__(self) -> str:
+        best = float(np.nanmax(self.val_accuracy)) if self.val_accuracy.size else float("nan")
+        seconds = sum(self.timings.values())
+        return (f"NudgeResult({self.variant}, gamma={self.gamma:.6g}, touched "
+                f"{self.indices.size} of {self.n_records} records, d={self.vectors.shape[1]}, "
+                f"best validation accuracy {best:.4f} over {self.gammas.size} gammas, "
+                f"fit {seconds:.3g} s)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,10 +383,10 @@ class _Nudge:
         _backends.get(backend)  # fail early with the install hint
         self.backend = backend
         self.dtype = np.float64 if precision == "float64" else np.float32
-        self.chunk_rows = chunk_rows
-        self.n_threads = n_threads
+        self.chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
+        self.n_threads = _validate.as_threads("n_threads", n_threads)
         self.progress = progress
-        self.val_block = val_block
+        self.val_block = _validate.as_size("val_block", val_block, allow_none=False)
 
     def _prepare(self, corpus, train, val, **kw):
         return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
@@ -386,10 +406,7 @@ class NudgeN(_Nudge):
         if isinstance(k_val, bool) or not isinstance(k_val, (int, np.integer)) or k_val < 1:
             raise ValueError(f"k_val: must be an int >= 1, got {k_val!r}")
         self.k_val = int(k_val)
-        self.gammas = NUDGE_N_GAMMAS if gammas is None else np.asarray(gammas, dtype=float)
-        if self.gammas.ndim != 1 or self.gammas.size == 0 or np.any(self.gammas < 0) \
-                or np.any(self.gammas >= 4):
-            raise ValueError("gammas: must be a non-empty 1-D list of values in [0, 4)")
+        self.gammas = NUDGE_N_GAMMAS if gammas is None else _validate.as_gammas("gammas", gammas)
 
     def fit(self, corpus, train, val) -> NudgeResult:
         """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once.

@@ -32,9 +32,12 @@ class AnswerCSR:
 class QuerySet:
     """Query embeddings ``(n, d)`` with one answer list each (record row indices).
 
-    ``relevance`` (optional) gives a graded relevance per answer, same nesting as ``answers``;
-    without it every answer has relevance 1. The arrays the caller passes are copied, never
-    modified.
+    ``relevance`` (optional) gives a graded relevance per answer (finite, >= 0), same nesting
+    as ``answers``; without it every answer has relevance 1.
+
+    Immutable: the embeddings and every answer / relevance list are copied in at construction
+    into read-only arrays, so editing what was passed afterwards changes nothing here (build a
+    new QuerySet to change the answers). That keeps the cached CSR form always valid.
     """
 
     embeddings: np.ndarray
@@ -43,15 +46,23 @@ class QuerySet:
     _csr: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        emb = np.asarray(self.embeddings)
+        emb = _validate._host_array("QuerySet.embeddings", self.embeddings)
         if emb.ndim != 2:
             raise ValueError(f"QuerySet.embeddings: expected shape (n, d), got {emb.shape}")
-        if len(self.answers) != emb.shape[0]:
-            raise ValueError(f"QuerySet.answers: has {len(self.answers)} lists for "
-                             f"{emb.shape[0]} query embeddings; give one list per query")
-        if self.relevance is not None and len(self.relevance) != len(self.answers):
-            raise ValueError(f"QuerySet.relevance: has {len(self.relevance)} lists for "
-                             f"{len(self.answers)} queries; give one per query or None")
+        emb = np.array(emb, copy=True)
+        emb.flags.writeable = False
+        answers = _answer_lists("QuerySet.answers", self.answers, emb.shape[0])
+        relevance = None
+        if self.relevance is not None:
+            relevance = _grade_lists("QuerySet.relevance", self.relevance, answers)
+        object.__setattr__(self, "embeddings", emb)
+        object.__setattr__(self, "answers", answers)
+        object.__setattr__(self, "relevance", relevance)
+
+    def __repr__(self) -> str:
+        pairs = sum(len(a) for a in self.answers)
+        return (f"QuerySet({len(self)} queries, d={self.embeddings.shape[1]}, {pairs} answers"
+                f"{', graded' if self.relevance is not None else ''})")
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -77,27 +88,85 @@ class QuerySet:
         return cls(np.asarray(emb, dtype=np.float32), answers, relevance)
 
 
+def _sequence(name, value, what):
+    if value is None:
+        raise TypeError(f"{name}: is None; give {what}")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: a {type(value).__name__} is not {what}")
+    if isinstance(value, np.ndarray):
+        return list(value) if value.ndim else None
+    if not hasattr(value, "__len__"):
+        try:
+            return list(value)  # a generator or other iterable: read it once
+        except TypeError:
+            return None
+    return value
+
+
+def _answer_lists(name, answers, n_queries):
+    """One read-only int64 array per query, each entry a record row (checked for type)."""
+    what = "one list of record indices per query, e.g. [[3], [5, 8]]"
+    seq = _sequence(name, answers, what)
+    if seq is None:
+        raise TypeError(f"{name}: expected {what}, got {type(answers).__name__}")
+    if len(seq) != n_queries:
+        raise ValueError(f"{name}: has {len(seq)} lists for {n_queries} query embeddings; "
+                         f"give one list per query")
+    out = []
+    for i, ans in enumerate(seq):
+        if isinstance(ans, (int, np.integer)) and not isinstance(ans, bool):
+            raise TypeError(f"{name}[{i}]: is the single number {ans}, not a list; give {what}")
+        if isinstance(ans, (str, bytes)):
+            raise TypeError(f"{name}[{i}]: is a {type(ans).__name__}, not a list of record "
+                            f"indices")
+        a = np.array(ans if hasattr(ans, "__len__") else list(ans))
+        if a.ndim != 1:
+            raise ValueError(f"{name}[{i}]: expected a flat list of record indices, got shape "
+                             f"{a.shape}")
+        if a.size and a.dtype.kind not in "iu":
+            if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+                pass  # whole numbers stored as floats are fine
+            else:
+                raise TypeError(f"{name}[{i}]: record indices must be integers, got dtype "
+                                f"{a.dtype}")
+        if a.size and a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name}[{i}]: record index {int(a.max())} is too large; answers "
+                             f"are row indices into the corpus, 0 <= index < N")
+        a = a.astype(np.int64)
+        a.flags.writeable = False
+        out.append(a)
+    return tuple(out)
+
+
+def _grade_lists(name, relevance, answers):
+    seq = _sequence(name, relevance, "one list of grades per query")
+    if seq is None or len(seq) != len(answers):
+        got = "not a list" if seq is None else f"{len(seq)} lists"
+        raise ValueError(f"{name}: has {got} for {len(answers)} queries; give one list of "
+                         f"grades per query, or None")
+    out = []
+    for i, (r, a) in enumerate(zip(seq, answers)):
+        try:
+            g = np.array(r, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}[{i}]: grades must be numbers, got {r!r}") from exc
+        if g.size != a.size:
+            raise ValueError(f"{name}[{i}]: has {g.size} grades for {a.size} answers; give one "
+                             f"grade per answer")
+        if not np.isfinite(g).all() or (g < 0).any():
+            raise ValueError(f"{name}[{i}]: grades must be finite and >= 0, got {g.tolist()}")
+        g.flags.writeable = False
+        out.append(g)
+    return tuple(out)
+
+
 def _build_csr(answers, relevance, unique: bool) -> AnswerCSR:
     n = len(answers)
     ptr = np.zeros(n + 1, dtype=np.int64)
     idx_parts, rel_parts = [], []
     for i, ans in enumerate(answers):
-        a = np.asarray(ans)
-        if a.ndim != 1:
-            raise ValueError(f"answers[{i}]: expected a flat list of record indices, got shape "
-                             f"{a.shape}")
-        if a.size and a.dtype.kind not in "iu":
-            if a.dtype.kind == "f" and np.all(a == np.round(a)):
-                a = a.astype(np.int64)
-            else:
-                raise TypeError(f"answers[{i}]: record indices must be integers, got dtype "
-                                f"{a.dtype}")
-        a = a.astype(np.int64, copy=False)
-        r = (np.ones(a.size) if relevance is None
-             else np.asarray(relevance[i], dtype=np.float64).reshape(-1))
-        if r.size != a.size:
-            raise ValueError(f"relevance[{i}]: has {r.size} grades for {a.size} answers; give one "
-                             f"grade per answer")
+        a = np.asarray(ans, dtype=np.int64)
+        r = np.ones(a.size) if relevance is None else np.asarray(relevance[i], dtype=np.float64)
         if unique and a.size:
             order = np.lexsort((-r, a))  # by record, highest relevance first
             a, r = a[order], r[order]

@@ -111,6 +111,9 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)
+    chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
+    n_threads = _validate.as_threads("n_threads", n_threads)
+    query_block = _validate.as_size("query_block", query_block, allow_none=False)
     if metric not in ("cosine", "dot"):
         raise ValueError(f"metric: must be 'cosine' or 'dot', got {metric!r}")
     impl = _backends.get(backend)

@@ -57,8 +57,6 @@ def test_query_and_answer_errors(backend, ds):
         (QuerySet(emb, [[-1]] + list(tr.answers[1:])), ValueError,
          r"train: answers\[0\] contains record -1, which is negative"),
         (QuerySet(emb, [[]] * len(tr)), ValueError, r"train: has no \(query, answer\) pairs"),
-        (QuerySet(emb, [[0.5]] + list(tr.answers[1:])), TypeError, r"answers\[0\]: record "
-                                                                     r"indices must be integers"),
         ("not a query set", TypeError, r"train: expected a QuerySet"),
     ]
     for train, err, msg in cases:
@@ -66,6 +64,9 @@ def test_query_and_answer_errors(backend, ds):
             _fit(backend, c, train, dev)
     with pytest.raises(ValueError, match=r"QuerySet.answers: has 2 lists for"):
         QuerySet(emb, [[1], [2]])
+    # Answer types are checked when the QuerySet is built, before any fit.
+    with pytest.raises(TypeError, match=r"answers\[0\]: record indices must be integers"):
+        QuerySet(emb, [[0.5]] + list(tr.answers[1:]))
 
 
 def test_validation_query_without_answers_is_skipped(backend, ds):

@@ -23,7 +23,7 @@ EMB_TOL = 1e-5
 
 
 def _as_dict(qs: QuerySet):
-    return {"q_embs": np.ascontiguousarray(qs.embeddings, dtype=np.float32),
+    return {"q_embs": np.array(qs.embeddings, dtype=np.float32),  # a writable copy for torch
             "q_ans_indx": [list(map(int, a)) for a in qs.answers]}
 
 

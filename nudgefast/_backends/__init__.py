@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 #: Every backend, fastest first.
@@ -46,13 +47,38 @@ class BackendInfo:
 _cache: dict[str, tuple[ModuleType | None, str]] = {}
 
 
+def _shadowed_extension() -> str | None:
+    """When the imported nudgefast is a source checkout without the compiled extension while
+    an installed copy has it (``python -m nudgefast`` or ``import nudgefast`` run inside the
+    checkout: the working directory comes first on sys.path), say so and how to fix it."""
+    here = Path(__file__).resolve().parents[1]
+    if not (here.parent / "setup.py").is_file() or any(here.glob("_cpu*.so")) \
+            or any(here.glob("_cpu*.pyd")):
+        return None
+    try:
+        from importlib.metadata import distribution
+        installed = Path(distribution("nudgefast").locate_file("nudgefast")).resolve()
+    except Exception:  # not installed at all
+        return None
+    if installed == here or not (any(installed.glob("_cpu*.so"))
+                                 or any(installed.glob("_cpu*.pyd"))):
+        return None
+    return (f"the nudgefast imported here is the source folder {here}, which has no compiled "
+            f"extension and shadows the installed package at {installed}, which has it "
+            f"(Python puts the working directory first on sys.path); fix: run from outside "
+            f"the source folder (the `nudgefast` command works anywhere), or build the "
+            f"extension in place with pip install -e .")
+
+
 def _load(name: str) -> tuple[ModuleType | None, str]:
     if name not in _cache:
         try:
             module = importlib.import_module(_MODULES[name])
             _cache[name] = (module, "available")
         except Exception as exc:  # ImportError, or a broken compiled module
-            _cache[name] = (None, f"{type(exc).__name__}: {exc}; fix: {_INSTALL_HINT[name]}")
+            shadow = _shadowed_extension() if name == "cpp" else None
+            fix = shadow or f"fix: {_INSTALL_HINT[name]}"
+            _cache[name] = (None, f"{type(exc).__name__}: {exc}; {fix}")
     return _cache[name]
 
 

@@ -317,6 +317,21 @@ def project(E, C, alpha, beta, *, n_threads=None):
     return out.get()
 
 
+def normalize_rows(chunk, out, *, n_threads=None):
+    # A host chunk into a host output is a host memory-bound pass: a round trip over PCIe
+    # would only add the transfer. Device arrays (CuPy) are normalised where they are.
+    if not isinstance(chunk, cp.ndarray):
+        from . import numpy_backend
+        return numpy_backend.normalize_rows(chunk, out)
+    x = chunk.astype(cp.float64)
+    norms = cp.sqrt(cp.einsum("ij,ij->i", x, x))
+    bad = ~cp.isfinite(norms) | (norms == 0)
+    if bool(bad.any()):
+        return int(cp.argmax(bad))
+    out[...] = (x / norms[:, None]).astype(cp.float32)
+    return -1
+
+
 def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
     retrieved = np.ascontiguousarray(retrieved, dtype=np.int64)
     n, width = retrieved.shape
