@@ -10,6 +10,8 @@ import pytest
 from nudgefast import _backends, datasets
 
 BACKENDS = [name for name, info in _backends.backends().items() if info.available]
+#: The backends whose ops run on ``n_threads`` CPU threads (numpy and cuda ignore the argument).
+THREADED = [name for name in BACKENDS if name in ("cpp", "numba")]
 #: Tolerances stated once per dtype: float32 production paths vs the float64 reference.
 TOL = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 2e-5}
 
@@ -29,8 +31,25 @@ def pytest_report_header(config):
     return [f"nudgefast backends: {', '.join(BACKENDS)}", f"real datasets: {names}"]
 
 
-@pytest.fixture(params=BACKENDS)
+def poison_device_pool():
+    """Fill the free CuPy memory pool with NaN, so device outputs allocated next start as NaN
+    and an element a kernel never writes shows."""
+    import cupy as cp
+
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    junk = cp.full(16 << 20, cp.nan, dtype=cp.float64)  # 128 MiB, returned to the pool below
+    cp.cuda.get_current_stream().synchronize()
+    del junk
+
+
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.gpu) if name == "cuda" else name
+                        for name in BACKENDS])
 def backend(request):
+    """Every available backend (cuda only where CuPy sees a device, with the ``gpu`` mark);
+    the cuda case starts from a NaN-poisoned device pool."""
+    if request.param == "cuda":
+        poison_device_pool()
     return request.param
 
 

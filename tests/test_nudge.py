@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import awkward, real_dataset_params
+from conftest import THREADED, awkward, real_dataset_params
 from nudgefast import NudgeM, NudgeN, QuerySet, datasets, metrics, search
 from nudgefast.nudge import most_covered_gamma
 
@@ -65,12 +65,14 @@ def test_float16_corpus(backend):
     _assert_same_result(ours, ref, 0)
 
 
+@pytest.mark.parametrize("backend", THREADED)  # numpy and cuda ignore n_threads
 def test_threads_do_not_change_results(backend):
     ds = awkward(n=900, d=19, seed=12)
     one = NudgeN(backend=backend, n_threads=1).fit(ds.corpus, ds.train, ds.dev)
     two = NudgeN(backend=backend, n_threads=2).fit(ds.corpus, ds.train, ds.dev)
     assert one.gamma == two.gamma
     np.testing.assert_array_equal(one.vectors, two.vectors)
+    np.testing.assert_array_equal(one.val_accuracy, two.val_accuracy)
 
 
 def test_apply_and_search_with_delta_agree(backend):
