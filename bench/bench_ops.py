@@ -61,3 +61,14 @@ def test_project(benchmark, backend, touched):
     ops = _backends.get(backend)
     t = touched["E"].shape[0]
     run(benchmark, lambda: ops.project(touched["E"], touched["C"], np.ones(t), np.ones(t)))
+
+
+def test_normalize_rows(benchmark, workload, backend):
+    """The dense tuned corpus (NudgeResult.apply): floor = N d (itemsize + 4) bytes over the
+    memory bandwidth, the same bytes as a copy of the corpus into a float32 buffer."""
+    w = workload
+    out = np.empty(w.corpus.shape, np.float32)
+    out[:] = 0
+    fn = _backends.get(backend).normalize_rows
+    benchmark.extra_info.update(bytes=w.corpus.nbytes + out.nbytes)
+    run(benchmark, lambda: fn(w.corpus, out))

@@ -22,3 +22,15 @@ def test_topk_faiss_flat(benchmark, workload):
     w = workload
     benchmark.extra_info.update(n=w.n, d=w.corpus.shape[1], n_queries=len(w.val), k=10)
     run(benchmark, nfb.faiss_search(w.corpus, w.val.embeddings, 10))
+
+
+@pytest.mark.parametrize("k", [10, 1_000, 10_000, 100_000])
+def test_topk_large_k(benchmark, workload, backend, k):
+    """Few queries, large k (a re-ranking candidate list): selection, not the GEMM, dominates.
+    The fallback backend (numba) must stay within 3x of cpp up to k = 10^4."""
+    w = workload
+    if k > w.n:
+        pytest.skip(f"k={k} > N={w.n}")
+    q = w.val.embeddings[:10]
+    benchmark.extra_info.update(n=w.n, d=w.corpus.shape[1], n_queries=10, k=k)
+    run(benchmark, lambda: search(q, w.corpus, k, backend=backend, progress=False))

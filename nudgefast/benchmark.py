@@ -318,8 +318,9 @@ def _apply_row(w, res, name, repeat, warmup, n_threads) -> Row:
     """``NudgeResult.apply`` into a preallocated float32 buffer: a memory-bound pass."""
     out = np.empty(w.corpus.shape, np.float32)
     out[:] = 0  # fault the pages in before timing
+    # Milliseconds per call: more runs than the fits get, or thread wake-ups decide the median.
     t = measure(lambda: res.apply(w.corpus, out=out, backend=name, n_threads=n_threads),
-                repeat, warmup)
+                max(repeat, 15), warmup)
     return Row(w.name, w.n, "apply", name, t,
                note=f"{_apply_bytes(w) / t.median / 1e9:.1f} GB/s")
 
@@ -329,12 +330,12 @@ def _apply_floor_rows(w, repeat, warmup) -> list[Row]:
     into a float32 buffer) and what a user would write instead (``x / |x|`` in NumPy)."""
     out = np.empty(w.corpus.shape, np.float32)
     out[:] = 0
-    copy = measure(lambda: np.copyto(out, w.corpus), repeat, warmup)
+    copy = measure(lambda: np.copyto(out, w.corpus), max(repeat, 15), warmup)
 
     def plain():
         x = np.asarray(w.corpus)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
-    naive = measure(plain, repeat, warmup)
+    naive = measure(plain, max(repeat, 15), warmup)
     gbs = _apply_bytes(w) / copy.median / 1e9
     return [Row(w.name, w.n, "apply", "copy floor", copy, note=f"{gbs:.1f} GB/s"),
             Row(w.name, w.n, "apply", "numpy x/|x|", naive,

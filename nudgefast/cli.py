@@ -169,7 +169,7 @@ def bench(args) -> int:
             workloads.append(benchmark.synthetic_workload(
                 n, args.d, args.train, args.val, seed=args.seed, memmap_dir=scratch))
         info = benchmark.device_info(args.threads)
-        backends = args.backends.split(",") if args.backends != "all" else None
+        backends = _bench_backends(args.backends)
         peers = [p for p in args.peers.split(",") if p]
         rows = benchmark.run(workloads, backends=backends, peers=peers, repeat=args.repeat,
                              n_threads=args.threads)
@@ -191,7 +191,7 @@ def _bench_accuracy(args, out) -> int:
     from . import accuracy, benchmark
 
     folders = accuracy.dataset_folders(args.dataset)
-    backend = args.backends if args.backends != "all" else "auto"
+    backend = args.backends if args.backends not in ("all", "compiled") else "auto"
     info = benchmark.device_info(args.threads)
     rows = []
     for folder in folders:
@@ -230,12 +230,21 @@ def _sizes(text):
     return text
 
 
+def _bench_backends(text):
+    """'all': every available backend; 'compiled': all but the numpy reference (its NUDGE-N
+    sweep sorts per gamma: about 10 s a fit whatever N); else the names given."""
+    if text in ("all", "compiled"):
+        return [n for n, b in _backends.backends().items()
+                if b.available and (text == "all" or n != "numpy")]
+    return text.split(",")
+
+
 def _backend_list(text):
-    if text != "all":
+    if text not in ("all", "compiled"):
         for name in text.split(","):
             if name not in _backends.KNOWN:
                 raise argparse.ArgumentTypeError(f"unknown backend {name!r}; choose from "
-                                                 f"{', '.join(_backends.KNOWN)} or 'all'")
+                                                 f"{', '.join(_backends.KNOWN)}, 'compiled' or 'all'")
     return text
 
 
@@ -317,8 +326,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs after one warm-up")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for the cpp/numba backends and FAISS (None: all cores)")
-    p.add_argument("--backends", default="all", type=_backend_list,
-                   help="comma-separated backends, or 'all' available")
+    p.add_argument("--backends", default="compiled", type=_backend_list,
+                   help="comma-separated backends; 'compiled': every available one but the "
+                        "numpy reference (slow: ~10 s a NUDGE-N fit); 'all': numpy too")
     p.add_argument("--peers", default="nudge-ft,faiss", help="comma-separated peers to run")
     p.add_argument("--packaged", action="store_true", help="also the packaged dataset")
     p.add_argument("--memmap", action="store_true",

@@ -125,7 +125,7 @@ def _reference_retrieve(tuned, queries, k, metric):
     e = torch.from_numpy(np.ascontiguousarray(tuned, dtype=np.float32))
     if metric == "cos":
         e = torch.nn.functional.normalize(e)
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    q = torch.from_numpy(np.array(queries, dtype=np.float32))  # writable
     return torch.sort(q @ e.T, dim=1, descending=True, stable=True).indices[:, :k].numpy()
 
 
