@@ -2,7 +2,8 @@
 //
 // A segmented sum in double: row j is the sum of queries[order[p]] for p in
 // [seg_ptr[j], seg_ptr[j+1]), added in that order starting from the first term: the CPU backend's
-// order, so the two agree bit for bit (segments are never empty). NumPy's reduceat (the reference)
+// order, so the two agree bit for bit. An empty segment (begin == end) sums to 0 and reads nothing:
+// order[begin] may lie past the end of `order` (the last segment) or belong to the next segment. NumPy's reduceat (the reference)
 // associates differently (first term added last), so it agrees to rounding only. One thread per
 // output element (segment, column): consecutive threads read consecutive columns of the same query
 // row (coalesced). Only additions: no contraction can change rounding.
@@ -25,6 +26,10 @@ __device__ __forceinline__ void query_gradient_body(const T* queries, i64 d, con
          e += static_cast<i64>(gridDim.x) * blockDim.x) {
         const i64 j = e / d, c = e % d;
         const i64 begin = seg_ptr[j], end = seg_ptr[j + 1];
+        if (begin >= end) {
+            out[e] = 0.0;
+            continue;
+        }
         double acc = static_cast<double>(queries[order[begin] * d + c]);
         for (i64 p = begin + 1; p < end; ++p) acc = __dadd_rn(acc, static_cast<double>(queries[order[p] * d + c]));
         out[e] = acc;

@@ -19,8 +19,11 @@ Corpus pass (``topk_stream``):
 - a device corpus (a CuPy array, or anything with ``__cuda_array_interface__`` or DLPack on this
   device, e.g. a torch CUDA tensor) is read in place, no copy (a chunk is copied only when its
   rows are not contiguous or its dtype is not float16/float32);
-- chunk size follows free device memory; ``cupy.cuda.memory.OutOfMemoryError`` halves it and
-  retries the chunk;
+- chunk size follows free device memory (a caller's ``chunk_rows`` is capped by the same budget);
+  running out of memory (``cupy.cuda.memory.OutOfMemoryError``, or a failed pinned host
+  allocation: ``CUDARuntimeError`` with ``cudaErrorMemoryAllocation``) halves it and retries;
+- a bad row stops the pass within a chunk of the one that holds it (the host reads a pinned copy
+  of the device's first-bad-row word one chunk behind, so the pipeline never stalls on it);
 - k <= ``LAUNCH["TOPK"]["KMAX"]``: the fused kernel keeps every query's top-k on chip (scores
   never reach global memory); larger k: the two-phase path (one sort key per (query, row) in
   global memory, a device sort, then the same merge).
@@ -45,6 +48,7 @@ import logging
 import os
 import re
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +85,9 @@ LAUNCH = {
     # BK_F16 (float16: a multiple of 16), F16_WARPS_Q of its THREADS / 32 warps along the queries.
     # KMAX: the largest k kept on chip (the lists take QT * k * 8 bytes of shared memory).
     # MIN_BLOCKS: __launch_bounds__' minimum resident blocks per multiprocessor (caps registers).
+    # 1, not 2: at 256 threads, 2 caps the kernels at 128 registers, and ptxas (sm_80/sm_90) then
+    # spills the element-load select/keys kernels (154-180 registers uncapped). The grid follows
+    # the occupancy the compiled kernel really gets (``_resident_blocks``), so the two agree.
     "TOPK": {"THREADS": 256, "QT": 64, "RT": 128, "BK_F32": 16, "BK_F16": 32, "F16_WARPS_Q": 2,
              "F16_SPLIT": 1, "KMAX": 128, "MIN_BLOCKS": 1},
     "MERGE": {"THREADS": 256},      # topk_merge_pairs / topk_merge_state / topk_keys_decode
@@ -93,15 +100,18 @@ LAUNCH = {
 
 #: Corpus-pass policy: chunks of a host corpus take at most ``max_chunk_bytes`` (each of the two
 #: pinned and two device buffers) and ``free_fraction`` of free device memory together; a device
-#: corpus is scored ``device_chunk_rows`` rows per launch; ``blocks_per_sm`` sets how many blocks
-#: (query tiles x row splits) a launch aims for per multiprocessor; an out-of-memory error halves
-#: the chunk down to ``min_chunk_rows``.
+#: corpus is scored ``device_chunk_rows`` rows per launch; ``waves`` sets how many full waves of
+#: resident blocks (query tiles x row splits; residency from the occupancy API) a launch aims
+#: for; an out-of-memory error halves the chunk down to ``min_chunk_rows``.
 STREAM = {"max_chunk_bytes": 256 << 20, "free_fraction": 0.25, "device_chunk_rows": 1 << 22,
-          "min_chunk_rows": 1024, "blocks_per_sm": 2}
+          "min_chunk_rows": 1024, "waves": 1}
 
 _NULL = np.uint64(0)  # a null pointer argument (same size and alignment as a device pointer)
 _EMPTY_INDEX = np.iinfo(np.int64).max
 _NO_BAD_ROW = np.uint64(np.iinfo(np.uint64).max)
+#: cudaErrorMemoryAllocation: what a failed cudaHostAlloc (pinned buffers) or cudaMalloc outside
+#: CuPy's pool raises as ``CUDARuntimeError``; not sticky, so the context stays usable.
+_CUDA_ERROR_MEMORY_ALLOCATION = 2
 _KERNEL_ERRORS = {1: "k outside 1..KMAX reached the fused top-k kernel",
                   2: "a kernel got less dynamic shared memory than it needs"}
 
@@ -209,6 +219,25 @@ def _fused_fits(k: int) -> bool:
     static = max(_kernel("topk.cu", f"topk_select_{kind}").shared_size_bytes
                  for kind in ("f32", "f32_vec", "f16", "f16_vec"))
     return static + t["QT"] * k * 8 <= _device_props()["smem_optin"]
+
+
+_RESIDENT: dict[tuple[int, str, int], int] = {}
+
+
+def _resident_blocks(name: str, kernel, threads: int, smem: int) -> int:
+    """Blocks of `kernel` one multiprocessor holds at once (its registers, shared memory and
+    threads), from the driver's occupancy calculator; 1 if it cannot be asked. A grid sized for
+    more than this runs in partial waves (the top-k kernels: one block of 256 threads at
+    154-180 registers, see LAUNCH)."""
+    key = (cp.cuda.Device().id, name, smem)
+    if key not in _RESIDENT:
+        try:
+            n = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, threads, smem))
+        except Exception as exc:  # a CuPy without the binding: one block is always resident
+            log.debug("occupancy query for %s failed (%s); assuming one block per SM", name, exc)
+            n = 1
+        _RESIDENT[key] = max(1, n)
+    return _RESIDENT[key]
 
 
 def _blocks(total: int, threads: int) -> int:
@@ -477,15 +506,19 @@ class _TopkPass:
         row_stride = x.strides[0] // x.itemsize if m > 1 else d
         width = 8 if kind == "f16" else 4  # elements per 16-byte load
         vec = x.data.ptr % 16 == 0 and row_stride % width == 0 and d % width == 0
+        suffix = f"{kind}_vec" if vec else kind
         n_qtiles = q.n_q_pad // t["QT"]
-        target = self.sms * STREAM["blocks_per_sm"]
+        name = f"topk_{'select' if self.fused else 'keys'}_{suffix}"
+        kernel = _kernel("topk.cu", name)
+        smem = t["QT"] * self.k * 8 if self.fused else 0
+        _with_dynamic_smem(kernel, smem)  # before the occupancy query, which checks the opt-in
+        target = self.sms * _resident_blocks(name, kernel, t["THREADS"], smem) * STREAM["waves"]
         n_splits = max(1, min(-(-target // n_qtiles), -(-m // t["RT"]), 65535))
         rows_per_split = _round_up(-(-m // n_splits), t["RT"])
         n_splits = -(-m // rows_per_split)
         lo, hi = (int(v) for v in np.searchsorted(self.ex_host, [row0, row0 + m]))
         ex = self.ex_dev[lo:hi] if hi > lo else self.ex_dev[:1]
         # Launch row r is global row row0 + r; exclude entries are global rows (base row0).
-        suffix = f"{kind}_vec" if vec else kind
         common = (q.qT, q.qhi, q.qlo, q.qscale, _i64(self.n_q), _i64(q.n_q_pad), _i64(d), _i64(q.d_pad),
                   x, _i64(m), _i64(row_stride), ex, _i64(hi - lo), _i64(row0),
                   _i64(self.normalize), _i64(row0), _i64(rows_per_split))
@@ -495,9 +528,6 @@ class _TopkPass:
             out_s = cp.empty((n_splits, self.n_q, k), dtype=cp.float32)
             out_i = cp.empty((n_splits, self.n_q, k), dtype=cp.int64)
             floor_s, floor_i = self._floor()
-            kernel = _kernel("topk.cu", f"topk_select_{suffix}")
-            smem = t["QT"] * k * 8
-            _with_dynamic_smem(kernel, smem)
             kernel(grid, (t["THREADS"],),
                    common + (floor_s, floor_i, _i64(k), out_s, out_i, _NULL, _i64(0),
                              self.first_bad, self.error),
@@ -505,7 +535,6 @@ class _TopkPass:
             lists_s, lists_i = self._merge_lists(out_s, out_i)
         else:
             keys = cp.empty((self.n_q, m), dtype=cp.uint64)
-            kernel = _kernel("topk.cu", f"topk_keys_{suffix}")
             kernel(grid, (t["THREADS"],),
                    common + (_NULL, _NULL, _i64(0), _NULL, _NULL, keys, _i64(m),
                              self.first_bad, self.error))
@@ -609,25 +638,81 @@ def _host_chunk_rows(d: int, itemsize: int, run: _TopkPass) -> int:
     return max(STREAM["min_chunk_rows"], rows)
 
 
+def _device_chunk_rows(d: int) -> int:
+    """Rows of a device corpus per chunk: a chunk that needs a float32 copy (another dtype, or
+    strided rows) takes at most ``free_fraction`` of free device memory for it."""
+    by_free = int(_free_device_bytes() * STREAM["free_fraction"]) // max(1, 4 * d)
+    return max(STREAM["min_chunk_rows"], min(STREAM["device_chunk_rows"], by_free))
+
+
+def _chunk_rows(asked, budget: int) -> int:
+    """A caller's chunk_rows, capped by the memory budget (never raised to it)."""
+    if asked is None:
+        return budget
+    if int(asked) > budget:
+        log.info("nudgefast CUDA top-k: chunk_rows=%d capped at %d by the device memory budget",
+                 int(asked), budget)
+    return max(1, min(int(asked), budget))
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, cp.cuda.memory.OutOfMemoryError)
+    """Out of memory: CuPy's pool, or a CUDA allocation outside it (pinned host buffers come
+    from cudaHostAlloc, whose failure is a CUDARuntimeError with cudaErrorMemoryAllocation)."""
+    if isinstance(exc, cp.cuda.memory.OutOfMemoryError):
+        return True
+    return (isinstance(exc, cp.cuda.runtime.CUDARuntimeError)
+            and getattr(exc, "status", None) == _CUDA_ERROR_MEMORY_ALLOCATION)
 
 
 def _shrink(rows: int, exc) -> int:
     if rows <= STREAM["min_chunk_rows"]:
         raise exc
+    # The traceback's frames (e.g. a half-built _Slot) would keep their buffers out of the pools.
+    traceback.clear_frames(exc.__traceback__)
     cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()
     new = max(STREAM["min_chunk_rows"], rows // 2)
-    log.warning("nudgefast CUDA top-k: out of device memory with %d-row chunks; retrying with %d",
-                rows, new)
+    log.warning("nudgefast CUDA top-k: out of memory (%s) with %d-row chunks; retrying with %d",
+                type(exc).__name__, rows, new)
     return new
+
+
+class _BadRowFlag:
+    """A pinned host copy of the pass's first-bad-row word, taken on a stream after a chunk: the
+    host learns of a bad row without a device-wide wait (``seen`` waits for that chunk only)."""
+
+    def __init__(self):
+        self._mem = cp.cuda.alloc_pinned_memory(8)
+        self.value = np.frombuffer(self._mem, dtype=np.uint64, count=1)
+        self.value[0] = _NO_BAD_ROW
+        self.event = cp.cuda.Event(disable_timing=True)
+
+    def snapshot(self, first_bad, stream) -> None:
+        cp.cuda.runtime.memcpyAsync(self.value.ctypes.data, first_bad.data.ptr, 8,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self.event.record(stream)
+
+    def seen(self, wait: bool = True) -> bool:
+        """Whether the snapshot shows a bad row (False while it is pending and not `wait`)."""
+        if not wait and not self.event.done:
+            return False
+        self.event.synchronize()  # returns at once for a never-recorded event
+        return int(self.value[0]) != int(_NO_BAD_ROW)
 
 
 def _stream_device(run: _TopkPass, corpus, row_offset, chunk_rows, bar):
     n = corpus.shape[0]
-    rows = chunk_rows or STREAM["device_chunk_rows"]
+    rows = _chunk_rows(chunk_rows, _device_chunk_rows(corpus.shape[1]))
+    stream = cp.cuda.get_current_stream()
+    # Chunk c's snapshot goes to flags[c % 2]; before chunk c the host waits for chunk c - 2's
+    # (chunk c - 1 is still queued, so the device does not idle): a bad row in chunk j stops the
+    # pass after chunk j + 1 at the latest, often after j (the non-blocking look at c - 1).
+    flags = [_BadRowFlag(), _BadRowFlag()]
+    chunk_no = 0
     start = 0
     while start < n:
+        if flags[(chunk_no + 1) % 2].seen(wait=False) or flags[chunk_no % 2].seen():
+            break
         stop = min(n, start + rows)
         try:
             chunk = corpus[start:stop]
@@ -639,45 +724,58 @@ def _stream_device(run: _TopkPass, corpus, row_offset, chunk_rows, bar):
                 raise
             rows = _shrink(rows, exc)
             continue
+        flags[chunk_no % 2].snapshot(run.first_bad, stream)
         if bar is not None:
             bar.update(stop - start)
+        chunk_no += 1
         start = stop
 
 
 def _stream_host(run: _TopkPass, corpus, row_offset, chunk_rows, n_threads, bar):
     n, d = corpus.shape
     dtype = np.float16 if corpus.dtype == np.float16 else np.float32
-    rows = chunk_rows or _host_chunk_rows(d, np.dtype(dtype).itemsize, run)
+    rows = _chunk_rows(chunk_rows, _host_chunk_rows(d, np.dtype(dtype).itemsize, run))
     rows = min(rows, n)
     workers = n_threads if n_threads is not None else min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     copy_stream = cp.cuda.Stream(non_blocking=True)
     compute_stream = cp.cuda.get_current_stream()
-    slots = None
+    slots = slot = None
+    # flags[c % 2]: the first bad row as of the end of chunk c's compute (see _BadRowFlag). It is
+    # read before chunk c + 2 is uploaded, which waits for chunk c's compute anyway: a bad row in
+    # chunk j stops the pass after chunk j + 1 at the latest, and costs the pipeline nothing.
+    flags = None
     chunk_no = 0
     start = 0
     try:
         while start < n:
             stop = min(n, start + rows)
             try:
+                if flags is None:
+                    flags = [_BadRowFlag(), _BadRowFlag()]
+                if flags[(chunk_no + 1) % 2].seen(wait=False):
+                    break
                 if slots is None:
                     slots = [_Slot(rows, d, dtype), _Slot(rows, d, dtype)]
                 slot = slots[chunk_no % 2]
                 m = stop - start
                 slot.copied.synchronize()  # the upload of chunk_no - 2 has read the pinned buffer
                 _fill(slot.pinned[:m], corpus[start:stop], pool, workers)
+                if flags[chunk_no % 2].seen():  # waits for the compute of chunk_no - 2
+                    break
                 copy_stream.wait_event(slot.consumed)  # the compute of chunk_no - 2 has read dev
                 slot.dev[:m].set(slot.pinned[:m], stream=copy_stream)
                 slot.copied.record(copy_stream)
                 compute_stream.wait_event(slot.copied)
                 run.add(slot.dev[:m], row_offset + start)
                 slot.consumed.record(compute_stream)
+                flags[chunk_no % 2].snapshot(run.first_bad, compute_stream)
             except Exception as exc:
                 if not _is_oom(exc):
                     raise
                 compute_stream.synchronize()
                 copy_stream.synchronize()
-                slots = None
+                slots = slot = None
                 rows = _shrink(rows, exc)
                 continue
             if bar is not None:

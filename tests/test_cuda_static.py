@@ -1,0 +1,150 @@
+"""What of the CUDA backend can be checked without a GPU or CuPy: the kernels compile for
+sm_80/sm_90 with the runtime's options and the top-k kernels neither spill nor exceed their
+register budget (.ci/cuda_check.sh), and the pure-Python policy of the corpus pass (out-of-memory
+classification, chunk caps, stopping at a bad row) run against a stub ``cupy`` module.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _FakeOOM(MemoryError):
+    pass
+
+
+class _FakeRuntimeError(RuntimeError):
+    """Shaped like cupy_backends' CUDARuntimeError: the cudaError_t code in ``status``."""
+
+    def __init__(self, status):
+        self.status = status
+        super().__init__(f"cudaError {status}")
+
+
+class _FakePool:
+    def __init__(self):
+        self.freed = 0
+
+    def free_all_blocks(self):
+        self.freed += 1
+
+    def free_bytes(self):
+        return 0
+
+
+def _stub_cupy(free_bytes=1 << 30):
+    pools = {"device": _FakePool(), "pinned": _FakePool()}
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=_FakeRuntimeError,
+                                    memGetInfo=lambda: (free_bytes, 2 * free_bytes))
+    cuda = types.SimpleNamespace(runtime=runtime, memory=types.SimpleNamespace(OutOfMemoryError=_FakeOOM),
+                                 get_current_stream=lambda: None)
+    cp = types.ModuleType("cupy")
+    cp.cuda = cuda
+    cp.float16, cp.float32 = np.float16, np.float32
+    cp.get_default_memory_pool = lambda: pools["device"]
+    cp.get_default_pinned_memory_pool = lambda: pools["pinned"]
+    return cp, pools
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """cuda_backend loaded under a private name over a stub cupy (sys.modules restored after)."""
+    cp, pools = _stub_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    spec = importlib.util.spec_from_file_location("_nudgefast_cuda_backend_static",
+                                                  ROOT / "nudgefast" / "_backends" / "cuda_backend.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._test_pools = pools
+    return module
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_check_script_passes():
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "cuda_check.sh")], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cuda_check: passed" in res.stdout
+    for kernel in ("topk_select_f32", "topk_select_f16_vec", "topk_keys_f16", "query_gradient_f64"):
+        assert kernel in res.stdout
+
+
+def test_out_of_memory_classification(backend):
+    assert backend._is_oom(_FakeOOM())
+    assert backend._is_oom(_FakeRuntimeError(2))  # cudaErrorMemoryAllocation: failed cudaHostAlloc
+    assert not backend._is_oom(_FakeRuntimeError(1))  # cudaErrorInvalidValue: a bug, not memory
+    assert not backend._is_oom(_FakeRuntimeError(700))  # illegal address: sticky, must surface
+    assert not backend._is_oom(MemoryError())  # host MemoryError outside CUDA: not ours to retry
+    assert not backend._is_oom(ValueError("x"))
+
+
+def test_shrink_halves_frees_both_pools_and_stops_at_the_floor(backend):
+    floor = backend.STREAM["min_chunk_rows"]
+    assert backend._shrink(8 * floor, _FakeRuntimeError(2)) == 4 * floor
+    assert backend._test_pools["device"].freed == 1 and backend._test_pools["pinned"].freed == 1
+    assert backend._shrink(floor + 1, _FakeOOM()) == floor
+    exc = _FakeRuntimeError(2)
+    with pytest.raises(_FakeRuntimeError) as info:
+        backend._shrink(floor, exc)
+    assert info.value is exc
+
+
+def test_callers_chunk_rows_is_capped_by_the_budget(backend):
+    assert backend._chunk_rows(None, 5000) == 5000
+    assert backend._chunk_rows(400, 5000) == 400
+    assert backend._chunk_rows(10**8, 5000) == 5000
+    # The device chunk for a copied (converted) chunk: within free_fraction of free memory.
+    d = 1 << 12
+    rows = backend._device_chunk_rows(d)
+    assert rows * 4 * d <= backend.STREAM["free_fraction"] * (1 << 30)
+    assert rows >= backend.STREAM["min_chunk_rows"]
+
+
+class _FakeFlag:
+    """_BadRowFlag without a device: the snapshot is the value at the end of the chunk."""
+
+    def __init__(self):
+        self.value = None
+
+    def snapshot(self, first_bad, stream):
+        self.value = int(first_bad[0])
+
+    def seen(self, wait=True):
+        return self.value is not None and self.value != -1
+
+
+class _FakeRun:
+    def __init__(self, bad_row):
+        self.bad_row = bad_row
+        self.first_bad = np.array([-1])
+        self.chunks = []
+
+    def add(self, chunk, row0):
+        self.chunks.append((row0, chunk.shape[0]))
+        if row0 <= self.bad_row < row0 + chunk.shape[0] and self.first_bad[0] == -1:
+            self.first_bad[0] = self.bad_row
+
+
+@pytest.mark.parametrize("bad_row", [0, 3500, 9999, None])
+def test_device_pass_stops_within_a_chunk_of_a_bad_row(backend, monkeypatch, bad_row):
+    monkeypatch.setattr(backend, "_BadRowFlag", _FakeFlag)
+    n, chunk = 10_000, 1000
+    run = _FakeRun(-1 if bad_row is None else bad_row)
+    backend._stream_device(run, np.zeros((n, 8), np.float32), 0, chunk, None)
+    starts = [r0 for r0, _ in run.chunks]
+    if bad_row is None:
+        assert starts == list(range(0, n, chunk))
+        return
+    bad_chunk = bad_row // chunk * chunk
+    assert bad_chunk in starts  # the chunk holding it was scored (its row is the one reported)
+    assert starts == list(range(0, starts[-1] + chunk, chunk))  # in order, none skipped
+    assert starts[-1] <= bad_chunk + chunk  # at most one chunk past it, not the whole corpus
