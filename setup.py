@@ -96,8 +96,10 @@ setup(
         # The reference nudge-ft (parity tests and the accuracy table) needs torch; pinned to
         # 2.13.0, the CPU build this project's machines install (an unpinned torch pulls a
         # multi-GB CUDA build). nudge-ft itself only asks for numpy and torch.
+        # pybind11: the tests build the extension once more (the ASan build, the device check's
+        # dry run), outside pip's isolated build environment.
         "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib", "torch==2.13.0",
-                 "nudge-ft==0.1.2"],
+                 "nudge-ft==0.1.2", "pybind11>=2.12"],
         "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib"],
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},
