@@ -563,7 +563,8 @@ def main(argv=None):
         print(__doc__)
         return 2
     cmd, rest = argv[0], argv[1:]
-    sys.path.insert(0, str(ROOT))
+    # The package under test: the checkout (built in place), or the dry run's built copy.
+    sys.path.insert(0, os.environ.get("PKG_ROOT", str(ROOT)))
     if cmd == "env":
         return env(Path(rest[0]), dry)
     if cmd == "bench":

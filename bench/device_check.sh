@@ -28,7 +28,13 @@ T0=$SECONDS
 export ROOT OUT WORK PY DRY DRYFLAG PYTHONUNBUFFERED=1
 # The suite's own dry run of this script (tests/test_device_check.py) skips inside a real run.
 export NUDGEFAST_DEVICE_CHECK=1
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The package the steps import: the checkout, built in place on the device; in dry mode a copy
+# of it in the temp folder, built there (the checkout's own build is never touched, and a
+# checkout without its extension must not shadow the copy).
+PKG_ROOT=$ROOT
+[[ $DRY == 1 ]] && PKG_ROOT="$WORK/lib"
+export PKG_ROOT
+export PYTHONPATH="$PKG_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUT/steps.tsv"
 : > "$OUT/log.txt"
 rm -f "$OUT/bench.json" "$OUT/junit.xml" "$OUT/env.json" "$OUT/results.json" "$OUT/report.md"
@@ -77,21 +83,24 @@ s_env() {
 }
 s_build() {
   if [[ $DRY == 1 ]]; then  # never touch the checkout's own build: compile into the temp folder
+    mkdir -p "$WORK/lib"
+    tar -C "$ROOT" --exclude='__pycache__' --exclude='*.so' --exclude='*.pyd' -cf - nudgefast \
+      | tar -C "$WORK/lib" -xf - || exit 1
     "$PY" setup.py -q build_ext --build-lib "$WORK/lib" --build-temp "$WORK/tmp" || exit 1
-    echo "dry: built into a temp folder; the installed package runs the rest" > "$DC_NOTE"
+    echo "dry: a copy of the package built in a temp folder runs the rest" > "$DC_NOTE"
   else
     "$PY" setup.py -q build_ext --inplace -j "$(nproc)" || exit 1
   fi
-  "$PY" -m nudgefast backends
+  "$PY" -P -m nudgefast backends
 }
 s_tests() {
   local args=(-p no:cacheprovider -q -rs --junitxml="$OUT/junit.xml" -o junit_family=xunit2)
   if [[ $DRY == 1 ]]; then
-    "$PY" -m pytest tests/test_cuda.py tests/ops/test_project.py "${args[@]}"
+    "$PY" -P -m pytest tests/test_cuda.py tests/ops/test_project.py "${args[@]}"
   else
     # xdist (in the device image) spreads the CPU-heavy cases over the cores; the GPU is shared.
     if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "${DC_TEST_WORKERS:-8}"); fi
-    "$PY" -m pytest tests "${args[@]}"
+    "$PY" -P -m pytest tests "${args[@]}"
   fi
   local rc=$?
   "$PY" - "$OUT/junit.xml" > "$DC_NOTE" <<'EOF'
