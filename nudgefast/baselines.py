@@ -33,7 +33,7 @@ from . import _backends, _validate
 from ._defaults import chunk_rows_for
 from .metrics import metrics
 from .queryset import QuerySet, as_queryset, check_answers
-from .search import SearchResult, _progress_bar, search
+from .search import SearchResult, _progress_bar, normalize_pass, search
 
 log = logging.getLogger("nudgefast")
 
@@ -325,23 +325,15 @@ class LinearAdapter:
     def _adapt(q, W):
         return _unit_rows(q @ W.T)
 
-    @staticmethod
-    def _adapt_corpus(corpus, W, out, chunk_rows):
-        n, d = corpus.shape
-        # Bounded by the float64 norm temporaries as well as the corpus rows read.
-        step = chunk_rows or chunk_rows_for(1, d, 8)
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            x = np.asarray(corpus[start:stop], dtype=np.float32)
-            norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-            bad = ~np.isfinite(norms) | (norms == 0)
-            if bad.any():
-                raise _validate.corpus_row_error("corpus", corpus, start + int(np.argmax(bad)),
-                                                 True)
-            x = (x / norms[:, None]).astype(np.float32, copy=False)
-            if W is not None:
-                x = _unit_rows(x @ W.T)
-            out[start:stop] = x
+    def _adapt_corpus(self, corpus, W, out, chunk_rows):
+        """Unit rows into ``out`` (the streaming normalisation every backend has), then, with
+        ``W``, each block of them mapped and normalised again in place."""
+        normalize_pass(_backends.get(self.backend), corpus, out, chunk_rows=chunk_rows)
+        if W is not None:
+            n, d = corpus.shape
+            step = chunk_rows or chunk_rows_for(1, d, 8)  # float64 norm temporaries too
+            for start in range(0, n, step):
+                out[start:start + step] = _unit_rows(out[start:start + step] @ W.T)
         return out
 
     def transform_queries(self, q) -> np.ndarray:

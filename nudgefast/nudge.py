@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _backends, _validate
-from ._defaults import NUDGE_N_GAMMAS, VAL_BLOCK, chunk_rows_for
+from ._defaults import NUDGE_N_GAMMAS, VAL_BLOCK
 from .queryset import AnswerCSR, as_queryset, check_answers
-from .search import topk_pass
+from .search import normalize_pass, topk_pass
 
 log = logging.getLogger("nudgefast")
 
@@ -70,14 +70,7 @@ class NudgeResult:
                              f"{(n, d)}, got {getattr(out, 'dtype', type(out).__name__)} "
                              f"{getattr(out, 'shape', '')}; allocate np.empty({(n, d)}, "
                              f"np.float32) or pass None")
-        step = chunk_rows or chunk_rows_for(1, d, corpus.dtype.itemsize)
-        for start in range(0, n, step):
-            chunk = corpus[start:start + step]
-            if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
-                chunk = np.ascontiguousarray(chunk, dtype=np.float32)  # this chunk only
-            bad = impl.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
-            if bad >= 0:
-                raise _validate.corpus_row_error("corpus", corpus, start + bad, True)
+        normalize_pass(impl, corpus, out, chunk_rows=chunk_rows, n_threads=n_threads)
         out[self.indices] = self.vectors
         return out
 

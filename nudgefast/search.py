@@ -86,6 +86,22 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
     return best_scores, best_index
 
 
+def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, name="corpus"):
+    """Stream ``corpus`` once into ``out`` (N, d) float32, every row normalised by the backend's
+    ``normalize_rows`` (one read, one write). A row with NaN/inf or of norm zero raises, as in
+    the top-k pass. Returns ``out``."""
+    n, d = corpus.shape
+    step = chunk_rows or chunk_rows_for(1, d, corpus.dtype.itemsize)
+    for start in range(0, n, step):
+        chunk = corpus[start:start + step]
+        if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
+            chunk = np.ascontiguousarray(chunk, dtype=np.float32)  # this chunk only
+        bad = backend.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
+        if bad >= 0:
+            raise _validate.corpus_row_error(name, corpus, start + bad, True)
+    return out
+
+
 def merge_candidates(scores, indices, cand_scores, cand_indices, k):
     """Merge extra candidates into a top-k, keeping (score desc, index asc)."""
     all_s = np.concatenate([scores.astype(np.float64), cand_scores.astype(np.float64)], axis=1)
