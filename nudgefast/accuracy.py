@@ -19,11 +19,12 @@ import contextlib
 import io
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import compat, datasets
+from .benchmark import _available_memory, measure, reference_memory
 from ._defaults import NUDGE_N_GAMMAS
 from .metrics import metrics
 from .nudge import NudgeM, NudgeN
@@ -40,32 +41,6 @@ class AccuracyRow:
     fit_seconds: float | None
     gamma: float | None = None
     note: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def _as_dict(qs):
-    return {"q_embs": np.array(qs.embeddings, dtype=np.float32),  # a writable copy for torch
-            "q_ans_indx": [list(map(int, a)) for a in qs.answers]}
-
-
-def _timed(fn, repeat):
-    """(last result, median seconds) of ``repeat`` runs after one warm-up run."""
-    fn()
-    out, times = None, []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, float(np.median(times))
-
-
-def _reference_fits(corpus, n_val):
-    """nudge-ft holds the float32 corpus, its normalised copy and update matrix (N x d each)
-    and dense n_val x N matrices; run it only where that fits in half the available memory."""
-    from .benchmark import _available_memory
-    need = corpus.shape[0] * (4 * corpus.shape[1] * 4 + 4 * n_val * 4)
-    avail = _available_memory()
-    return avail is None or need < avail / 2, need
 
 
 def evaluate(ds, *, k=10, backend="auto", repeat=3, reference=True, adapters=True,
@@ -75,7 +50,7 @@ def evaluate(ds, *, k=10, backend="auto", repeat=3, reference=True, adapters=Tru
     rows = []
 
     def score(indices):
-        return {key: v for key, v in metrics(indices, test, k, backend=backend).items()}
+        return metrics(indices, test, k, backend=backend)
 
     base = search(test.embeddings, corpus, k, backend=backend, progress=progress)
     rows.append(AccuracyRow(ds.name, "no fine-tuning", score(base.indices), None))
@@ -86,15 +61,17 @@ def evaluate(ds, *, k=10, backend="auto", repeat=3, reference=True, adapters=Tru
                            ("NUDGE-N (native, gammas/10)", NudgeN,
                             {"gammas": NUDGE_N_GAMMAS / 10})):
         est = cls(backend=backend, progress=progress, **kw)
-        res, sec = _timed(lambda: est.fit(corpus, ds.train, ds.dev), repeat)
+        t = measure(lambda: est.fit(corpus, ds.train, ds.dev), repeat)
+        res, sec = t.result, t.median
         hits = search(test.embeddings, corpus, k, res, backend=backend, progress=progress)
         rows.append(AccuracyRow(ds.name, label, score(hits.indices), sec, res.gamma))
 
-    train, dev = _as_dict(ds.train), _as_dict(ds.dev)
+    train, dev = compat.queries_answers_dict(ds.train), compat.queries_answers_dict(ds.dev)
     compat_dense = {}
     for variant, cls in (("NUDGE-M", compat.NUDGEM), ("NUDGE-N", compat.NUDGEN)):
         est = cls(backend=backend, progress=progress)
-        dense, sec = _timed(lambda: est.finetune_embeddings(corpus, train, dev), repeat)
+        t = measure(lambda: est.finetune_embeddings(corpus, train, dev), repeat)
+        dense, sec = t.result, t.median
         compat_dense[variant] = dense
         # NUDGE-M's tuned rows are not unit length: the reference scores them by dot product.
         hits = search(test.embeddings, dense, k, metric="dot", backend=backend,
@@ -126,8 +103,8 @@ def _reference_rows(ds, corpus, train, dev, k, backend, compat_dense, score):
         log.warning("accuracy: nudge-ft not run (%s); pip install torch && pip install "
                     "--no-deps nudge-ft==0.1.2", exc)
         return []
-    fits, need = _reference_fits(corpus, len(ds.dev))
-    if not fits:
+    need = reference_memory(corpus, len(ds.dev))
+    if need > _available_memory() / 2:
         return [AccuracyRow(ds.name, f"nudge-ft {v}", {}, None,
                             note=f"not run: needs about {need / 2**30:.1f} GiB")
                 for v in ("NUDGEM", "NUDGEN")]

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _backends
 from .nudge import NudgeM, NudgeN
+from .compat import queries_answers_dict
 from .queryset import QuerySet
 from .search import search
 
@@ -33,6 +34,13 @@ log = logging.getLogger("nudgefast")
 #: nudge-ft holds ~28 bytes x n_val x N per record-query pair in dense float32 matrices
 #: (measured: ~28 GB per million records at 1k validation queries); skip it beyond this.
 REFERENCE_BYTES_PER_RECORD_QUERY = 28.0
+
+
+def reference_memory(corpus, n_val: int) -> float:
+    """Bytes nudge-ft needs on ``corpus`` with ``n_val`` validation queries: its dense
+    n_val x N matrices plus three float32 (N, d) copies of the corpus."""
+    n, d = corpus.shape
+    return REFERENCE_BYTES_PER_RECORD_QUERY * n * n_val + 3 * 4 * n * d
 
 
 # ---- workloads -----------------------------------------------------------------------------
@@ -98,6 +106,8 @@ def packaged_workload() -> Workload:
 @dataclass
 class Timing:
     runs: list = field(default_factory=list)
+    #: What the last timed run returned (a fitted result, say), so it need not run again.
+    result: object = None
 
     @property
     def median(self):
@@ -131,13 +141,13 @@ def measure(fn, repeat=3, warmup=1, gpu=False) -> Timing:
             cp.cuda.Device().synchronize()
             start, stop = cp.cuda.Event(), cp.cuda.Event()
             start.record()
-            fn()
+            t.result = fn()
             stop.record()
             stop.synchronize()
             t.runs.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
         else:
             t0 = time.perf_counter()
-            fn()
+            t.result = fn()
             t.runs.append(time.perf_counter() - t0)
     return t
 
@@ -231,10 +241,7 @@ def reference_fit(variant, corpus, train, val):
     import torch  # noqa: F401
     from nudge import NUDGEM, NUDGEN
     cls = NUDGEN if variant == "NudgeN" else NUDGEM
-    tr = {"q_embs": np.array(train.embeddings, np.float32),
-          "q_ans_indx": [list(map(int, a)) for a in train.answers]}
-    va = {"q_embs": np.array(val.embeddings, np.float32),
-          "q_ans_indx": [list(map(int, a)) for a in val.answers]}
+    tr, va = queries_answers_dict(train), queries_answers_dict(val)
     data = np.asarray(corpus, dtype=np.float32)
 
     def run():
@@ -288,7 +295,7 @@ def run(workloads, *, backends=None, peers=("nudge-ft", "faiss"), repeat=3, warm
             except ImportError as exc:
                 rows.append(Row(w.name, w.n, "topk", "faiss", None, note=f"not installed: {exc}"))
         if "nudge-ft" in peers:
-            need = REFERENCE_BYTES_PER_RECORD_QUERY * w.n * len(w.val) + w.corpus.nbytes * 3
+            need = reference_memory(w.corpus, len(w.val))
             for variant in ("NudgeN", "NudgeM"):
                 if need > memory_limit:
                     rows.append(Row(w.name, w.n, f"fit {variant}", "nudge-ft", None,

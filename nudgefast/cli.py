@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 import numpy as np
 
@@ -31,14 +30,10 @@ def _demo_dataset(args):
 
 
 def _timed_fit(est, ds, repeat):
-    """Median fit seconds over ``repeat`` fits after one warm-up (JIT, page cache)."""
-    est.fit(ds.corpus, ds.train, ds.dev)
-    times, res = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        res = est.fit(ds.corpus, ds.train, ds.dev)
-        times.append(time.perf_counter() - t0)
-    return res, float(np.median(times))
+    """(result, median fit seconds) over ``repeat`` fits after one warm-up (JIT, page cache)."""
+    from .benchmark import measure
+    t = measure(lambda: est.fit(ds.corpus, ds.train, ds.dev), repeat)
+    return t.result, t.median
 
 
 def _short(text, width):
@@ -266,10 +261,6 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Defaults shown after every option's help; descriptions printed as written."""
 
 
-class _UsageError(Exception):
-    """A bad command-line argument found after parsing: one line, exit status 2."""
-
-
 def _backend_name(text):
     choices = ["all", "auto", *_backends.KNOWN]
     if text not in choices:
@@ -353,7 +344,7 @@ def main(argv=None) -> int:
                         format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (_UsageError, FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, RuntimeError) as exc:
         # A missing dataset or backend is the user's to fix: one line, not a traceback.
         print(f"nudgefast {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -53,6 +53,13 @@ def _nontrain(nontrain_embeddings, d):
     return arr
 
 
+def queries_answers_dict(qs) -> QueriesAnswersDict:
+    """A :class:`~nudgefast.QuerySet` in nudge-ft's form: float32 embeddings (a writable copy,
+    as torch wants) and answer lists of Python ints."""
+    return {"q_embs": np.array(qs.embeddings, dtype=np.float32),
+            "q_ans_indx": [list(map(int, a)) for a in qs.answers]}
+
+
 class _Compat:
     def __init__(self, device=None, *, backend="auto", n_threads=None, progress=False):
         # ``device`` is accepted for signature compatibility; the backend picks the hardware.
@@ -117,4 +124,4 @@ class NUDGEN(_Compat):
         return res.apply(prep.corpus, backend=self.backend, n_threads=self.n_threads)
 
 
-__all__ = ["NUDGEM", "NUDGEN", "QueriesAnswersDict"]
+__all__ = ["NUDGEM", "NUDGEN", "QueriesAnswersDict", "queries_answers_dict"]

@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, awkward, real_dataset_params
-from nudgefast import QuerySet, datasets, metrics, search
-from nudgefast.compat import NUDGEM, NUDGEN
+from nudgefast import datasets, metrics, search
+from nudgefast.compat import NUDGEM, NUDGEN, queries_answers_dict
 
 torch = pytest.importorskip("torch")
 nudge = pytest.importorskip("nudge", reason="install the reference: pip install --no-deps nudge-ft==0.1.2")
 
 EMB_TOL = 1e-5
-
-
-def _as_dict(qs: QuerySet):
-    return {"q_embs": np.array(qs.embeddings, dtype=np.float32),  # a writable copy for torch
-            "q_ans_indx": [list(map(int, a)) for a in qs.answers]}
 
 
 def _reference(cls, corpus, train, val, **kw):
@@ -80,7 +75,7 @@ def test_parity_synthetic(case, variant, backend):
     if variant == "m":
         kw = {}
     ds = awkward(**data_kw)
-    train, val = _as_dict(ds.train), _as_dict(ds.dev)
+    train, val = queries_answers_dict(ds.train), queries_answers_dict(ds.dev)
     # Records answering many queries, and a duplicated answer inside one train list (the
     # reference counts it twice in the query gradient; compat does too).
     train["q_ans_indx"][0] = train["q_ans_indx"][0] + train["q_ans_indx"][0][:1]
@@ -90,7 +85,7 @@ def test_parity_synthetic(case, variant, backend):
 @pytest.mark.parametrize("variant", ["m", "n"])
 def test_parity_nontrain_embeddings(variant, backend):
     ds = awkward(n=1500, d=29, seed=4)
-    train, val = _as_dict(ds.train), _as_dict(ds.dev)
+    train, val = queries_answers_dict(ds.train), queries_answers_dict(ds.dev)
     # Put the answered records first (as the reference's README does), the rest is non-train.
     answered = sorted({a for lists in (train["q_ans_indx"], val["q_ans_indx"])
                        for l in lists for a in l})
@@ -107,7 +102,7 @@ def test_parity_nontrain_embeddings(variant, backend):
 @pytest.mark.parametrize("variant", ["m", "n"])
 def test_parity_fixed_gamma(variant, backend):
     ds = awkward(seed=5)
-    train, val = _as_dict(ds.train), _as_dict(ds.dev)
+    train, val = queries_answers_dict(ds.train), queries_answers_dict(ds.dev)
     ref_cls, ours_cls = (nudge.NUDGEM, NUDGEM) if variant == "m" else (nudge.NUDGEN, NUDGEN)
     gamma = 0.3
     ref = _reference(ref_cls, ds.corpus, train, val, gamma=gamma)
@@ -161,7 +156,7 @@ def _near_tie_queries(ours, ref, embeddings, queries, metric, tol):
 
 
 def _pipeline(ds, backend, k=10):
-    train, val = _as_dict(ds.train), _as_dict(ds.dev)
+    train, val = queries_answers_dict(ds.train), queries_answers_dict(ds.dev)
     test = ds.test
     rel = test.relevance or [[1.0] * len(a) for a in test.answers]
     corpus = np.asarray(ds.corpus)
@@ -206,7 +201,7 @@ def test_pipeline_synthetic(backend):
 @pytest.mark.parametrize("variant", ["m", "n"])
 def test_parity_real(folder, variant):
     ds = datasets.load(folder)
-    _check(variant, np.asarray(ds.corpus), _as_dict(ds.train), _as_dict(ds.dev), BACKENDS[0])
+    _check(variant, np.asarray(ds.corpus), queries_answers_dict(ds.train), queries_answers_dict(ds.dev), BACKENDS[0])
 
 
 @pytest.mark.parametrize("folder", real_dataset_params())
@@ -230,10 +225,10 @@ def _parallel_gradient_task():
     c = torch.from_numpy(corpus)
     b = ((c * c).sum(dim=-1) - (c * e).sum(dim=-1) ** 2).numpy()
     row = next(int(r) for r in np.flatnonzero(b < 0) if int(r) not in touched)
-    train = _as_dict(ds.train)
+    train = queries_answers_dict(ds.train)
     train["q_embs"] = np.vstack([train["q_embs"], corpus[row:row + 1]])
     train["q_ans_indx"] = train["q_ans_indx"] + [[row]]
-    return ds, corpus, train, _as_dict(ds.dev), row
+    return ds, corpus, train, queries_answers_dict(ds.dev), row
 
 
 def test_reference_nan_trap_is_avoided(backend):
@@ -252,6 +247,6 @@ def test_reference_nan_trap_is_avoided(backend):
     np.testing.assert_allclose(ours[row], unit[row], atol=1e-6)
     # That extra train query moves nothing, so compat's answer is the reference's answer on
     # the task without it, where the reference does not fall in.
-    clean = _reference(nudge.NUDGEN, corpus, _as_dict(ds.train), val)
+    clean = _reference(nudge.NUDGEN, corpus, queries_answers_dict(ds.train), val)
     assert not np.allclose(clean, unit, atol=1e-6)
     np.testing.assert_allclose(ours, clean, atol=EMB_TOL, rtol=0)
