@@ -30,7 +30,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 import traceback
 import xml.etree.ElementTree as ET
 from datetime import date
@@ -282,19 +281,27 @@ def stream_floor(b: Bench, nbytes):
 # ---- parts ------------------------------------------------------------------------------------
 
 
-def _need_cuda(b: Bench):
+def _skip_without_cuda(b: Bench, what: str):
+    """``(77, why)`` after recording ``what`` as skipped when there is no usable cuda backend
+    (dry mode, or CuPy/device missing), else None."""
+    why = None
     if b.dry:
-        return "skipped: no CuPy/GPU (dry)"
-    from nudgefast import _backends
-    info = _backends.backends()["cuda"]
-    return None if info.available else f"skipped: cuda backend unavailable: {info.reason}"
+        why = "skipped: no CuPy/GPU (dry)"
+    else:
+        from nudgefast import _backends
+        info = _backends.backends()["cuda"]
+        if not info.available:
+            why = f"skipped: cuda backend unavailable: {info.reason}"
+    if why:
+        b.add(what, "cuda", status=why)
+        return 77, why
+    return None
 
 
 def part_topk_cuda(b: Bench, s):
-    why = _need_cuda(b)
-    if why:
-        b.add("topk", "cuda", status=why)
-        return 77, why
+    skip = _skip_without_cuda(b, "topk")
+    if skip:
+        return skip
     import cupy as cp
     from nudgefast._backends import cuda_backend
     from nudgefast.search import topk_pass
@@ -373,10 +380,9 @@ def _fit_records(b: Bench, s, corpus, train, val, backend, who, n, extra_note=""
 
 
 def part_fit_cuda(b: Bench, s):
-    why = _need_cuda(b)
-    if why:
-        b.add("fit", "cuda", status=why)
-        return 77, why
+    skip = _skip_without_cuda(b, "fit")
+    if skip:
+        return skip
     import cupy as cp
     from nudgefast import NudgeN
     n = s["n_fit"]

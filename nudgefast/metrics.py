@@ -53,11 +53,9 @@ def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_qu
         raise ValueError(f"retrieved: has {retrieved.shape[0]} rows for {len(queries)} queries")
     _check_retrieved(retrieved, int(k), n_records)
     csr = queries.csr(unique=True)
-    if (csr.index < 0).any():
-        raise ValueError("queries: an answer is a negative record index; answers are row "
-                         "indices into the corpus, 0 <= index < N")
-    if n_records is not None:
-        check_answers("queries", csr, int(n_records))
+    # Negative answers are always wrong; answers >= N only when N is known.
+    check_answers("queries", csr, np.iinfo(np.int64).max if n_records is None
+                  else int(n_records))
     per = _backends.get(backend).metrics(retrieved.astype(np.int64, copy=False), csr.ptr,
                                          csr.index, csr.relevance, int(k))
     valid = ~np.isnan(per[:, 0])

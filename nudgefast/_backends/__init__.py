@@ -92,25 +92,14 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def resolve(name: str = "auto") -> str:
-    """The backend name ``name`` stands for (``"auto"``: the fastest available)."""
-    if name != "auto":
-        get(name)
-        return name
-    for candidate in AUTO_ORDER:
-        if _load(candidate)[0] is not None:
-            return candidate
-    get("auto")  # raises, listing every backend tried
-    raise AssertionError("unreachable")
-
-
-def get(name: str = "auto") -> ModuleType:
-    """The backend module for ``name`` (``"auto"``: the fastest available)."""
+    """The backend name ``name`` stands for (``"auto"``: the fastest available); raises,
+    with the reason and the fix, when it is unknown or not available here."""
     if name == "auto":
         tried = []
         for candidate in AUTO_ORDER:
             module, reason = _load(candidate)
             if module is not None:
-                return module
+                return candidate
             tried.append(f"{candidate}: {reason}")
         raise RuntimeError("no nudgefast backend is available; tried " + "; ".join(tried))
     if name not in _MODULES:
@@ -119,4 +108,9 @@ def get(name: str = "auto") -> ModuleType:
     module, reason = _load(name)
     if module is None:
         raise RuntimeError(f"backend={name!r} is not available here: {reason}")
-    return module
+    return name
+
+
+def get(name: str = "auto") -> ModuleType:
+    """The backend module for ``name`` (``"auto"``: the fastest available)."""
+    return _load(resolve(name))[0]
