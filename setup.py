@@ -89,7 +89,7 @@ setup(
     packages=find_packages(include=["nudgefast*"]),
     package_data={"nudgefast": ["data/*/*"]},
     python_requires=">=3.9",
-    install_requires=["numpy>=1.24", "numba>=0.59", "tqdm", "scipy"],
+    install_requires=["numpy>=1.24", "numba>=0.59", "tqdm", "scipy", "threadpoolctl>=3.1"],
     extras_require={
         "cuda12": ["cupy-cuda12x"],
         "cuda13": ["cupy-cuda13x"],
@@ -99,7 +99,10 @@ setup(
         # pybind11: the tests build the extension once more (the ASan build, the device check's
         # dry run), outside pip's isolated build environment.
         "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib", "torch==2.13.0",
-                 "nudge-ft==0.1.2", "pybind11>=2.12"],
+                 "nudge-ft==0.1.2", "pybind11>=2.12", "pyarrow"],
+        # Hand-off targets (Delta.apply_to): FAISS indexes, Arrow tables / Parquet files.
+        "faiss": ["faiss-cpu"],
+        "arrow": ["pyarrow"],
         "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib"],
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},

@@ -1,7 +1,8 @@
 """nudgefast: NUDGE fine-tuning of data embeddings (arXiv 2409.02343) at hardware speed.
 
 Public API: :class:`NudgeM`, :class:`NudgeN` (``fit -> NudgeResult``), :class:`QuerySet`,
-:func:`search`, :func:`metrics`, :func:`backends`. The drop-in for ``nudge-ft`` lives in
+:func:`search`, :func:`metrics`, :func:`backends`; :class:`Tuner` (a fit kept for
+feedback, returning :class:`Delta` hand-offs). The drop-in for ``nudge-ft`` lives in
 :mod:`nudgefast.compat`.
 """
 from __future__ import annotations
@@ -13,9 +14,11 @@ from .metrics import metrics
 from .nudge import NudgeM, NudgeN, NudgeResult
 from .queryset import QuerySet
 from .search import SearchResult, search
+from .handoff import Delta
+from .tuner import Tuner
 
 __version__ = "0.1.0"
 __all__ = ["NudgeM", "NudgeN", "NudgeResult", "QuerySet", "SearchResult", "search", "metrics",
-           "backends"]
+           "backends", "Tuner", "Delta"]
 
 logging.getLogger("nudgefast").addHandler(logging.NullHandler())

@@ -1,0 +1,1050 @@
+"""The state of a fit, kept so that feedback re-tunes in milliseconds (DESIGN.md §5).
+
+A fit reads the corpus once, for each validation query's best *untouched* records. The tuner
+keeps those with a margin (top-(need + margin), need = k_val for NUDGE-N, 2 for NUDGE-M), and
+everything the gamma choice is made of: per touched record its normalised base row, its query
+gradient, and the two validation products (S = V e_j, H = V c_j), per validation query its
+hits at every gamma (NUDGE-N) or per validation pair its interval (NUDGE-M).
+
+An operation changes a few records; only the validation queries those records can reach are
+re-scored:
+
+- a touched record's score at any gamma is bounded by the norm of the query's projection on
+  the plane of ``e_j`` and ``c_j`` (NUDGE-N moves it inside that plane); a query whose
+  top-``k_val`` threshold (bounded below by its ``k_val``-th untouched score) is above every
+  changed record's old and new bound, and whose untouched top-``k_val`` did not change, keeps
+  its hits at every gamma;
+- a NUDGE-M interval only changes when a changed record's old constraint was binding or its
+  new one cuts it, or when the pair's answer or its best untouched competitor changed.
+
+Feedback never reads the corpus beyond the rows it newly touches. Records that leave the
+touched set go back into the kept candidate lists; records that join it (or are deleted) leave
+them, and a list that falls below ``need`` is rescanned (one batched pass for those queries
+only, logged and reported in the delta's summary).
+
+Exactness: after any sequence of operations the gamma and the tuned vectors are those of a
+fresh fit on the final inputs (same validation products, same kernels); the property test
+``tests/test_tuner.py`` drives random sequences on every backend against fresh fits.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+
+import numpy as np
+
+from . import _backends, _validate
+from ._defaults import VAL_BLOCK
+from .handoff import Delta
+from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, most_covered_gamma,
+                    nudge_n_coefficients)
+from .queryset import as_queryset
+from .search import topk_pass
+
+log = logging.getLogger("nudgefast")
+
+STATE_FORMAT = "nudgefast.tuner"
+STATE_VERSION = 1
+#: Relative slack of the dirty-query tests: a candidate within it of a threshold counts as
+#: reaching it (re-scoring a query too many is only time; one too few would be wrong).
+_SLACK = 1e-9
+
+
+_CONTROLLER = []
+
+
+def _blas_threads(flops):
+    """One BLAS thread for an update's small products (``flops`` < 2^30), else a no-op.
+
+    An update interleaves small GEMMs with the backend's OpenMP kernels; on a few cores the
+    two thread pools' spinning workers then take turns on the same cores and a 1 ms product
+    costs tens of ms. One thread gives the same sums (the split is over rows and columns,
+    never the inner dimension) without the fight.
+    """
+    if flops >= 1 << 30:
+        return contextlib.nullcontext()
+    if not _CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+
+
+def _sort_lists(scores, index):
+    """Rows sorted by (score desc, index asc), -1 padding last."""
+    key = np.where(index < 0, np.iinfo(np.int64).max, index)
+    order = np.lexsort((key, -scores), axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+class Tuner:
+    """A NUDGE fit that can be updated: feedback, validation queries, records in and out.
+
+    ``estimator``: a configured :class:`NudgeN` (default) or :class:`NudgeM`; its settings
+    (backend, k_val, gammas, gamma_rule, chunk_rows, n_threads, progress, val_block) are used
+    throughout. ``margin``: untouched candidates kept per validation query beyond what the
+    gamma choice needs; a query whose list runs out is rescanned (one corpus pass for the
+    queries that ran out, batched).
+
+    Records are corpus positions: rows ``0 .. N-1`` of the corpus given to :meth:`fit`, then
+    rows added by :meth:`add_records` in order. A deleted position stays a position (it is
+    never a candidate or an answer again), so positions never shift. ``ids`` (optional, one per
+    record: ints or strings, e.g. ``corpus_ids.txt``) travel with every :class:`Delta`.
+
+    Every operation returns a :class:`Delta`: the rows whose served vector changed (tuned
+    rows, rows reverted to their base embedding, new records) and the deleted positions, with
+    what the operation did in ``delta.summary``.
+    """
+
+    def __init__(self, estimator=None, *, margin=32):
+        estimator = NudgeN() if estimator is None else estimator
+        if not isinstance(estimator, (NudgeN, NudgeM)):
+            raise TypeError(f"estimator: expected a NudgeN or NudgeM instance, got "
+                            f"{type(estimator).__name__}")
+        if estimator.dtype != np.float32:
+            raise ValueError("estimator: the tuner runs in precision='float32' (the reference "
+                             "float64 mode is for parity checks of one fit)")
+        self.estimator = estimator
+        self.margin = _validate.as_size("margin", margin, allow_none=False)
+        self.variant = "nudge-n" if isinstance(estimator, NudgeN) else "nudge-m"
+        self.need = estimator.k_val if self.variant == "nudge-n" else 2
+        self._fitted = False
+
+    # ------------------------------------------------------------------------------------
+    # Corpus: the caller's rows, then the rows added since, by position
+
+    @property
+    def n_records(self) -> int:
+        """Positions that exist (deleted ones included)."""
+        return self._n
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @property
+    def touched(self) -> np.ndarray:
+        """Sorted positions of the records the current delta tunes."""
+        return np.sort(self._slot_rec[:self._t])
+
+    def _check_fitted(self):
+        if not self._fitted:
+            raise RuntimeError("Tuner: call fit(corpus, train, val) (or Tuner.load) first")
+
+    def _segments(self):
+        yield 0, self._corpus
+        offset = self._corpus.shape[0]
+        for rows in self._added:
+            yield offset, rows
+            offset += rows.shape[0]
+
+    def _raw_rows(self, positions):
+        """float64 rows at ``positions`` (any order), gathered from the segments."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty((positions.size, self._d))
+        for offset, rows in self._segments():
+            sel = np.flatnonzero((positions >= offset) & (positions < offset + rows.shape[0]))
+            if sel.size:
+                out[sel] = rows[positions[sel] - offset]
+        return out
+
+    def _base_rows(self, positions):
+        """Normalised float64 rows, as a fit computes them (errors name the record)."""
+        base = self._raw_rows(positions)
+        norms = np.linalg.norm(base, axis=1)
+        bad = ~np.isfinite(norms) | (norms == 0)
+        if bad.any():
+            p = int(np.asarray(positions)[np.argmax(bad)])
+            raise ValueError(f"corpus: record {p} has a zero norm or NaN/inf values; a record "
+                             f"that answers a query must have a finite, nonzero embedding")
+        base /= norms[:, None]
+        return base
+
+    def _served_rows(self, positions):
+        """float32 served vectors of untouched records (the backend's normalisation)."""
+        raw = np.ascontiguousarray(self._raw_rows(positions), dtype=np.float32)
+        out = np.empty_like(raw)
+        if raw.shape[0]:
+            self._impl.normalize_rows(raw, out, n_threads=self._threads)
+        return out
+
+    def _excluded(self):
+        return np.union1d(self._slot_rec[:self._t], self._deleted)
+
+    def _pass(self, queries, k, *, start=0, desc="tuner pass"):
+        """Top-k untouched, undeleted records of ``queries`` over positions >= ``start``,
+        scores recomputed in float64 and sorted (as a fit does)."""
+        est = self.estimator
+        exclude = self._excluded()
+        state = None
+        for offset, rows in self._segments():
+            if offset + rows.shape[0] <= start:
+                continue
+            assert offset >= start, "passes start at a segment boundary"
+            state = topk_pass(self._impl, queries, rows, k, exclude=exclude,
+                              chunk_rows=est.chunk_rows, n_threads=self._threads,
+                              progress=est.progress, row_offset=offset, state=state,
+                              name="corpus" if offset == 0 else "rows", desc=desc)
+        if state is None:
+            return (np.full((queries.shape[0], k), -np.inf), np.full((queries.shape[0], k), -1))
+        return _sort_lists(self._exact(queries, state[1]), state[1])
+
+    def _exact(self, queries, index):
+        """float64 score of each listed record (-inf for -1), as ``nudge._exact_scores``."""
+        out = np.full(index.shape, -np.inf)
+        for s in range(0, index.shape[0], VAL_BLOCK):
+            idx = index[s:s + VAL_BLOCK]
+            qi, ki = np.nonzero(idx >= 0)
+            if qi.size == 0:
+                continue
+            rows, inv = np.unique(idx[qi, ki], return_inverse=True)
+            vec = self._raw_rows(rows)
+            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+            q = queries[s:s + VAL_BLOCK].astype(np.float64)
+            out[s + qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # fit
+
+    def fit(self, corpus, train, val, *, ids=None) -> Delta:
+        """Fit on ``corpus`` as :meth:`NudgeN.fit` / :meth:`NudgeM.fit` do, keeping the state.
+
+        The corpus is referenced, not copied: it must stay as it is while the tuner is used
+        (rows added later go through :meth:`add_records`). Returns the first delta: every
+        touched row.
+        """
+        t0 = time.perf_counter()
+        est = self.estimator
+        prep = _prepare(corpus, train, val, est.backend, np.float32, unique_train=True,
+                        unique_val=True, skip_empty_val=True, n_threads=est.n_threads)
+        n, d = prep.corpus.shape
+        if self.variant == "nudge-n":
+            _validate.as_k("k_val", est.k_val, n)
+        elif n < 2:
+            raise ValueError("corpus: NUDGE-M needs at least 2 records")
+        self._corpus, self._impl, self._threads = prep.corpus, prep.backend, est.n_threads
+        self._d, self._n, self._added = d, n, []
+        self._ids = None if ids is None else self._as_ids("ids", ids, n)
+        self._deleted = np.zeros(0, np.int64)
+        # Train feedback: every (query, record) pair, queries in arrival order.
+        train_qs, train_q = as_queryset("train", train, d)
+        csr = train_qs.csr(unique=True)
+        self._tq = np.array(train_q, dtype=np.float32)
+        self._tq_alive = np.ones(len(train_qs), bool)
+        self._pair_q = np.repeat(np.arange(len(train_qs), dtype=np.int64), csr.counts)
+        self._pair_r = csr.index.copy()
+        # Touched records in slots (columns of S/H), in the fit's sorted order to begin with.
+        t = prep.touched.size
+        self._t = t
+        self._slot_rec = prep.touched.copy()
+        self._slot_of = {int(r): s for s, r in enumerate(prep.touched)}
+        self._base = prep.base
+        self._grad = prep.grad
+        self._init_coefficients()
+        # Validation: queries, answers, untouched candidate lists, products.
+        self._vq = prep.val_q
+        self._vans = [prep.val_csr.index[prep.val_csr.ptr[i]:prep.val_csr.ptr[i + 1]].copy()
+                      for i in range(prep.val_q.shape[0])]
+        self._valive = np.ones(prep.val_q.shape[0], bool)
+        self._m = self._weights()
+        K = self.need + self.margin
+        self._Ls, self._Li = self._pass(self._vq, K, desc="NUDGE corpus pass")
+        self._Lcomplete = (self._Li < 0).any(axis=1)
+        self._S, self._H = self._products(self._vq, np.arange(t))
+        self._init_scores()
+        self._gamma = float("nan")
+        self._fitted = True
+        gamma_prev = self._gamma
+        self._gamma = self._choose_gamma()
+        vectors = self._project(np.arange(t))
+        log.info("Tuner: fitted %s, gamma=%.6g, t=%d, %d validation queries", self.variant,
+                 self._gamma, t, self._vq.shape[0])
+        return self._delta("fit", gamma_prev, prep.touched, vectors, np.ones(t, bool),
+                           np.zeros(t, bool), np.zeros(0, np.int64), t0, rescanned=0)
+
+    def _as_ids(self, name, ids, n):
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ValueError(f"{name}: expected one id per record ({n}), got shape {arr.shape}")
+        if arr.dtype.kind not in "iuU":
+            arr = arr.astype(str) if arr.dtype.kind in "OS" else arr
+            if arr.dtype.kind not in "iuU":
+                raise TypeError(f"{name}: ids must be integers or strings, got {arr.dtype}")
+        return arr.astype(np.int64) if arr.dtype.kind in "iu" else arr
+
+    # ------------------------------------------------------------------------------------
+    # Per touched record: coefficients, products, tuned vectors
+
+    def _init_coefficients(self):
+        t = self._t
+        self._cnorm = np.linalg.norm(self._grad[:t], axis=1) if t else np.zeros(0)
+        if self.variant == "nudge-n":
+            g = self.estimator.gammas
+            a = np.einsum("ij,ij->i", self._base[:t], self._grad[:t])
+            cnorm2 = np.einsum("ij,ij->i", self._grad[:t], self._grad[:t])
+            self._a, self._b = a, cnorm2 - a * a
+            self._cnorm = np.sqrt(cnorm2)
+            coef = [nudge_n_coefficients(self._a, self._b, self._cnorm, x) for x in g]
+            self._alpha = np.stack([c[0] for c in coef]) if t else np.zeros((g.size, 0))
+            self._beta = np.stack([c[1] for c in coef]) if t else np.zeros((g.size, 0))
+
+    def _direction(self, slots):
+        c = self._cnorm[slots]
+        return self._grad[slots] / np.where(c > 0, c, 1.0)[:, None]
+
+    def _products(self, queries, slots, *, with_s=True):
+        """(S, H) for validation ``queries`` against touched ``slots``: S = V e_j and H = V c_j
+        (NUDGE-N) or V c_j/|c_j| (NUDGE-M), in validation blocks as a fit computes them (S is
+        None without ``with_s``: a record's base row never changes)."""
+        slots = np.asarray(slots, np.int64)
+        mats = [self._grad[slots] if self.variant == "nudge-n" else self._direction(slots)]
+        if with_s:
+            mats.insert(0, self._base[slots])
+        n_q, w = queries.shape[0], slots.size
+        # One column makes NumPy call gemv, whose sums round differently from gemm's: pad.
+        if w == 1:
+            mats = [np.repeat(m, 2, axis=0) for m in mats]
+        outs = [np.empty((n_q, w)) for _ in mats]
+        vb = self.estimator.val_block
+        with _blas_threads(2 * n_q * w * self._d * len(mats)):
+            for s in range(0, n_q, vb):
+                v = queries[s:s + vb].astype(np.float64)
+                for m, out in zip(mats, outs):
+                    out[s:s + vb] = (v @ m.T)[:, :w]
+        return (outs[0], outs[1]) if with_s else (None, outs[0])
+
+    def _project(self, slots):
+        slots = np.asarray(slots, np.int64)
+        if self.variant == "nudge-n":
+            best = self._best
+            alpha, beta = self._alpha[best, slots], self._beta[best, slots]
+            if not np.isfinite(self._acc[best]):
+                alpha, beta = np.ones(slots.size), np.zeros(slots.size)
+        else:
+            c = self._cnorm[slots]
+            alpha = np.ones(slots.size)
+            beta = np.where(c > 0, self._gamma / np.where(c > 0, c, 1.0), 0.0)
+        return self._impl.project(self._base[slots], self._grad[slots], alpha, beta,
+                                  n_threads=self._threads)
+
+    # ------------------------------------------------------------------------------------
+    # Scores of the gamma choice
+
+    def _init_scores(self):
+        n_val = self._vq.shape[0]
+        if self.variant == "nudge-n":
+            k = self.need
+            self._denom = int(np.lcm.reduce(np.arange(1, k + 1))) if k <= 20 else 0
+            self._hits = np.zeros((n_val, self.estimator.gammas.size), np.int64)
+            self._rescore_n(np.arange(n_val))
+        else:
+            self._build_pairs()
+
+    def _weights(self):
+        return np.minimum(np.array([a.size for a in self._vans], np.int64), self.need)
+
+    def _rescore_n(self, queries):
+        """Hits of validation ``queries`` at every gamma, from the kept lists and S/H."""
+        queries = np.asarray(queries, np.int64)
+        t, k = self._t, self.need
+        touched = self._slot_rec[:t]
+        for s in range(0, queries.size, self.estimator.val_block):
+            q = queries[s:s + self.estimator.val_block]
+            ans = [self._vans[i] for i in q]
+            ptr = np.r_[0, np.cumsum([a.size for a in ans])].astype(np.int64)
+            idx = np.concatenate(ans) if ans else np.zeros(0, np.int64)
+            S = np.ascontiguousarray(self._S[q][:, :t]) if t else np.zeros((q.size, 0))
+            H = np.ascontiguousarray(self._H[q][:, :t]) if t else np.zeros((q.size, 0))
+            self._hits[q] = self._impl.nudge_n_sweep(
+                S, H, np.ascontiguousarray(self._alpha[:, :t]),
+                np.ascontiguousarray(self._beta[:, :t]), touched,
+                np.ascontiguousarray(self._Ls[q, :k]), np.ascontiguousarray(self._Li[q, :k]),
+                ptr, idx.astype(np.int64), k, n_threads=self._threads)
+
+    def _build_pairs(self):
+        """NUDGE-M: one interval per validation pair (query, answer), all queries."""
+        counts = np.array([a.size if alive else 0 for a, alive in
+                           zip(self._vans, self._valive)], np.int64)
+        self._pq = np.repeat(np.arange(len(self._vans), dtype=np.int64), counts)
+        self._px = (np.concatenate([a for a, alive in zip(self._vans, self._valive) if alive])
+                    if counts.sum() else np.zeros(0, np.int64)).astype(np.int64)
+        self._sx_unt = self._exact(self._vq[self._pq], self._px[:, None])[:, 0] \
+            if self._px.size else np.zeros(0)
+        P = self._px.size
+        self._low, self._high = np.zeros(P), np.zeros(P)
+        self._feasible = np.zeros(P, bool)
+        self._u = np.zeros(P)
+        self._rescore_m(np.arange(P))
+
+    def _u_score(self, pairs):
+        q, x = self._pq[pairs], self._px[pairs]
+        first_is_x = self._Li[q, 0] == x
+        return np.where(first_is_x, self._Ls[q, 1], self._Ls[q, 0])
+
+    def _rescore_m(self, pairs):
+        pairs = np.asarray(pairs, np.int64)
+        if pairs.size == 0:
+            return
+        t = self._t
+        queries, local = np.unique(self._pq[pairs], return_inverse=True)
+        x = self._px[pairs]
+        slot = np.array([self._slot_of.get(int(r), -1) for r in x], np.int64)
+        S = np.ascontiguousarray(self._S[queries][:, :t]) if t else np.zeros((queries.size, 0))
+        G = np.ascontiguousarray(self._H[queries][:, :t]) if t else np.zeros((queries.size, 0))
+        if t:
+            sx = np.where(slot >= 0, S[local, np.maximum(slot, 0)], self._sx_unt[pairs])
+            gx = np.where(slot >= 0, G[local, np.maximum(slot, 0)], 0.0)
+        else:
+            sx, gx = self._sx_unt[pairs].copy(), np.zeros(pairs.size)
+        u = self._u_score(pairs)
+        low, high, feasible = self._impl.nudge_m_intervals(
+            S, G, local.astype(np.int64), slot, sx, gx, u, 0.0, n_threads=self._threads)
+        self._low[pairs], self._high[pairs], self._feasible[pairs] = low, high, feasible
+        self._u[pairs] = u
+
+    def _choose_gamma(self) -> float:
+        if self.variant == "nudge-n":
+            gammas = self.estimator.gammas
+            alive = self._valive
+            m = self._m[alive]
+            h = self._hits[alive]
+            n_val = int(alive.sum())
+            if self._denom and (m.size == 0 or m.min() > 0):
+                hits = (h * (self._denom // np.maximum(m, 1))[:, None]).sum(axis=0)
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    hits = (h / m[:, None] * max(self._denom, 1)).sum(axis=0)
+            acc = hits / max(self._denom, 1) / max(n_val, 1)
+            best = 0
+            if np.isfinite(acc).any():
+                best = int(np.nanargmax(np.where(np.isfinite(acc), acc, -np.inf)))
+            self._best, self._acc = best, acc
+            return float(gammas[best]) if np.isfinite(acc[best]) else 0.0
+        ok = self._feasible
+        gamma, starts, counts = most_covered_gamma(self._low[ok], self._high[ok],
+                                                   self.estimator.gamma_rule)
+        self._starts, self._acc = starts, counts / max(1, self._px.size)
+        return float(gamma)
+
+    def result(self) -> NudgeResult:
+        """The current fit as a :class:`NudgeResult` (sorted touched rows, tuned vectors)."""
+        self._check_fitted()
+        order = np.argsort(self._slot_rec[:self._t], kind="stable")
+        gammas = self.estimator.gammas if self.variant == "nudge-n" else self._starts
+        return NudgeResult(self.variant, self._gamma, self._slot_rec[order],
+                           self._project(order), np.asarray(gammas, float),
+                           np.asarray(self._acc, float), self._n)
+
+    # ------------------------------------------------------------------------------------
+    # The delta
+
+    def _delta(self, op, gamma_prev, indices, vectors, tuned, new, deleted, t0, **summary):
+        indices = np.asarray(indices, np.int64)
+        order = np.argsort(indices, kind="stable")
+        indices = indices[order]
+        ids = None if self._ids is None else self._ids[indices]
+        deleted = np.sort(np.asarray(deleted, np.int64))
+        summary.update(op=op, tuned=int(np.asarray(tuned)[order].sum()),
+                       reverted=int((~np.asarray(tuned) & ~np.asarray(new)).sum()),
+                       new=int(np.asarray(new).sum()), deleted=int(deleted.size),
+                       touched=int(self._t), gamma=self._gamma,
+                       seconds=time.perf_counter() - t0)
+        return Delta(self.variant, self._gamma, indices,
+                     np.asarray(vectors, np.float32).reshape(-1, self._d)[order],
+                     np.asarray(tuned, bool)[order], np.asarray(new, bool)[order], deleted,
+                     self._n, previous_gamma=gamma_prev, ids=ids,
+                     deleted_ids=None if self._ids is None else self._ids[deleted],
+                     summary=summary)
+
+    # ------------------------------------------------------------------------------------
+    # Touched slots: columns of S/H, rows of base/grad; a removed slot takes the last one
+
+    def _grow(self, extra):
+        need = self._t + extra
+        cap = self._base.shape[0]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap, 16)
+
+        def grown(a, axis):
+            shape = list(a.shape)
+            shape[axis] = cap
+            out = np.zeros(shape, a.dtype)
+            out[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
+            return out
+        self._base, self._grad = grown(self._base, 0), grown(self._grad, 0)
+        self._S, self._H = grown(self._S, 1), grown(self._H, 1)
+        self._cnorm = grown(self._cnorm, 0)
+        if self.variant == "nudge-n":
+            self._a, self._b = grown(self._a, 0), grown(self._b, 0)
+            self._alpha, self._beta = grown(self._alpha, 1), grown(self._beta, 1)
+
+    def _slot_arrays(self):
+        """(array, axis) of every per-slot array."""
+        arrays = [("_base", 0), ("_grad", 0), ("_S", 1), ("_H", 1), ("_cnorm", 0)]
+        if self.variant == "nudge-n":
+            arrays += [("_a", 0), ("_b", 0), ("_alpha", 1), ("_beta", 1)]
+        return arrays
+
+    def _remove_slot(self, slot):
+        last = self._t - 1
+        rec = int(self._slot_rec[slot])
+        if slot != last:
+            for name, axis in self._slot_arrays():
+                a = getattr(self, name)
+                if axis == 0:
+                    a[slot] = a[last]
+                else:
+                    a[:, slot] = a[:, last]
+            moved = int(self._slot_rec[last])
+            self._slot_rec[slot] = moved
+            self._slot_of[moved] = slot
+        del self._slot_of[rec]
+        self._t = last
+
+    def _set_gradients(self, slots, grad, joined):
+        """New gradients (and everything derived) for ``slots``; ``joined`` (bool per slot):
+        new in the touched set, so its S column is computed too."""
+        self._grad[slots] = grad
+        base = self._base[slots]
+        if self.variant == "nudge-n":
+            a = np.einsum("ij,ij->i", base, grad)
+            cnorm2 = np.einsum("ij,ij->i", grad, grad)
+            self._a[slots], self._b[slots] = a, cnorm2 - a * a
+            self._cnorm[slots] = np.sqrt(cnorm2)
+            for g, x in enumerate(self.estimator.gammas):
+                al, be = nudge_n_coefficients(self._a[slots], self._b[slots],
+                                              self._cnorm[slots], x)
+                self._alpha[g, slots], self._beta[g, slots] = al, be
+        else:
+            self._cnorm[slots] = np.linalg.norm(grad, axis=1)
+        if joined.any():
+            S, _ = self._products(self._vq, slots[joined])
+            self._S[:, slots[joined]] = S
+        self._H[:, slots] = self._products(self._vq, slots, with_s=False)[1]
+
+    def _regrad(self, records):
+        """Each record's query gradient from its live pairs, summed in the fit's order (by
+        record, then query arrival). Returns (records with pairs, their gradients)."""
+        live = np.isin(self._pair_r, records) & self._tq_alive[self._pair_q]
+        pr, pq = self._pair_r[live], self._pair_q[live]
+        order = np.lexsort((pq, pr))
+        pr, pq = pr[order], pq[order]
+        if pr.size == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self._d))
+        first = np.r_[True, pr[1:] != pr[:-1]]
+        seg_ptr = np.r_[np.flatnonzero(first), pr.size].astype(np.int64)
+        rows, local = np.unique(pq, return_inverse=True)
+        grad = self._impl.query_gradient(self._tq[rows], local.astype(np.int64), seg_ptr,
+                                         n_threads=self._threads)
+        return pr[first], grad
+
+    # ------------------------------------------------------------------------------------
+    # Kept candidate lists
+
+    def _drop_from_lists(self, records):
+        """Remove ``records`` (newly touched or deleted) from every kept list."""
+        if len(records) == 0:
+            return
+        gone = np.isin(self._Li, records)
+        if not gone.any():
+            return
+        order = np.argsort(gone, axis=1, kind="stable")
+        self._Ls = np.take_along_axis(np.where(gone, -np.inf, self._Ls), order, axis=1)
+        self._Li = np.take_along_axis(np.where(gone, -1, self._Li), order, axis=1)
+
+    def _insert_into_lists(self, records, base):
+        """Records back in the untouched pool (reverted): each list takes those ranking above
+        its last kept entry (every one, when the list holds the whole pool)."""
+        if len(records) == 0:
+            return
+        n_val, K = self._Li.shape
+        cand_i = np.broadcast_to(np.asarray(records, np.int64), (n_val, len(records)))
+        q = self._vq.astype(np.float64)
+        valid = self._Li >= 0
+        last = np.maximum(valid.sum(axis=1) - 1, 0)
+        last_s = np.where(valid.any(axis=1), self._Ls[np.arange(n_val), last], -np.inf)
+        last_i = np.where(valid.any(axis=1), self._Li[np.arange(n_val), last], -1)
+        # Screen with one product; the pairs that may enter get the fit's exact float64 score
+        # (``_exact``: one einsum over contiguous gathered rows), and the rule is applied to it.
+        with _blas_threads(2 * q.size * len(records)):
+            approx = q @ base.T
+        slack = _SLACK * (1.0 + np.abs(np.where(np.isfinite(last_s), last_s, 0.0)))
+        qi, ri = np.nonzero(self._Lcomplete[:, None] | (approx >= (last_s - slack)[:, None]))
+        cand_s = np.full(approx.shape, -np.inf)
+        cand_s[qi, ri] = np.einsum("ij,ij->i", q[qi], base[ri])
+        ranks_above = (cand_s > last_s[:, None]) | ((cand_s == last_s[:, None])
+                                                     & (cand_i < last_i[:, None]))
+        ranks_above &= valid.any(axis=1)[:, None] | self._Lcomplete[:, None]
+        take = (ranks_above | self._Lcomplete[:, None]) & np.isfinite(cand_s)
+        s, i = _sort_lists(np.concatenate([self._Ls, np.where(take, cand_s, -np.inf)], axis=1),
+                           np.concatenate([self._Li, np.where(take, cand_i, -1)], axis=1))
+        self._Lcomplete &= (i >= 0).sum(axis=1) <= K
+        self._Ls, self._Li = s[:, :K], i[:, :K]
+
+    def _merge_lists(self, s_new, i_new, complete_new):
+        """Merge the lists of a pass over new rows. The merged list is exact down to the
+        higher-ranked of the two lists' last entries (a list that is not complete may miss
+        records ranked below its last one); it is cut there."""
+        n_val, K = self._Li.shape
+        s, i = _sort_lists(np.concatenate([self._Ls, s_new], axis=1),
+                           np.concatenate([self._Li, i_new], axis=1))
+        cut = np.full(n_val, 2 * K)
+        for s_l, i_l, complete in ((self._Ls, self._Li, self._Lcomplete),
+                                   (s_new, i_new, complete_new)):
+            n_l = (i_l >= 0).sum(axis=1)
+            for q in np.flatnonzero(~complete & (n_l > 0)):
+                last = i_l[q, n_l[q] - 1]
+                cut[q] = min(cut[q], int(np.flatnonzero(i[q] == last)[0]) + 1)
+            cut = np.where(~complete & (n_l == 0), 0, cut)
+        keep = np.arange(2 * K)[None, :] < cut[:, None]
+        s, i = np.where(keep, s, -np.inf), np.where(keep, i, -1)
+        self._Lcomplete = self._Lcomplete & complete_new & ((i >= 0).sum(axis=1) <= K)
+        self._Ls, self._Li = s[:, :K], i[:, :K]
+
+    def _rescan_exhausted(self):
+        """Rescan the queries whose list fell below ``need`` (logged, counted)."""
+        have = (self._Li >= 0).sum(axis=1)
+        short = np.flatnonzero(self._valive & ~self._Lcomplete & (have < self.need))
+        if short.size:
+            K = self._Li.shape[1]
+            log.info("Tuner: %d validation queries ran out of kept candidates (margin %d); "
+                     "rescanning the corpus for them", short.size, self.margin)
+            s, i = self._pass(self._vq[short], K, desc="tuner rescan")
+            self._Ls[short], self._Li[short] = s, i
+            self._Lcomplete[short] = (i < 0).any(axis=1)
+        return short
+
+    # ------------------------------------------------------------------------------------
+    # One update: new gradients, slots in and out, lists, dirty queries, gamma, the delta
+
+    def _commit(self, op, t0, records, *, deleted=(), new_positions=(), lists_changed=False,
+                val_changed=False, **summary):
+        """Bring the state up to date after the pairs of ``records`` changed (and ``deleted``
+        went, ``new_positions`` came), and return the delta."""
+        k = self.need
+        old_top = (self._Ls[:, :k].copy(), self._Li[:, :k].copy())
+        old_u = self._u.copy() if self.variant == "nudge-m" else None
+        old_gamma = self._gamma
+        records = np.unique(np.asarray(records, np.int64))
+        with_pairs, grad = self._regrad(records)
+        has = dict(zip(with_pairs.tolist(), range(with_pairs.size)))
+        deleted = np.asarray(deleted, np.int64)
+        # Old versions of every slot that changes or goes (for the dirty tests).
+        old_slots = np.array([self._slot_of[r] for r in records.tolist() if r in self._slot_of],
+                             np.int64)
+        old_cols = self._columns(old_slots)
+        # Slots that go: records left without pairs. Reverted unless deleted.
+        leaving = [r for r in records.tolist() if r in self._slot_of and r not in has]
+        revert = np.array([r for r in leaving if not np.isin(r, deleted)], np.int64)
+        revert_base = self._base[[self._slot_of[r] for r in revert.tolist()]].copy()
+        for r in leaving:
+            self._remove_slot(self._slot_of[r])
+        # Slots that come or change.
+        joining = np.array([r for r in with_pairs.tolist() if r not in self._slot_of], np.int64)
+        self._grow(joining.size)
+        if joining.size:
+            slots = np.arange(self._t, self._t + joining.size)
+            self._base[slots] = self._base_rows(joining)
+            self._slot_rec = np.concatenate([self._slot_rec[:self._t], joining])
+            for s, r in zip(slots.tolist(), joining.tolist()):
+                self._slot_of[r] = s
+            self._t += joining.size
+        changed = np.array([self._slot_of[r] for r in with_pairs.tolist()], np.int64)
+        if changed.size:
+            self._set_gradients(changed, grad, np.isin(with_pairs, joining))
+        # Kept lists: joiners and deleted records leave, reverted records come back.
+        self._drop_from_lists(np.union1d(joining, deleted))
+        self._insert_into_lists(revert, revert_base)
+        rescanned = self._rescan_exhausted()
+        new_cols = self._columns(changed)
+        # Dirty validation queries / pairs, re-scored.
+        if val_changed and self.variant == "nudge-m":
+            self._build_pairs()
+            dirty = self._px.size
+        elif self.variant == "nudge-n":
+            dirty_q = self._dirty_n(old_top, old_cols, new_cols, rescanned)
+            if val_changed:
+                dirty_q = np.flatnonzero(self._valive)
+            self._rescore_n(dirty_q)
+            dirty = dirty_q.size
+        else:
+            dirty_p = self._dirty_m(old_u, old_cols, new_cols, records)
+            self._rescore_m(dirty_p)
+            dirty = dirty_p.size
+        self._gamma = self._choose_gamma()
+        # The delta: changed slots (every slot when gamma moved), reverted rows, new records.
+        gamma_moved = not (old_gamma == self._gamma)
+        slots = np.arange(self._t) if gamma_moved else changed
+        new_positions = np.asarray(new_positions, np.int64)
+        new_positions = new_positions[~np.isin(new_positions, self._slot_rec[:self._t])]
+        plain = np.concatenate([revert, new_positions])
+        indices = np.concatenate([self._slot_rec[slots], plain])
+        vectors = np.concatenate([self._project(slots).reshape(-1, self._d),
+                                  self._served_rows(plain).reshape(-1, self._d)])
+        tuned = np.r_[np.ones(slots.size, bool), np.zeros(plain.size, bool)]
+        new = np.isin(indices, new_positions)
+        log.info("Tuner %s: gamma %.6g -> %.6g, %d rows tuned, %d reverted, %d re-scored, "
+                 "%d rescanned", op, old_gamma, self._gamma, slots.size, revert.size, dirty,
+                 rescanned.size)
+        return self._delta(op, old_gamma, indices, vectors, tuned, new, deleted, t0,
+                           rescanned=int(rescanned.size), rescored=int(dirty),
+                           gamma_moved=gamma_moved, **summary)
+
+    def _columns(self, slots):
+        """What the dirty tests need of ``slots``: records and their S/H columns (+ a, b)."""
+        cols = {"rec": self._slot_rec[slots].copy(), "S": self._S[:, slots].copy(),
+                "H": self._H[:, slots].copy()}
+        if self.variant == "nudge-n":
+            cols["a"], cols["b"] = self._a[slots].copy(), self._b[slots].copy()
+        return cols
+
+    def _dirty_n(self, old_top, old_cols, new_cols, rescanned):
+        """Validation queries whose hits may have changed (see the module docstring)."""
+        k = self.need
+        dirty = ((self._Li[:, :k] != old_top[1]).any(axis=1)
+                 | (self._Ls[:, :k] != old_top[0]).any(axis=1))
+        dirty[rescanned] = True
+        lb = self._Ls[:, k - 1]
+        lb = lb - _SLACK * (1.0 + np.abs(np.where(np.isfinite(lb), lb, 0.0)))
+        for cols in (old_cols, new_cols):
+            if cols["rec"].size == 0:
+                continue
+            s, h, a, b = cols["S"], cols["H"], cols["a"], cols["b"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w2 = np.where(b > 0, (h - a * s) ** 2 / np.where(b > 0, b, 1.0), 0.0)
+            bound = np.sqrt(s * s + w2) * (1.0 + _SLACK)
+            dirty |= (bound >= lb[:, None]).any(axis=1)
+        return np.flatnonzero(dirty & self._valive)
+
+    def _dirty_m(self, old_u, old_cols, new_cols, records):
+        """Validation pairs whose interval may have changed: the answer itself changed, its
+        best untouched competitor changed, or a changed record's old constraint was binding
+        or its new one cuts the interval."""
+        P = self._px.size
+        self._u = self._u_score(np.arange(P)) if P else np.zeros(0)
+        dirty = (self._u != old_u) | np.isin(self._px, records)
+        q = self._pq
+        slot = np.array([self._slot_of.get(int(r), -1) for r in self._px], np.int64)
+        t = self._t
+        sx = np.where(slot >= 0, self._S[q, np.maximum(slot, 0)], self._sx_unt) if t \
+            else self._sx_unt
+        gx = np.where(slot >= 0, self._H[q, np.maximum(slot, 0)], 0.0) if t else np.zeros(P)
+        tol_lo = _SLACK * (1.0 + np.abs(self._low))
+        high = np.where(np.isfinite(self._high), self._high, np.inf)
+        tol_hi = _SLACK * (1.0 + np.abs(np.where(np.isfinite(high), high, 0.0)))
+        for cols in (old_cols, new_cols):
+            if cols["rec"].size == 0 or P == 0:
+                continue
+            sj, gj = cols["S"][q], cols["H"][q]
+            D = gx[:, None] - gj
+            s_dif = sj - sx[:, None]
+            scale = _SLACK * (1.0 + np.abs(gx[:, None]) + np.abs(gj))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bound = s_dif / D
+            lower = (D > scale) & (bound >= (self._low - tol_lo)[:, None])
+            upper = (D < -scale) & (bound <= (high + tol_hi)[:, None])
+            level = (np.abs(D) <= scale) & (s_dif >= -_SLACK * (1.0 + np.abs(sx[:, None])))
+            dirty |= (lower | upper | level).any(axis=1)
+        return np.flatnonzero(dirty)
+
+    # ------------------------------------------------------------------------------------
+    # Operations
+
+    def _check_answers(self, name, qs, *, allow_empty):
+        csr = qs.csr(unique=True)
+        if csr.index.size:
+            bad = (csr.index < 0) | (csr.index >= self._n)
+            if bad.any():
+                p = int(np.flatnonzero(bad)[0])
+                q = int(np.searchsorted(csr.ptr, p, side="right") - 1)
+                raise ValueError(f"{name}: answers[{q}] contains record {int(csr.index[p])}, "
+                                 f"which is not a record position (0 <= position < "
+                                 f"{self._n}); add new records with add_records first")
+            gone = np.isin(csr.index, self._deleted)
+            if gone.any():
+                p = int(np.flatnonzero(gone)[0])
+                q = int(np.searchsorted(csr.ptr, p, side="right") - 1)
+                raise ValueError(f"{name}: answers[{q}] contains record {int(csr.index[p])}, "
+                                 f"which was deleted; drop it from the answers")
+        if not allow_empty and csr.index.size == 0:
+            raise ValueError(f"{name}: has no (query, answer) pairs; give answer lists")
+        return csr
+
+    def add_feedback(self, queries, answers) -> Delta:
+        """New train queries (a click, a label: the query embedding and the records that
+        answered it). Reads only the rows it newly touches. ``delta.summary["feedback_ids"]``
+        holds the ids :meth:`remove_feedback` takes (numbered in arrival order from 0, the
+        fit's train queries first)."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        qs, q = as_queryset("queries", (queries, answers), self._d)
+        csr = self._check_answers("answers", qs, allow_empty=False)
+        first = self._tq.shape[0]
+        ids = np.arange(first, first + len(qs), dtype=np.int64)
+        self._tq = np.concatenate([self._tq, q])
+        self._tq_alive = np.r_[self._tq_alive, np.ones(len(qs), bool)]
+        self._pair_q = np.r_[self._pair_q, np.repeat(ids, csr.counts)]
+        self._pair_r = np.r_[self._pair_r, csr.index]
+        return self._commit("add_feedback", t0, csr.index, feedback_ids=ids.tolist())
+
+    def remove_feedback(self, ids) -> Delta:
+        """Withdraw train queries by feedback id (the fit's train queries are 0 .. n-1)."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        ids = np.unique(self._as_positions("ids", ids, self._tq.shape[0], "feedback ids"))
+        dead = ids[~self._tq_alive[ids]]
+        if dead.size:
+            raise ValueError(f"ids: feedback {int(dead[0])} was already removed")
+        self._tq_alive[ids] = False
+        records = self._pair_r[np.isin(self._pair_q, ids)]
+        return self._commit("remove_feedback", t0, records, feedback_ids=ids.tolist())
+
+    def add_validation(self, queries, answers) -> Delta:
+        """New validation queries: one corpus pass for them only (batched), then gamma is
+        chosen again. Queries without answers are skipped with a warning, as in a fit."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        qs, q = as_queryset("queries", (queries, answers), self._d)
+        csr = self._check_answers("answers", qs, allow_empty=True)
+        keep = np.flatnonzero(csr.counts > 0)
+        if keep.size < len(qs):
+            warnings.warn(f"queries: {len(qs) - keep.size} validation queries have no answers "
+                          f"and are skipped", stacklevel=2)
+        if keep.size == 0:
+            raise ValueError("answers: no validation query has an answer; give answer lists")
+        q = q[keep]
+        answers = [csr.index[csr.ptr[i]:csr.ptr[i + 1]].copy() for i in keep]
+        s, i = self._pass(q, self._Li.shape[1], desc="tuner validation pass")
+        t = self._t
+        S, H = self._products(q, np.arange(t))
+        cap = self._S.shape[1]
+        self._S = np.concatenate([self._S, np.pad(S, ((0, 0), (0, cap - t)))])
+        self._H = np.concatenate([self._H, np.pad(H, ((0, 0), (0, cap - t)))])
+        first = self._vq.shape[0]
+        self._vq = np.concatenate([self._vq, q])
+        self._vans += answers
+        self._valive = np.r_[self._valive, np.ones(keep.size, bool)]
+        self._m = self._weights()
+        self._Ls, self._Li = np.concatenate([self._Ls, s]), np.concatenate([self._Li, i])
+        self._Lcomplete = np.r_[self._Lcomplete, (i < 0).any(axis=1)]
+        new_q = np.arange(first, first + keep.size)
+        if self.variant == "nudge-n":
+            self._hits = np.concatenate([self._hits, np.zeros((keep.size,
+                                                               self._hits.shape[1]), np.int64)])
+            self._rescore_n(new_q)
+            return self._commit("add_validation", t0, [], validation_queries=keep.size)
+        return self._commit("add_validation", t0, [], val_changed=True,
+                            validation_queries=keep.size)
+
+    def add_records(self, rows, ids=None) -> Delta:
+        """Append records (rows (m, d) float16/float32): one pass over the new rows only,
+        against the validation queries. They take positions ``n_records ..``; the tuner
+        keeps them (and saves them with its state)."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        rows = _validate.as_corpus("rows", rows)
+        if rows.shape[1] != self._d or rows.shape[0] == 0:
+            raise ValueError(f"rows: expected shape (m >= 1, {self._d}), got {rows.shape}")
+        if (ids is None) != (self._ids is None):
+            raise ValueError("ids: the corpus has ids, give one per new row" if ids is None
+                             else "ids: the tuner was fitted without ids; leave ids None")
+        rows = np.array(rows, dtype=np.float32 if rows.dtype == np.float64 else rows.dtype)
+        first = self._n
+        if ids is not None:
+            new_ids = self._as_ids("ids", ids, rows.shape[0])
+            if new_ids.dtype.kind != self._ids.dtype.kind:
+                raise TypeError(f"ids: the corpus ids are {self._ids.dtype}, got {new_ids.dtype}")
+            self._ids = np.concatenate([self._ids, new_ids])
+        self._added.append(rows)
+        self._n += rows.shape[0]
+        try:
+            s, i = self._pass(self._vq, self._Li.shape[1], start=first,
+                              desc="tuner new-records pass")
+        except ValueError:
+            self._added.pop()
+            self._n = first
+            if ids is not None:
+                self._ids = self._ids[:first]
+            raise
+        self._merge_lists(s, i, (i < 0).any(axis=1))
+        return self._commit("add_records", t0, [], new_positions=np.arange(first, self._n),
+                            records_added=rows.shape[0])
+
+    def delete_records(self, positions=None, *, ids=None) -> Delta:
+        """Delete records by position or by id: their feedback pairs and validation answers
+        go with them (a validation query left without answers is skipped)."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        if (positions is None) == (ids is None):
+            raise ValueError("delete_records: give positions or ids (one of them)")
+        if ids is not None:
+            if self._ids is None:
+                raise ValueError("ids: the tuner was fitted without ids; delete by position")
+            want = np.asarray(ids).reshape(-1)
+            found = np.isin(want, self._ids)
+            if not found.all():
+                raise ValueError(f"ids: {want[~found][0]!r} is not a record id")
+            positions = np.flatnonzero(np.isin(self._ids, want))
+        pos = np.unique(self._as_positions("positions", positions, self._n, "record positions"))
+        again = pos[np.isin(pos, self._deleted)]
+        if again.size:
+            raise ValueError(f"positions: record {int(again[0])} was already deleted")
+        self._deleted = np.union1d(self._deleted, pos)
+        drop = np.isin(self._pair_r, pos)
+        records = self._pair_r[drop]
+        self._pair_q, self._pair_r = self._pair_q[~drop], self._pair_r[~drop]
+        val_changed = False
+        for q, a in enumerate(self._vans):
+            gone = np.isin(a, pos)
+            if gone.any():
+                self._vans[q] = a[~gone]
+                val_changed = True
+                if self._vans[q].size == 0 and self._valive[q]:
+                    self._valive[q] = False
+                    log.info("Tuner: validation query %d lost its last answer; skipped", q)
+        self._m = self._weights()
+        return self._commit("delete_records", t0, records, deleted=pos,
+                            val_changed=val_changed)
+
+    @staticmethod
+    def _as_positions(name, values, n, what):
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "iu" or arr.ndim > 1:
+            raise TypeError(f"{name}: expected a list of int {what}, got {arr.dtype} "
+                            f"{arr.shape}")
+        arr = arr.reshape(-1).astype(np.int64)
+        bad = (arr < 0) | (arr >= n)
+        if bad.any():
+            raise ValueError(f"{name}: {int(arr[bad][0])} is out of range; {what} are "
+                             f"0 <= value < {n}")
+        return arr
+
+    # ------------------------------------------------------------------------------------
+    # State on disk
+
+    def _fingerprint(self, corpus):
+        """Shape, dtype and a hash of 64 spread rows: enough to refuse another corpus."""
+        n = corpus.shape[0]
+        h = hashlib.sha256(f"{corpus.shape}{corpus.dtype}".encode())
+        for p in np.unique(np.linspace(0, n - 1, 64).astype(np.int64)):
+            h.update(np.ascontiguousarray(corpus[p]).tobytes())
+        return h.hexdigest()
+
+    def save(self, path) -> None:
+        """Write the state to ``path`` (.npz): atomic (a temp file in the same folder, then a
+        rename), so an interrupted save leaves the previous file as it was. The corpus is not
+        saved (only a fingerprint of it); rows added with :meth:`add_records` are."""
+        self._check_fitted()
+        est = self.estimator
+        meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "variant": self.variant,
+                "margin": self.margin, "backend": est.backend, "chunk_rows": est.chunk_rows,
+                "n_threads": est.n_threads, "val_block": est.val_block,
+                "k_val": getattr(est, "k_val", None),
+                "gammas": est.gammas.tolist() if self.variant == "nudge-n" else None,
+                "gamma_rule": getattr(est, "gamma_rule", None),
+                "n_base": int(self._corpus.shape[0]), "d": self._d, "n": self._n,
+                "corpus_dtype": str(self._corpus.dtype),
+                "fingerprint": self._fingerprint(self._corpus), "gamma": self._gamma,
+                "n_added": len(self._added), "ids": None if self._ids is None else
+                self._ids.dtype.kind}
+        t = self._t
+        vcount = np.array([a.size for a in self._vans], np.int64)
+        arrays = dict(
+            meta=np.array(json.dumps(meta)), deleted=self._deleted, tq=self._tq,
+            tq_alive=self._tq_alive, pair_q=self._pair_q, pair_r=self._pair_r,
+            slot_rec=self._slot_rec[:t], base=self._base[:t], grad=self._grad[:t],
+            vq=self._vq, vcount=vcount,
+            vindex=np.concatenate(self._vans) if vcount.sum() else np.zeros(0, np.int64),
+            valive=self._valive, Ls=self._Ls, Li=self._Li, Lcomplete=self._Lcomplete)
+        if self._ids is not None:
+            arrays["ids"] = self._ids
+        for j, rows in enumerate(self._added):
+            arrays[f"added_{j}"] = rows
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        log.info("Tuner: state saved to %s", path)
+
+    @classmethod
+    def load(cls, path, corpus, *, backend=None, progress=None) -> "Tuner":
+        """Read a state :meth:`save` wrote, for the same ``corpus`` (checked by shape, dtype
+        and a fingerprint). ``backend`` overrides the saved one. Derived values (validation
+        products, hits or intervals) are recomputed; the corpus is not read beyond the
+        fingerprint's rows."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such tuner state file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            meta = json.loads(str(data.pop("meta")))
+        except Exception as exc:  # truncated zip, corrupt member, not JSON, not an npz
+            raise ValueError(f"{path}: not a readable tuner state (truncated or corrupt: "
+                             f"{type(exc).__name__}: {exc}); save it again") from exc
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: not a nudgefast tuner state (format "
+                             f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        if meta.get("version") != STATE_VERSION:
+            raise ValueError(f"{path}: tuner state version {meta.get('version')}, this "
+                             f"nudgefast reads version {STATE_VERSION}; upgrade nudgefast")
+        corpus = _validate.as_corpus("corpus", corpus)
+        want = (meta["n_base"], meta["d"])
+        if corpus.shape != want or str(corpus.dtype) != meta["corpus_dtype"]:
+            raise ValueError(f"corpus: the state in {path} was saved for a {meta['corpus_dtype']}"
+                             f" corpus of shape {want}, got {corpus.dtype} {corpus.shape}; "
+                             f"load it with the corpus it was fitted on")
+        common = dict(backend=backend or meta["backend"], chunk_rows=meta["chunk_rows"],
+                      n_threads=meta["n_threads"], val_block=meta["val_block"],
+                      progress=progress)
+        est = (NudgeN(k_val=meta["k_val"], gammas=meta["gammas"], **common)
+               if meta["variant"] == "nudge-n" else
+               NudgeM(gamma_rule=meta["gamma_rule"], **common))
+        self = cls(est, margin=meta["margin"])
+        if self._fingerprint(corpus) != meta["fingerprint"]:
+            raise ValueError(f"corpus: differs from the one the state in {path} was fitted on "
+                             f"(same shape, other values); load it with that corpus")
+        try:
+            self._restore(corpus, meta, data)
+        except KeyError as exc:
+            raise ValueError(f"{path}: tuner state is missing {exc}; save it again") from exc
+        return self
+
+    def _restore(self, corpus, meta, data):
+        self._corpus, self._impl = corpus, _backends.get(self.estimator.backend)
+        self._threads = self.estimator.n_threads
+        self._d, self._n = meta["d"], meta["n"]
+        self._added = [data[f"added_{j}"] for j in range(meta["n_added"])]
+        self._ids = data["ids"] if meta["ids"] else None
+        self._deleted = data["deleted"]
+        self._tq, self._tq_alive = data["tq"], data["tq_alive"]
+        self._pair_q, self._pair_r = data["pair_q"], data["pair_r"]
+        self._slot_rec = data["slot_rec"]
+        self._t = self._slot_rec.size
+        self._slot_of = {int(r): s for s, r in enumerate(self._slot_rec)}
+        self._base, self._grad = data["base"], data["grad"]
+        self._vq = data["vq"]
+        ptr = np.r_[0, np.cumsum(data["vcount"])]
+        self._vans = [data["vindex"][ptr[i]:ptr[i + 1]] for i in range(ptr.size - 1)]
+        self._valive = data["valive"]
+        self._m = self._weights()
+        self._Ls, self._Li, self._Lcomplete = data["Ls"], data["Li"], data["Lcomplete"]
+        self._init_coefficients()
+        self._S, self._H = self._products(self._vq, np.arange(self._t))
+        self._init_scores()
+        self._fitted = True
+        self._gamma = self._choose_gamma()
