@@ -952,7 +952,7 @@ class Tuner:
                 "corpus_dtype": str(self._corpus.dtype),
                 "fingerprint": self._fingerprint(self._corpus), "gamma": self._gamma,
                 "n_added": len(self._added), "ids": None if self._ids is None else
-                self._ids.dtype.kind}
+                self._ids.dtype.kind, "corpus_path": self._corpus_path()}
         t = self._t
         vcount = np.array([a.size for a in self._vans], np.int64)
         arrays = dict(
@@ -980,12 +980,21 @@ class Tuner:
             raise
         log.info("Tuner: state saved to %s", path)
 
+    def _corpus_path(self):
+        """The .npy file behind a memory-mapped corpus (so ``load`` can reopen it), or None."""
+        base = self._corpus
+        while base is not None and not isinstance(base, np.memmap):
+            base = getattr(base, "base", None)
+        name = getattr(base, "filename", None)
+        return os.path.abspath(name) if name else None
+
     @classmethod
-    def load(cls, path, corpus, *, backend=None, progress=None) -> "Tuner":
+    def load(cls, path, corpus=None, *, backend=None, progress=None) -> "Tuner":
         """Read a state :meth:`save` wrote, for the same ``corpus`` (checked by shape, dtype
-        and a fingerprint). ``backend`` overrides the saved one. Derived values (validation
-        products, hits or intervals) are recomputed; the corpus is not read beyond the
-        fingerprint's rows."""
+        and a fingerprint). Without ``corpus``, the .npy file the state was fitted on is
+        memory-mapped again (when it was a memmap). ``backend`` overrides the saved one.
+        Derived values (validation products, hits or intervals) are recomputed; the corpus is
+        not read beyond the fingerprint's rows."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such tuner state file")
@@ -1002,6 +1011,12 @@ class Tuner:
         if meta.get("version") != STATE_VERSION:
             raise ValueError(f"{path}: tuner state version {meta.get('version')}, this "
                              f"nudgefast reads version {STATE_VERSION}; upgrade nudgefast")
+        if corpus is None:
+            where = meta.get("corpus_path")
+            if not where or not os.path.exists(where):
+                raise ValueError(f"corpus: the state in {path} was fitted on an in-memory "
+                                 f"corpus (or its file {where} is gone); pass corpus=")
+            corpus = np.load(where, mmap_mode="r")
         corpus = _validate.as_corpus("corpus", corpus)
         want = (meta["n_base"], meta["d"])
         if corpus.shape != want or str(corpus.dtype) != meta["corpus_dtype"]:
