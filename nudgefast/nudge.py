@@ -211,20 +211,24 @@ def nudge_n_coefficients(a, b, cnorm, gamma):
     x' = c/|c| (this rule wins, as in the reference). b <= 0 or a < 0: no change (the
     reference's rule, kept for parity; b < 0 only by rounding). Otherwise the sphere step
     x' = e + gamma (c - mu e) / (2 (mu - a)) with mu = a + sqrt(gamma/(4-gamma) b).
+
+    ``gamma`` a number: (t,) arrays. A 1-D grid: (n_gamma, t) arrays, one row per gamma, each
+    element computed exactly as for that gamma alone.
     """
-    t = a.shape[0]
-    alpha, beta = np.ones(t), np.zeros(t)
-    if gamma == 0:
-        return alpha, beta
+    g = np.asarray(gamma, dtype=np.float64)
+    grid = g.ndim == 1
+    g = g.reshape(-1, 1)
     move = (b > 0) & (a >= 0)
-    w = np.sqrt(gamma / (4.0 - gamma) * np.where(move, b, 1.0))
-    alpha = np.where(move, 1.0 - gamma * (a + w) / (2.0 * w), 1.0)
-    beta = np.where(move, gamma / (2.0 * w), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        snap = (cnorm > 0) & (a / np.where(cnorm > 0, cnorm, 1.0) >= 1.0 - gamma / 2.0)
+        w = np.sqrt(g / (4.0 - g) * np.where(move, b, 1.0))
+        alpha = np.where(move, 1.0 - g * (a + w) / (2.0 * w), 1.0)
+        beta = np.where(move, g / (2.0 * w), 0.0)
+        snap = (cnorm > 0) & (a / np.where(cnorm > 0, cnorm, 1.0) >= 1.0 - g / 2.0)
     alpha = np.where(snap, 0.0, alpha)
     beta = np.where(snap, 1.0 / np.where(cnorm > 0, cnorm, 1.0), beta)
-    return alpha, beta
+    alpha = np.where(g == 0, 1.0, alpha)
+    beta = np.where(g == 0, 0.0, beta)
+    return (alpha, beta) if grid else (alpha[0], beta[0])
 
 
 def _fit_n(prep: _Prepared, k_val, gammas, *, extra_corpus, chunk_rows, n_threads, progress,
@@ -238,9 +242,7 @@ def _fit_n(prep: _Prepared, k_val, gammas, *, extra_corpus, chunk_rows, n_thread
     cnorm2 = np.einsum("ij,ij->i", prep.grad, prep.grad)
     b = cnorm2 - a * a
     cnorm = np.sqrt(cnorm2)
-    coef = [nudge_n_coefficients(a, b, cnorm, g) for g in gammas]
-    alpha = np.stack([c[0] for c in coef])
-    beta = np.stack([c[1] for c in coef])
+    alpha, beta = nudge_n_coefficients(a, b, cnorm, gammas)
     counts = prep.val_csr.counts
     # Accuracy sums h_i / min(|B(i)|, k_val). With a common denominator the sums are integers,
     # so equal accuracies compare equal and the first gamma wins ties exactly.

@@ -256,6 +256,7 @@ class Tuner:
         self._Ls, self._Li = self._pass(self._vq, K, desc="NUDGE corpus pass")
         self._Lcomplete = (self._Li < 0).any(axis=1)
         self._S, self._H = self._products(self._vq, np.arange(t))
+        self._grow(max(1024, t // 4))  # headroom: the first feedback batches copy nothing
         self._init_scores()
         self._gamma = float("nan")
         self._fitted = True
@@ -289,22 +290,19 @@ class Tuner:
             cnorm2 = np.einsum("ij,ij->i", self._grad[:t], self._grad[:t])
             self._a, self._b = a, cnorm2 - a * a
             self._cnorm = np.sqrt(cnorm2)
-            coef = [nudge_n_coefficients(self._a, self._b, self._cnorm, x) for x in g]
-            self._alpha = np.stack([c[0] for c in coef]) if t else np.zeros((g.size, 0))
-            self._beta = np.stack([c[1] for c in coef]) if t else np.zeros((g.size, 0))
+            self._alpha, self._beta = nudge_n_coefficients(self._a, self._b, self._cnorm, g)
 
     def _direction(self, slots):
         c = self._cnorm[slots]
         return self._grad[slots] / np.where(c > 0, c, 1.0)[:, None]
 
-    def _products(self, queries, slots, *, with_s=True):
-        """(S, H) for validation ``queries`` against touched ``slots``: S = V e_j and H = V c_j
-        (NUDGE-N) or V c_j/|c_j| (NUDGE-M), in validation blocks as a fit computes them (S is
-        None without ``with_s``: a record's base row never changes)."""
+    def _products(self, queries, slots, *, which="SH"):
+        """Products of validation ``queries`` with touched ``slots``, in validation blocks as a
+        fit computes them: "S" = V e_j, "H" = V c_j (NUDGE-N) or V c_j/|c_j| (NUDGE-M). Returns
+        one (n_q, len(slots)) array per letter of ``which``."""
         slots = np.asarray(slots, np.int64)
-        mats = [self._grad[slots] if self.variant == "nudge-n" else self._direction(slots)]
-        if with_s:
-            mats.insert(0, self._base[slots])
+        mats = [self._base[slots] if x == "S" else self._grad[slots]
+                if self.variant == "nudge-n" else self._direction(slots) for x in which]
         n_q, w = queries.shape[0], slots.size
         # One column makes NumPy call gemv, whose sums round differently from gemm's: pad.
         if w == 1:
@@ -316,7 +314,7 @@ class Tuner:
                 v = queries[s:s + vb].astype(np.float64)
                 for m, out in zip(mats, outs):
                     out[s:s + vb] = (v @ m.T)[:, :w]
-        return (outs[0], outs[1]) if with_s else (None, outs[0])
+        return outs
 
     def _project(self, slots):
         slots = np.asarray(slots, np.int64)
@@ -469,12 +467,12 @@ class Tuner:
         cap = self._base.shape[0]
         if need <= cap:
             return
-        cap = max(need, 2 * cap, 16)
+        cap = max(need, 2 * cap, 1024)
 
-        def grown(a, axis):
+        def grown(a, axis):  # slots >= t are never read
             shape = list(a.shape)
             shape[axis] = cap
-            out = np.zeros(shape, a.dtype)
+            out = np.empty(shape, a.dtype)
             out[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
             return out
         self._base, self._grad = grown(self._base, 0), grown(self._grad, 0)
@@ -517,16 +515,13 @@ class Tuner:
             cnorm2 = np.einsum("ij,ij->i", grad, grad)
             self._a[slots], self._b[slots] = a, cnorm2 - a * a
             self._cnorm[slots] = np.sqrt(cnorm2)
-            for g, x in enumerate(self.estimator.gammas):
-                al, be = nudge_n_coefficients(self._a[slots], self._b[slots],
-                                              self._cnorm[slots], x)
-                self._alpha[g, slots], self._beta[g, slots] = al, be
+            self._alpha[:, slots], self._beta[:, slots] = nudge_n_coefficients(
+                self._a[slots], self._b[slots], self._cnorm[slots], self.estimator.gammas)
         else:
             self._cnorm[slots] = np.linalg.norm(grad, axis=1)
         if joined.any():
-            S, _ = self._products(self._vq, slots[joined])
-            self._S[:, slots[joined]] = S
-        self._H[:, slots] = self._products(self._vq, slots, with_s=False)[1]
+            self._S[:, slots[joined]] = self._products(self._vq, slots[joined], which="S")[0]
+        self._H[:, slots] = self._products(self._vq, slots, which="H")[0]
 
     def _regrad(self, records):
         """Each record's query gradient from its live pairs, summed in the fit's order (by
@@ -582,10 +577,15 @@ class Tuner:
                                                      & (cand_i < last_i[:, None]))
         ranks_above &= valid.any(axis=1)[:, None] | self._Lcomplete[:, None]
         take = (ranks_above | self._Lcomplete[:, None]) & np.isfinite(cand_s)
-        s, i = _sort_lists(np.concatenate([self._Ls, np.where(take, cand_s, -np.inf)], axis=1),
-                           np.concatenate([self._Li, np.where(take, cand_i, -1)], axis=1))
-        self._Lcomplete &= (i >= 0).sum(axis=1) <= K
-        self._Ls, self._Li = s[:, :K], i[:, :K]
+        rows = np.flatnonzero(take.any(axis=1))  # the lists that change
+        if rows.size == 0:
+            return
+        take = take[rows]
+        s, i = _sort_lists(
+            np.concatenate([self._Ls[rows], np.where(take, cand_s[rows], -np.inf)], axis=1),
+            np.concatenate([self._Li[rows], np.where(take, cand_i[rows], -1)], axis=1))
+        self._Lcomplete[rows] &= (i >= 0).sum(axis=1) <= K
+        self._Ls[rows], self._Li[rows] = s[:, :K], i[:, :K]
 
     def _merge_lists(self, s_new, i_new, complete_new):
         """Merge the lists of a pass over new rows. The merged list is exact down to the
@@ -641,7 +641,8 @@ class Tuner:
         old_cols = self._columns(old_slots)
         # Slots that go: records left without pairs. Reverted unless deleted.
         leaving = [r for r in records.tolist() if r in self._slot_of and r not in has]
-        revert = np.array([r for r in leaving if not np.isin(r, deleted)], np.int64)
+        gone = set(deleted.tolist())
+        revert = np.array([r for r in leaving if r not in gone], np.int64)
         revert_base = self._base[[self._slot_of[r] for r in revert.tolist()]].copy()
         for r in leaving:
             self._remove_slot(self._slot_of[r])
