@@ -1,16 +1,25 @@
-"""Console entry points (``nudgefast demo | bench | backends``). The only module that prints."""
+"""Console entry points (``nudgefast demo | bench | backends | tune | update | apply``). The only
+module that prints."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import sys
+import time
+import warnings
 
 import numpy as np
 
-from . import _backends, datasets
+from . import _backends, _validate, datasets
+from .handoff import Delta
 from .metrics import metrics
 from .nudge import NudgeM, NudgeN
+from .queryset import QuerySet
 from .search import search
+from .tuner import Tuner
 
 
 def _table(headers, rows):
@@ -211,6 +220,551 @@ def show_backends(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------
+# tune / update / apply: an indexing pipeline's steps, with a tuner state and deltas on disk
+
+#: Errors the pipeline commands report as one line, exit status 2: bad arguments, unreadable or
+#: mismatched files (the library raises ValueError / TypeError naming the argument).
+_USER_ERRORS = (ValueError, TypeError, OSError, EOFError, ImportError)
+
+FEEDBACK_FORMAT = """\
+--feedback FILE: JSON lines, one feedback query per line (blank lines skipped):
+  {"embedding": [d floats], "answers": [record positions]}
+  {"embedding": [d floats], "answer_ids": [record ids]}
+exactly one of "answers" (ints, 0 <= position < the state's record count) and "answer_ids"
+(record ids as the state has them: strings, or ints when the ids file was all integers),
+non-empty; other fields (e.g. "qid", "text") are ignored. Answers name records that exist
+before this update (feedback is applied first). Each line becomes a feedback id, numbered
+on from the last one (the fit's train queries are 0 .. n-1): the ids --remove-feedback
+takes, printed after the update."""
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _input_file(flag, path):
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"{flag}: {path!r} {what}; give an existing file")
+    return path
+
+
+def _output_file(flag, path):
+    """Checked before any work: a missing folder should not cost a fit."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: folder {folder!r} does not exist; create it first")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} is a folder; give a file name")
+    return path
+
+
+def _npy(flag, path):
+    """A .npy file memory-mapped read-only (never read whole here)."""
+    _input_file(flag, path)
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{flag}: {path!r} is not a .npy file (no NumPy header); write it with "
+                         f"np.save")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{flag}: {path!r} is not a readable .npy file ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise ValueError(f"{flag}: {path!r} is an .npz archive; give a .npy array")
+    return arr
+
+
+def _corpus(flag, path):
+    arr = _npy(flag, path)
+    try:
+        return _validate.as_corpus("corpus", arr)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{flag}: {path!r}: {exc}") from exc
+
+
+def _queries(flag, path, d):
+    arr = _npy(flag, path)
+    if arr.ndim != 2 or arr.dtype.kind != "f" or arr.shape[1] != d:
+        raise ValueError(f"{flag}: {path!r} holds {arr.dtype} of shape {arr.shape}; expected "
+                         f"float query embeddings of shape (n, {d}) (the corpus d)")
+    return np.asarray(arr, np.float32)
+
+
+def _json_lines(flag, path):
+    """(line number, object) for every non-blank line of a JSON-lines file."""
+    _input_file(flag, path)
+    with open(path, encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{flag}: {path!r} line {no}: not valid JSON ({exc.msg}, "
+                                 f"column {exc.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{flag}: {path!r} line {no}: expected a JSON object, got "
+                                 f"{type(rec).__name__}")
+            yield no, rec
+
+
+def _read_qrels(flag, path):
+    """Answer and relevance lists of a shared-format qrels file, checked line by line."""
+    answers, relevance = [], []
+    for no, rec in _json_lines(flag, path):
+        where = f"{flag}: {path!r} line {no}"
+        ans = rec.get("answers")
+        if not isinstance(ans, list) or not all(_is_int(a) and a >= 0 for a in ans):
+            got = "nothing" if "answers" not in rec else _short(json.dumps(ans), 40)
+            raise ValueError(f'{where}: "answers" must be a list of record positions (ints >= '
+                             f'0), got {got}')
+        rel = rec.get("relevance") or [1.0] * len(ans)
+        if not (isinstance(rel, list) and len(rel) == len(ans) and all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rel)):
+            raise ValueError(f'{where}: "relevance" must be a list of numbers, one per answer '
+                             f'({len(ans)}), got {_short(json.dumps(rel), 40)}')
+        answers.append(ans)
+        relevance.append(rel)
+    return answers, relevance
+
+
+def _query_set(flag, path, qrels_flag, qrels_path, d) -> QuerySet:
+    emb = _queries(flag, path, d)
+    answers, relevance = _read_qrels(qrels_flag, qrels_path)
+    if len(answers) != emb.shape[0]:
+        raise ValueError(f"{qrels_flag}: {qrels_path!r} has {len(answers)} query lines but "
+                         f"{path!r} has {emb.shape[0]} rows; one line per row, in row order")
+    return QuerySet(emb, answers, relevance)
+
+
+def _read_ids(flag, path, n=None, kind=None):
+    """One id per line. kind None: ints when every line is an integer (FAISS needs ints), else
+    strings; "i" / "U": as the state's ids are. ``n``: the number of lines expected."""
+    _input_file(flag, path)
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    if n is not None and len(lines) != n:
+        raise ValueError(f"{flag}: {path!r} has {len(lines)} lines for {n} records; one id per "
+                         f"record, in row order")
+    if kind is not None and kind not in "iu":
+        return np.array(lines, dtype=str)
+    try:
+        return np.array([int(x) for x in lines], np.int64)
+    except ValueError:
+        if kind is None:
+            return np.array(lines, dtype=str)
+        no = next(i for i, x in enumerate(lines, 1) if not x.strip().lstrip("+-").isdigit())
+        raise ValueError(f"{flag}: {path!r} line {no}: {lines[no - 1]!r} is not an integer; "
+                         f"the state's record ids are integers") from None
+
+
+def _json_value(value):
+    """Summaries as strict JSON: NumPy scalars and arrays as numbers and lists, NaN as null."""
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_value(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _print_json(obj):
+    print(json.dumps(_json_value(obj), allow_nan=False))
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command):
+    """Library warnings (e.g. validation queries without answers, skipped) as one stderr
+    line each, not Python's two-line form with a source path."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                print(f"nudgefast {command}: warning: {_one_line(w.message)}", file=sys.stderr)
+
+
+def _counts(delta):
+    return {"rows": int(delta.indices.size), "tuned": int(delta.tuned.sum()),
+            "reverted": int(delta.reverted.sum()), "new": int(delta.new.sum()),
+            "deleted": int(delta.deleted.size)}
+
+
+def _rows_text(delta):
+    c = _counts(delta)
+    return (f"{c['rows']} rows to write ({c['tuned']} tuned, {c['reverted']} reverted, "
+            f"{c['new']} new), {c['deleted']} deleted")
+
+
+def _ranges(values):
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    values = sorted(int(v) for v in values)
+    out, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(v) if v == start else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
+def _tune_inputs(args):
+    """(corpus memmap, train QuerySet, validation QuerySet, ids or None, corpus path)."""
+    files = {"--train": args.train, "--train-qrels": args.train_qrels, "--val": args.val,
+             "--val-qrels": args.val_qrels, "--ids": args.ids}
+    if args.data is not None:
+        given = [flag for flag, value in files.items() if value is not None]
+        if given:
+            raise ValueError(f"{given[0]}: not with --data (the folder names every file); give "
+                             f"--corpus and the query files instead of --data")
+        folder, split = args.data, args.val_split
+        if not os.path.isdir(folder):
+            raise ValueError(f"--data: {folder!r} is not a folder; give a dataset folder in the "
+                             f"shared format (corpus.npy, queries_<split>.npy, "
+                             f"qrels_<split>.jsonl)")
+        need = ["corpus.npy", "queries_train.npy", "qrels_train.jsonl", f"queries_{split}.npy",
+                f"qrels_{split}.jsonl"]
+        missing = [f for f in need if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            only_split = set(missing) <= set(need[3:])
+            raise ValueError(f"--data: {folder!r} is not a dataset folder in the shared format "
+                             f"(missing {', '.join(missing)})"
+                             + (f"; is --val-split {split} a split there?" if only_split
+                                else ""))
+        path = lambda name: os.path.join(folder, name)
+        corpus_path = path("corpus.npy")
+        corpus = _corpus("--data", corpus_path)
+        d = corpus.shape[1]
+        train = _query_set("--data", path("queries_train.npy"), "--data",
+                           path("qrels_train.jsonl"), d)
+        val = _query_set("--data", path(f"queries_{split}.npy"), "--data",
+                         path(f"qrels_{split}.jsonl"), d)
+        ids_path = path("corpus_ids.txt")
+        ids = (_read_ids("--data", ids_path, corpus.shape[0]) if os.path.isfile(ids_path)
+               else None)
+        return corpus, train, val, ids, corpus_path
+    missing = [flag for flag, value in files.items() if value is None and flag != "--ids"]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: required with --corpus (or give --data DIR)")
+    corpus = _corpus("--corpus", args.corpus)
+    d = corpus.shape[1]
+    train = _query_set("--train", args.train, "--train-qrels", args.train_qrels, d)
+    val = _query_set("--val", args.val, "--val-qrels", args.val_qrels, d)
+    ids = None if args.ids is None else _read_ids("--ids", args.ids, corpus.shape[0])
+    return corpus, train, val, ids, args.corpus
+
+
+def _estimator(args):
+    progress = False if args.no_progress else None  # None: bars only on a terminal
+    common = dict(backend=args.backend, n_threads=args.threads, progress=progress)
+    if args.method == "n":
+        return NudgeN(k_val=1 if args.k_val is None else args.k_val, **common)
+    if args.k_val is not None:
+        raise ValueError("--k-val: NUDGE-M has no k_val (it scores validation pairs); leave it "
+                         "out, or use --method n")
+    return NudgeM(**common)
+
+
+def tune(args) -> int:
+    t0 = time.perf_counter()
+    if args.out is None and args.state is None:
+        raise ValueError("--out / --state: give at least one (the delta to apply, the state "
+                         "that 'nudgefast update' continues from)")
+    if args.out and args.state and os.path.abspath(args.out) == os.path.abspath(args.state):
+        raise ValueError(f"--out / --state: both name {args.out!r}; give two files")
+    _output_file("--out", args.out)
+    _output_file("--state", args.state)
+    corpus, train, val, ids, corpus_path = _tune_inputs(args)
+    tuner = Tuner(_estimator(args), margin=args.margin)
+    with _warnings_as_lines("tune"):
+        delta = tuner.fit(corpus, train, val, ids=ids)
+    if args.out:
+        delta.save(args.out)
+    if args.state:
+        tuner.save(args.state)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _print_json({"command": "tune", **delta.summary, "variant": delta.variant,
+                     "n_records": delta.n_records, "rows": int(delta.indices.size),
+                     "corpus": os.path.abspath(corpus_path), "ids": ids is not None,
+                     "out": args.out and os.path.abspath(args.out),
+                     "state": args.state and os.path.abspath(args.state),
+                     "total_seconds": seconds})
+        return 0
+    n, d = corpus.shape
+    print(f"tuned {delta.variant} on {corpus_path}: {n} records (d={d}, {corpus.dtype}), "
+          f"{len(train)} train / {len(val)} validation queries")
+    print(f"gamma {delta.gamma:.6g}, {int(delta.summary['touched'])} touched rows; fit "
+          f"{delta.summary['seconds']:.2f} s, {seconds:.2f} s in all")
+    if args.out:
+        print(f"delta ({delta.indices.size} rows) -> {args.out} "
+              f"(nudgefast apply {args.out} --to ...)")
+    if args.state:
+        print(f"state -> {args.state} (nudgefast update --state {args.state} ...)")
+    return 0
+
+
+def _update_operations(args, tuner):
+    """(flag, call) per operation in the documented order, every input file read and checked
+    before the first one runs."""
+    # The tuner has no public d or record ids yet (feedback by id needs both).
+    d, n, ids = tuner.d, tuner.n_records, tuner.ids
+    kind = None if ids is None else ids.dtype.kind
+    ops = []
+    if args.feedback:
+        q, answers = _read_feedback("--feedback", args.feedback, d, n, ids)
+        ops.append(("--feedback", lambda: tuner.add_feedback(q, answers)))
+    if args.feedback_queries:
+        fb = _query_set("--feedback-queries", args.feedback_queries, "--feedback-qrels",
+                        args.feedback_qrels, d)
+        ops.append(("--feedback-queries", lambda: tuner.add_feedback(fb.embeddings,
+                                                                      fb.answers)))
+    if args.remove_feedback:
+        ops.append(("--remove-feedback", lambda: tuner.remove_feedback(args.remove_feedback)))
+    if args.add_validation:
+        vq = _query_set("--add-validation", args.add_validation, "--add-validation-qrels",
+                        args.add_validation_qrels, d)
+        ops.append(("--add-validation", lambda: tuner.add_validation(vq.embeddings,
+                                                                      vq.answers)))
+    if args.add_records:
+        rows = _npy("--add-records", args.add_records)
+        if rows.ndim != 2 or rows.shape[1] != d:
+            raise ValueError(f"--add-records: {args.add_records!r} holds shape {rows.shape}; "
+                             f"expected (m, {d}) rows (the corpus d)")
+        new_ids = (None if args.record_ids is None else
+                   _read_ids("--record-ids", args.record_ids, rows.shape[0], kind or "U"))
+        ops.append(("--add-records", lambda: tuner.add_records(rows, ids=new_ids)))
+    if args.delete_records:
+        ops.append(("--delete-records", lambda: tuner.delete_records(args.delete_records)))
+    if args.delete_ids:
+        want = args.delete_ids
+        if kind is not None and kind in "iu":
+            bad = [x for x in want if not x.strip().lstrip("+-").isdigit()]
+            if bad:
+                raise ValueError(f"--delete-ids: {bad[0]!r} is not an integer; the state's "
+                                 f"record ids are integers")
+            want = [int(x) for x in want]
+        ops.append(("--delete-ids", lambda: tuner.delete_records(ids=want)))
+    return ops
+
+
+def _read_feedback(flag, path, d, n_records, ids):
+    """(embeddings (m, d) float32, answer position lists) of a feedback JSON-lines file
+    (FEEDBACK_FORMAT), checked line by line."""
+    emb, answers = [], []
+    lookup, twice = None, set()
+    want_int = ids is not None and ids.dtype.kind in "iu"
+    for no, rec in _json_lines(flag, path):
+        where = f"{flag}: {path!r} line {no}"
+        vec = rec.get("embedding")
+        if not isinstance(vec, list):
+            got = "nothing" if "embedding" not in rec else type(vec).__name__
+            raise ValueError(f'{where}: "embedding" must be a list of {d} numbers, got {got}')
+        if len(vec) != d:
+            raise ValueError(f'{where}: "embedding" has {len(vec)} values; the corpus has d={d}')
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec) \
+                or not np.isfinite(np.asarray(vec, np.float64)).all():
+            raise ValueError(f'{where}: "embedding" holds a value that is not a finite number')
+        if ("answers" in rec) == ("answer_ids" in rec):
+            raise ValueError(f'{where}: give "answers" (record positions) or "answer_ids" '
+                             f'(record ids), exactly one')
+        key = "answers" if "answers" in rec else "answer_ids"
+        given = rec[key]
+        if not isinstance(given, list) or not given:
+            raise ValueError(f'{where}: "{key}" must be a non-empty list, got '
+                             f'{_short(json.dumps(given), 40)}')
+        if key == "answers":
+            bad = [x for x in given if not (_is_int(x) and 0 <= x < n_records)]
+            if bad:
+                raise ValueError(f'{where}: "answers": {json.dumps(bad[0])} is not a record '
+                                 f'position (an int, 0 <= position < {n_records})')
+            rows = given
+        else:
+            if ids is None:
+                raise ValueError(f'{where}: "answer_ids" needs record ids and this state has '
+                                 f'none (tune with --ids, or --data with corpus_ids.txt); give '
+                                 f'"answers" (record positions)')
+            if lookup is None:
+                lookup = {}
+                for p, v in enumerate(ids.tolist()):
+                    if v in lookup:
+                        twice.add(v)
+                    lookup.setdefault(v, p)
+            rows = []
+            for x in given:
+                typed = _is_int(x) if want_int else isinstance(x, str)
+                if not typed or x not in lookup:
+                    hint = (" (the state's record ids are integers)" if want_int else
+                            " (the state's record ids are strings)") if not typed else ""
+                    raise ValueError(f'{where}: "answer_ids": {json.dumps(x)} is not a record '
+                                     f'id{hint}')
+                if x in twice:
+                    raise ValueError(f'{where}: "answer_ids": {json.dumps(x)} names more than '
+                                     f'one record; give "answers" (record positions)')
+                rows.append(lookup[x])
+        emb.append(vec)
+        answers.append(rows)
+    if not emb:
+        raise ValueError(f"{flag}: {path!r} has no feedback lines; one JSON object per line "
+                         f"(nudgefast update --help)")
+    return np.array(emb, np.float32), answers
+
+
+def update(args) -> int:
+    t0 = time.perf_counter()
+    for a, b in (("feedback_queries", "feedback_qrels"),
+                 ("add_validation", "add_validation_qrels")):
+        if (getattr(args, a) is None) != (getattr(args, b) is None):
+            flags = "--" + a.replace("_", "-"), "--" + b.replace("_", "-")
+            raise ValueError(f"{flags[0]} / {flags[1]}: give both (the embeddings and their "
+                             f"qrels) or neither")
+    if args.record_ids is not None and args.add_records is None:
+        raise ValueError("--record-ids: only with --add-records (the ids of the new rows)")
+    if not any((args.feedback, args.feedback_queries, args.remove_feedback,
+                args.add_validation, args.add_records, args.delete_records, args.delete_ids)):
+        raise ValueError("give at least one operation: --feedback, --feedback-queries, "
+                         "--remove-feedback, --add-validation, --add-records, "
+                         "--delete-records or --delete-ids")
+    _input_file("--state", args.state)
+    state_out = _output_file("--state-out", args.state_out or args.state)
+    _output_file("--out", args.out)
+    if args.out and os.path.abspath(args.out) == os.path.abspath(state_out):
+        raise ValueError(f"--out: {args.out!r} is also where the state goes; give another file")
+    corpus = None if args.corpus is None else _corpus("--corpus", args.corpus)
+    try:
+        tuner = Tuner.load(args.state, corpus, backend=args.backend, n_threads=args.threads,
+                           progress=False if args.no_progress else None)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("pass the corpus", "give --corpus X.npy")) from exc
+    gamma_before = tuner.gamma
+    ops = _update_operations(args, tuner)
+    deltas = []
+    with _warnings_as_lines("update"):
+        for flag, op in ops:
+            try:
+                deltas.append(op())
+            except (ValueError, TypeError) as exc:
+                # Nothing is written: the state file stays as it was before this update.
+                raise ValueError(f"{flag}: {exc}") from exc
+    combined = Delta.combine(deltas)
+    # The delta first: a state saved without its delta would lose the rows to serve.
+    if args.out:
+        combined.save(args.out)
+    tuner.save(state_out)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _print_json({"command": "update", "state": os.path.abspath(state_out),
+                     "out": args.out and os.path.abspath(args.out), "variant": combined.variant,
+                     "gamma": combined.gamma, "previous_gamma": gamma_before,
+                     "touched": int(tuner.touched.size), "n_records": tuner.n_records,
+                     **_counts(combined), "total_seconds": seconds,
+                     "operations": [{"flag": flag, **_counts(dl), **dl.summary}
+                                    for (flag, _), dl in zip(ops, deltas)]})
+        return 0
+    print(f"{args.state}: {tuner.variant}, {len(ops)} operation{'s' * (len(ops) > 1)}")
+    for (flag, _), dl in zip(ops, deltas):
+        s = dl.summary
+        extra = ""
+        if s.get("feedback_ids"):
+            verb = "removed" if s["op"] == "remove_feedback" else "feedback ids"
+            extra = f" [{verb} {_ranges(s['feedback_ids'])}]"
+        print(f"  {flag}: {s['op']}{extra}: {_rows_text(dl)}; gamma {dl.previous_gamma:.6g} -> "
+              f"{dl.gamma:.6g}; {1e3 * s['seconds']:.1f} ms")
+    print(f"delta: {_rows_text(combined)}; gamma {gamma_before:.6g} -> {combined.gamma:.6g}, "
+          f"{tuner.touched.size} touched rows"
+          + (f" -> {args.out}" if args.out else " (not written: no --out)"))
+    print(f"state -> {state_out} ({seconds:.2f} s in all)")
+    return 0
+
+
+_FAISS_EXTENSIONS = (".faiss", ".index")
+
+
+def apply(args) -> int:
+    t0 = time.perf_counter()
+    _input_file("DELTA", args.delta)
+    target = args.to
+    ext = os.path.splitext(target)[1].lower()
+    if ext not in (".npy", ".parquet", *_FAISS_EXTENSIONS):
+        raise ValueError(f"--to: {target!r}: expected a .npy file, a .parquet file or a FAISS "
+                         f"index file (.faiss / .index)")
+    _input_file("--to", target)
+    if args.ids is not None and ext == ".npy":
+        raise ValueError("--ids: a .npy file is written by position; leave --ids out (ids are "
+                         "for targets keyed by id: Parquet, FAISS IndexIDMap/IndexIVF)")
+    delta = Delta.load(args.delta)
+    ids = None if args.ids is None else _read_ids("--ids", args.ids)
+    if ext in _FAISS_EXTENSIONS:
+        keys = ids if ids is not None else delta.ids
+        if keys is not None and keys.dtype.kind not in "iu":
+            where = (f"{args.ids!r} holds strings" if ids is not None
+                     else "the delta's record ids are strings")
+            raise ValueError(f"--ids: FAISS needs integer ids and {where}; give --ids a file of "
+                             f"one integer id per corpus position (or key the index by "
+                             f"position: an IndexFlat)")
+        kind = "faiss"
+        _apply_faiss_file(delta, target, ids)
+    else:
+        kind = ext[1:]
+        delta.apply_to(target, ids=ids)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _print_json({"command": "apply", "delta": os.path.abspath(args.delta),
+                     "target": os.path.abspath(target), "kind": kind, **_counts(delta),
+                     "gamma": delta.gamma, "n_records": delta.n_records, "seconds": seconds})
+        return 0
+    c = _counts(delta)
+    note = ""
+    if kind == "npy" and c["deleted"]:
+        note = " (a .npy file is by position: deleted rows stay, your id map drops them)"
+    print(f"{target}: wrote {c['rows']} rows ({c['tuned']} tuned, {c['reverted']} reverted, "
+          f"{c['new']} new), deleted {c['deleted']}{note}; gamma {delta.gamma:.6g}; "
+          f"{seconds:.2f} s")
+    return 0
+
+
+def _apply_faiss_file(delta, path, ids):
+    """Read the index, write the delta into it, write it to a temp file beside ``path`` and
+    rename it over ``path``: a reader sees the old index or the new one, never a torn one."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("--to: FAISS index files need faiss; pip install faiss-cpu") from exc
+    try:
+        index = faiss.read_index(path)
+    except RuntimeError as exc:
+        raise ValueError(f"--to: {path!r} is not a readable FAISS index "
+                         f"({_one_line(exc)})") from exc
+    delta.apply_to(index, ids=ids)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 DEFAULT_BENCH_SIZES = "10000,50000"
 
 
@@ -267,6 +821,181 @@ def _backend_name(text):
         raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from "
                                          f"{', '.join(choices)}")
     return text
+
+
+def _one_backend(text):
+    choices = ["auto", *_backends.KNOWN]
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from "
+                                         f"{', '.join(choices)}")
+    return text
+
+
+def _int_list(text):
+    """'3,7,9' -> [3, 7, 9]."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,7,9, got "
+                                         f"{text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def _str_list(text):
+    """'a,b' -> ['a', 'b'] (record ids; integers when the state's ids are)."""
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ids like a,b, got {text!r}")
+    return values
+
+
+class _PipelineFormatter(_Formatter):
+    """Defaults shown only where there is one (not "default: None" on every optional file)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _wrap(*paragraphs):
+    """Prose paragraphs filled to 88 columns (descriptions are printed as written)."""
+    import textwrap
+    return "\n\n".join(textwrap.fill(" ".join(p.split()), 88) for p in paragraphs)
+
+
+def _one_line_errors(parser):
+    """argparse errors of ``parser`` as one line (no usage block), exit status 2: what a
+    pipeline's log should show."""
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {_one_line(message)} ('{parser.prog} --help' "
+                       f"lists the options)\n")
+    parser.error = error
+    return parser
+
+
+def _add_pipeline_commands(sub):
+    """tune, update, apply; returns their parsers by name."""
+    p = _one_line_errors(sub.add_parser(
+        "tune", formatter_class=_PipelineFormatter,
+        help="Fit a tuner on a corpus (memory-mapped) and train/validation queries; write the "
+             "delta to serve and the state to update later.",
+        description=_wrap(
+            "Fit NUDGE-N or NUDGE-M once over the corpus (streamed through a memory "
+            "map, never loaded whole) and write the delta (every tuned row, for "
+            "'nudgefast apply') and/or the tuner state (for 'nudgefast update').",
+            "Inputs: --data DIR, a dataset folder in the shared format (corpus.npy, "
+                    "queries_<split>.npy, qrels_<split>.jsonl; corpus_ids.txt as record ids "
+                    "when present), or the files one by one (--corpus ... --val-qrels). qrels: "
+                    "one JSON line per query row, {\"answers\": [record positions], "
+            "\"relevance\": [grades]}. Ids files: one id per line, ints when every "
+            "line is an integer.")))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="a dataset folder in the shared format")
+    src.add_argument("--corpus", metavar="X.npy", help="corpus embeddings (N, d) float16/32")
+    p.add_argument("--val-split", default="dev", metavar="SPLIT",
+                   help="with --data: the validation split (train is always 'train')")
+    p.add_argument("--train", metavar="Q.npy", help="with --corpus: train query embeddings")
+    p.add_argument("--train-qrels", metavar="Q.jsonl", help="with --corpus: their answers")
+    p.add_argument("--val", metavar="V.npy", help="with --corpus: validation query embeddings")
+    p.add_argument("--val-qrels", metavar="V.jsonl", help="with --corpus: their answers")
+    p.add_argument("--ids", metavar="IDS.txt",
+                   help="with --corpus: one record id per corpus row (kept in the deltas)")
+    p.add_argument("--method", choices=("n", "m"), default="n",
+                   help="n: NUDGE-N (gamma on a grid, by validation accuracy@k-val); m: NUDGE-M")
+    p.add_argument("--k-val", type=_positive_int, default=None, metavar="K",
+                   help="NUDGE-N: the k of the validation accuracy that chooses gamma (1 if "
+                        "not given)")
+    p.add_argument("--backend", type=_one_backend, default="auto",
+                   help="compute backend ('nudgefast backends' lists them)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: all cores)")
+    p.add_argument("--margin", type=_positive_int, default=32, metavar="M",
+                   help="untouched candidates kept per validation query beyond what gamma needs "
+                        "(more: fewer corpus rescans during updates, a larger state)")
+    p.add_argument("--out", metavar="DELTA.npz", help="write the delta here")
+    p.add_argument("--state", metavar="STATE.npz", help="write the tuner state here")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the delta summary and the paths) instead")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (shown by default when stderr is a terminal)")
+    p.set_defaults(func=tune, user_errors=_USER_ERRORS)
+
+    p = _one_line_errors(sub.add_parser(
+        "update", formatter_class=_PipelineFormatter,
+        help="Load a tuner state, apply feedback / validation / record changes, write one "
+             "delta and save the state back.",
+        description=_wrap(
+            "Load a tuner state (reopening the memory-mapped corpus it was fitted on, "
+                    "or --corpus), apply the operations given, in this order: --feedback, "
+                    "--feedback-queries, --remove-feedback, --add-validation, --add-records, "
+                    "--delete-records, --delete-ids. The operations' deltas are combined into "
+                    "one (--out; later writes of a position win, deletions accumulate) and the "
+                    "state is saved atomically (to --state, or --state-out). If any operation "
+            "fails nothing is written.")
+        + "\n\n" + FEEDBACK_FORMAT + "\n\n" + _wrap(
+            "--feedback-queries / --add-validation: .npy embeddings with a qrels file "
+            "in the shared format. Positions: the corpus rows, then added records in "
+            "order; a deleted position is never reused.")))
+    p.add_argument("--state", required=True, metavar="STATE.npz",
+                   help="the state 'nudgefast tune --state' wrote")
+    p.add_argument("--corpus", metavar="X.npy",
+                   help="the corpus the state was fitted on (default: the file it was "
+                        "memory-mapped from)")
+    p.add_argument("--feedback", metavar="NEW.jsonl", help="feedback queries, see above")
+    p.add_argument("--feedback-queries", metavar="Q.npy",
+                   help="feedback query embeddings (with --feedback-qrels)")
+    p.add_argument("--feedback-qrels", metavar="Q.jsonl", help="their answers (shared format)")
+    p.add_argument("--remove-feedback", type=_int_list, metavar="3,7,9",
+                   help="withdraw feedback queries by feedback id")
+    p.add_argument("--add-validation", metavar="V.npy",
+                   help="new validation query embeddings (with --add-validation-qrels)")
+    p.add_argument("--add-validation-qrels", metavar="V.jsonl",
+                   help="their answers (shared format)")
+    p.add_argument("--add-records", metavar="R.npy",
+                   help="new records (m, d), at positions n_records, n_records + 1, ...")
+    p.add_argument("--record-ids", metavar="IDS.txt",
+                   help="with --add-records: one id per new row (required when the state has "
+                        "record ids)")
+    p.add_argument("--delete-records", type=_int_list, metavar="5,9",
+                   help="delete records by position")
+    p.add_argument("--delete-ids", type=_str_list, metavar="a,b", help="delete records by id")
+    p.add_argument("--out", metavar="DELTA.npz", help="write the combined delta here")
+    p.add_argument("--state-out", metavar="STATE.npz",
+                   help="save the state here instead of over --state")
+    p.add_argument("--backend", type=_one_backend, default=None,
+                   help="compute backend (default: the one saved with the state)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: the number saved with the state)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (per-operation summaries, the combined delta's "
+                        "counts, the paths) instead")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (rescans; shown by default on a terminal)")
+    p.set_defaults(func=update, user_errors=_USER_ERRORS)
+
+    p = _one_line_errors(sub.add_parser(
+        "apply", formatter_class=_PipelineFormatter,
+        help="Write a delta into the served vectors: a .npy file, a .parquet file or a FAISS "
+             "index file.",
+        description=_wrap(
+            "Write a delta's rows where the vectors are served, touching only those "
+                    "rows: a .npy file (in place through a memory map; by position), a "
+                    ".parquet file with columns 'id' and 'vector' (upsert by id, rewritten "
+                    "atomically), or a FAISS index file (.faiss / .index: IndexFlat by "
+                    "position, IndexIDMap/IndexIDMap2/IndexIVF by id; rewritten atomically). "
+            "Ids: the delta's record ids, or --ids.")))
+    p.add_argument("delta", metavar="DELTA", help="the delta file ('tune --out', 'update --out')")
+    p.add_argument("--to", required=True, metavar="TARGET",
+                   help="the served vectors: .npy, .parquet, .faiss or .index")
+    p.add_argument("--ids", metavar="IDS.txt",
+                   help="one id per corpus position, instead of the delta's ids (FAISS needs "
+                        "integers)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.set_defaults(func=apply, user_errors=_USER_ERRORS)
+    return {name: sub.choices[name] for name in ("tune", "update", "apply")}
 
 
 def _folder(text):
@@ -338,13 +1067,17 @@ def main(argv=None) -> int:
                        description="Every backend, whether it is available here, and for the "
                                    "others why not and how to fix it.")
     p.set_defaults(func=show_backends)
-    args = parser.parse_args(argv)
+    pipeline = _add_pipeline_commands(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # as parse_args, but a pipeline command's parser says it on one line
+        pipeline.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, RuntimeError) as exc:
-        # A missing dataset or backend is the user's to fix: one line, not a traceback.
-        print(f"nudgefast {args.command}: error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, RuntimeError, *getattr(args, "user_errors", ())) as exc:
+        # A missing dataset or backend, or (pipeline commands) a bad file or argument, is the
+        # user's to fix: one line, not a traceback.
+        print(f"nudgefast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -67,6 +67,67 @@ class Delta:
         """(r,) bool: rows that went back to their base embedding (not new records)."""
         return ~self.tuned & ~self.new
 
+    @classmethod
+    def combine(cls, deltas) -> "Delta":
+        """One delta with the effect of applying ``deltas`` in order (what ``nudgefast update``
+        writes for several operations).
+
+        A position written more than once keeps its last vector and ``tuned`` flag; ``new`` stays
+        True when any delta added the record. Deleted positions accumulate, and a written row at a
+        position deleted later is dropped (a FAISS or Arrow target would otherwise get it back); a
+        delta writing a position an earlier one deleted is refused (the tuner never does: positions
+        are never reused). gamma and n_records are the last delta's, previous_gamma the first's.
+        ids / deleted_ids come along when the deltas carry them. ``summary["operations"]`` lists
+        every delta's summary.
+        """
+        deltas = list(deltas)
+        if not deltas:
+            raise ValueError("deltas: nothing to combine; give at least one delta")
+        if len({d.variant for d in deltas}) > 1:
+            raise ValueError(f"deltas: mix variants {sorted({d.variant for d in deltas})}; combine "
+                             f"the deltas of one tuner")
+        with_ids = [d.ids is not None for d in deltas]
+        if any(with_ids) and not all(with_ids):
+            raise ValueError("deltas: some carry record ids and some do not; combine the deltas of "
+                             "one tuner")
+        deleted = np.zeros(0, np.int64)
+        for i, d in enumerate(deltas):
+            again = d.indices[np.isin(d.indices, deleted)]
+            if again.size:
+                raise ValueError(f"deltas: delta {i} writes position {int(again[0])}, which an "
+                                 f"earlier delta deleted; positions are never reused")
+            deleted = np.union1d(deleted, d.deleted)
+        indices = np.concatenate([d.indices for d in deltas]).astype(np.int64)
+        # The last write of each position: first occurrence in the reversed sequence.
+        positions, first = np.unique(indices[::-1], return_index=True)
+        take = indices.size - 1 - first
+        keep = ~np.isin(positions, deleted)
+        take, positions = take[keep], positions[keep]
+        d = deltas[-1].vectors.shape[1]
+        vectors = np.concatenate([x.vectors.reshape(-1, d) for x in deltas])[take]
+        tuned = np.concatenate([x.tuned for x in deltas]).astype(bool)[take]
+        added = np.concatenate([x.indices[x.new] for x in deltas])
+        new = np.isin(positions, added)
+        ids = deleted_ids = None
+        if all(with_ids):
+            ids = np.concatenate([np.asarray(x.ids) for x in deltas])[take]
+            gone = np.concatenate([x.deleted for x in deltas])
+            gone_ids = np.concatenate([np.asarray(x.deleted_ids) for x in deltas])
+            _, at = np.unique(gone, return_index=True)
+            deleted_ids = gone_ids[at]
+        last = deltas[-1]
+        summary = {"op": "combined", "ops": [x.summary.get("op") for x in deltas],
+                   "tuned": int(tuned.sum()), "reverted": int((~tuned & ~new).sum()),
+                   "new": int(new.sum()), "deleted": int(deleted.size),
+                   "touched": last.summary.get("touched"), "gamma": last.gamma,
+                   "previous_gamma": deltas[0].previous_gamma,
+                   "rescanned": sum(int(x.summary.get("rescanned", 0)) for x in deltas),
+                   "seconds": sum(float(x.summary.get("seconds", 0.0)) for x in deltas),
+                   "operations": [x.summary for x in deltas]}
+        return cls(last.variant, last.gamma, positions, np.ascontiguousarray(vectors, np.float32),
+                     tuned, new, deleted, last.n_records, previous_gamma=deltas[0].previous_gamma,
+                     ids=ids, deleted_ids=deleted_ids, summary=summary)
+
     def __repr__(self) -> str:
         return (f"Delta({self.variant}, gamma={self.gamma:.6g}, write {self.indices.size} rows "
                 f"({int(self.tuned.sum())} tuned, {int(self.reverted.sum())} reverted, "

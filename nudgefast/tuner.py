@@ -127,6 +127,20 @@ class Tuner:
         return self._gamma
 
     @property
+    def d(self) -> int:
+        """The embedding dimension."""
+        return self._d
+
+    @property
+    def ids(self):
+        """The record ids by position (read-only view), or None when fitted without ids."""
+        if self._ids is None:
+            return None
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def touched(self) -> np.ndarray:
         """Sorted positions of the records the current delta tunes."""
         return np.sort(self._slot_rec[:self._t])
@@ -890,7 +904,7 @@ class Tuner:
             want = np.asarray(ids).reshape(-1)
             found = np.isin(want, self._ids)
             if not found.all():
-                raise ValueError(f"ids: {want[~found][0]!r} is not a record id")
+                raise ValueError(f"ids: {want[~found][0].item()!r} is not a record id")
             positions = np.flatnonzero(np.isin(self._ids, want))
         pos = np.unique(self._as_positions("positions", positions, self._n, "record positions"))
         again = pos[np.isin(pos, self._deleted)]
@@ -990,10 +1004,12 @@ class Tuner:
         return os.path.abspath(name) if name else None
 
     @classmethod
-    def load(cls, path, corpus=None, *, backend=None, progress=None) -> "Tuner":
+    def load(cls, path, corpus=None, *, backend=None, n_threads=None,
+             progress=None) -> "Tuner":
         """Read a state :meth:`save` wrote, for the same ``corpus`` (checked by shape, dtype
         and a fingerprint). Without ``corpus``, the .npy file the state was fitted on is
-        memory-mapped again (when it was a memmap). ``backend`` overrides the saved one.
+        memory-mapped again (when it was a memmap). ``backend`` and ``n_threads`` override the
+        saved ones.
         Derived values (validation products, hits or intervals) are recomputed; the corpus is
         not read beyond the fingerprint's rows."""
         path = os.fspath(path)
@@ -1014,9 +1030,12 @@ class Tuner:
                              f"nudgefast reads version {STATE_VERSION}; upgrade nudgefast")
         if corpus is None:
             where = meta.get("corpus_path")
-            if not where or not os.path.exists(where):
+            if not where:
                 raise ValueError(f"corpus: the state in {path} was fitted on an in-memory "
-                                 f"corpus (or its file {where} is gone); pass corpus=")
+                                 f"corpus; pass the corpus it was fitted on")
+            if not os.path.exists(where):
+                raise ValueError(f"corpus: the state in {path} was fitted on {where}, which is "
+                                 f"gone; pass the corpus it was fitted on")
             corpus = np.load(where, mmap_mode="r")
         corpus = _validate.as_corpus("corpus", corpus)
         want = (meta["n_base"], meta["d"])
@@ -1025,7 +1044,8 @@ class Tuner:
                              f" corpus of shape {want}, got {corpus.dtype} {corpus.shape}; "
                              f"load it with the corpus it was fitted on")
         common = dict(backend=backend or meta["backend"], chunk_rows=meta["chunk_rows"],
-                      n_threads=meta["n_threads"], val_block=meta["val_block"],
+                      n_threads=meta["n_threads"] if n_threads is None else n_threads,
+                      val_block=meta["val_block"],
                       progress=progress)
         est = (NudgeN(k_val=meta["k_val"], gammas=meta["gammas"], **common)
                if meta["variant"] == "nudge-n" else
