@@ -162,8 +162,12 @@ def bench(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.accuracy and args.tuner:
+        raise ValueError("--accuracy and --tuner are two reports; run them one at a time")
     if args.accuracy:
         return _bench_accuracy(args, out)
+    if args.tuner:
+        return _bench_tuner(args, out)
     scratch = benchmark.temp_dir() if args.memmap else None
     workloads = []
     try:
@@ -188,6 +192,39 @@ def bench(args) -> int:
                       + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n")
     print(text)
     print(f"\nwrote {report} and {len(made)} plots")
+    return 0
+
+
+def _bench_tuner(args, out) -> int:
+    import shutil
+
+    from . import accuracy, benchmark, tuner_bench
+
+    backend = args.backends if args.backends not in ("all", "compiled") else "auto"
+    sizes = [int(float(x)) for x in args.sizes.split(",") if x]
+    scratch = benchmark.temp_dir() if args.memmap else None
+    info = benchmark.device_info(args.threads)
+    rows = []
+    try:
+        for n in sizes:
+            print(f"tuner at N={n:,} ...", flush=True)
+            rows += tuner_bench.scale_rows(n, args.d, args.train, args.val, backend=backend,
+                                           memmap_dir=scratch, n_batches=args.batches)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if "nudge-ft" in args.peers.split(","):
+        print(f"LlamaIndex-style refits (nudge-ft) at N={args.reference_size:,} ...", flush=True)
+        rows += tuner_bench.reference_rows(args.reference_size, args.d, args.train, args.val,
+                                           backend=backend)
+    print("real data ...", flush=True)
+    rows += tuner_bench.real_rows(accuracy.dataset_folders(args.dataset), backend=backend)
+    cmd = "nudgefast " + " ".join(args.argv)
+    text = tuner_bench.markdown(rows, info, cmd)
+    report = out / "report.md"
+    report.write_text(text)
+    print(text)
+    print(f"\nwrote {report}")
     return 0
 
 
@@ -1062,6 +1099,15 @@ def main(argv=None) -> int:
                         "under ../shared/data or $NUDGEFAST_DATA)")
     p.add_argument("--no-adapters", action="store_true",
                    help="with --accuracy: leave out the adapter baselines")
+    p.add_argument("--tuner", action="store_true",
+                   help="instead: the tuner's updates (feedback, validation, records in and "
+                        "out) against full refits at each of --sizes, nudge-ft refits "
+                        "(LlamaIndex-style) at --reference-size, and feedback streams on every "
+                        "dataset (--dataset), compared with fresh fits")
+    p.add_argument("--reference-size", type=_positive_int, default=50_000,
+                   help="with --tuner: N where the nudge-ft refits run (default 50000)")
+    p.add_argument("--batches", type=_positive_int, default=10,
+                   help="with --tuner: feedback batches of 100 queries (default 10)")
     p.set_defaults(func=bench)
     p = sub.add_parser("backends", help="Which backends are available here; for the others, why not and the fix.",
                        description="Every backend, whether it is available here, and for the "

@@ -717,6 +717,7 @@ class Tuner:
                 "H": self._H[:, slots].copy()}
         if self.variant == "nudge-n":
             cols["a"], cols["b"] = self._a[slots].copy(), self._b[slots].copy()
+            cols["alpha"], cols["beta"] = self._alpha[:, slots].copy(), self._beta[:, slots].copy()
         return cols
 
     def _dirty_n(self, old_top, old_cols, new_cols, rescanned):
@@ -725,7 +726,7 @@ class Tuner:
         dirty = ((self._Li[:, :k] != old_top[1]).any(axis=1)
                  | (self._Ls[:, :k] != old_top[0]).any(axis=1))
         dirty[rescanned] = True
-        lb = self._Ls[:, k - 1]
+        lb = self._Ls[:, k - 1]  # the k-th untouched score bounds the k-th overall from below
         lb = lb - _SLACK * (1.0 + np.abs(np.where(np.isfinite(lb), lb, 0.0)))
         for cols in (old_cols, new_cols):
             if cols["rec"].size == 0:
@@ -734,7 +735,12 @@ class Tuner:
             with np.errstate(divide="ignore", invalid="ignore"):
                 w2 = np.where(b > 0, (h - a * s) ** 2 / np.where(b > 0, b, 1.0), 0.0)
             bound = np.sqrt(s * s + w2) * (1.0 + _SLACK)
-            dirty |= (bound >= lb[:, None]).any(axis=1)
+            # The pairs the bound cannot rule out: their scores at every gamma, as the sweep
+            # computes them (two roundings, then the sum).
+            qi, ji = np.nonzero((bound >= lb[:, None]) & ~dirty[:, None])
+            if qi.size:
+                score = cols["alpha"][:, ji] * s[qi, ji] + cols["beta"][:, ji] * h[qi, ji]
+                dirty[qi[(score >= lb[qi]).any(axis=0)]] = True
         return np.flatnonzero(dirty & self._valive)
 
     def _dirty_m(self, old_u, old_cols, new_cols, records):
