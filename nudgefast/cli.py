@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from . import _backends, _validate, datasets
-from .handoff import Delta
+from .handoff import Delta, _replace_atomically
 from .metrics import metrics
 from .nudge import NudgeM, NudgeN
 from .queryset import QuerySet
@@ -790,16 +790,7 @@ def _apply_faiss_file(delta, path, ids):
         raise ValueError(f"--to: {path!r} is not a readable FAISS index "
                          f"({_one_line(exc)})") from exc
     delta.apply_to(index, ids=ids)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    _replace_atomically(path, lambda tmp: faiss.write_index(index, tmp), by_name=True)
 
 
 DEFAULT_BENCH_SIZES = "10000,50000"

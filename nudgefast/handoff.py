@@ -280,13 +280,17 @@ def _json_default(value):
     raise TypeError(f"summary: {type(value).__name__} is not JSON serialisable")
 
 
-def _replace_atomically(path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``: a
-    reader sees the old file or the new one, never a torn one."""
+def _replace_atomically(path, write, *, by_name=False) -> None:
+    """``write(file)`` (``write(name)`` with ``by_name``: for writers that open the file
+    themselves, like ``faiss.write_index``) into a temporary file beside ``path``, fsync,
+    rename over ``path``: a reader sees the old file or the new one, never a torn one."""
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
+        if by_name:
+            write(tmp)
+        with open(tmp, "rb+" if by_name else "wb") as fh:
+            if not by_name:
+                write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

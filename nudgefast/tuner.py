@@ -40,7 +40,7 @@ import numpy as np
 
 from . import _backends, _validate
 from ._defaults import VAL_BLOCK
-from .handoff import Delta
+from .handoff import Delta, _replace_atomically
 from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, most_covered_gamma,
                     nudge_n_coefficients)
 from .queryset import as_queryset
@@ -353,6 +353,7 @@ class Tuner:
             k = self.need
             self._denom = int(np.lcm.reduce(np.arange(1, k + 1))) if k <= 20 else 0
             self._hits = np.zeros((n_val, self.estimator.gammas.size), np.int64)
+            self._kth = np.full((n_val, self.estimator.gammas.size), -np.inf)
             self._rescore_n(np.arange(n_val))
         else:
             self._build_pairs()
@@ -372,11 +373,13 @@ class Tuner:
             idx = np.concatenate(ans) if ans else np.zeros(0, np.int64)
             S = np.ascontiguousarray(self._S[q][:, :t]) if t else np.zeros((q.size, 0))
             H = np.ascontiguousarray(self._H[q][:, :t]) if t else np.zeros((q.size, 0))
+            kth = np.empty((q.size, self._kth.shape[1]))
             self._hits[q] = self._impl.nudge_n_sweep(
                 S, H, np.ascontiguousarray(self._alpha[:, :t]),
                 np.ascontiguousarray(self._beta[:, :t]), touched,
                 np.ascontiguousarray(self._Ls[q, :k]), np.ascontiguousarray(self._Li[q, :k]),
-                ptr, idx.astype(np.int64), k, n_threads=self._threads)
+                ptr, idx.astype(np.int64), k, n_threads=self._threads, kth=kth)
+            self._kth[q] = kth
 
     def _build_pairs(self):
         """NUDGE-M: one interval per validation pair (query, answer), all queries."""
@@ -721,26 +724,31 @@ class Tuner:
         return cols
 
     def _dirty_n(self, old_top, old_cols, new_cols, rescanned):
-        """Validation queries whose hits may have changed (see the module docstring)."""
+        """Validation queries whose hits may have changed: their untouched top-``k_val``
+        changed, or a changed record's old or new score reaches their ``k_val``-th best score
+        at some gamma (kept from their last sweep: unchanged while nothing reaches it)."""
         k = self.need
         dirty = ((self._Li[:, :k] != old_top[1]).any(axis=1)
                  | (self._Ls[:, :k] != old_top[0]).any(axis=1))
         dirty[rescanned] = True
-        lb = self._Ls[:, k - 1]  # the k-th untouched score bounds the k-th overall from below
-        lb = lb - _SLACK * (1.0 + np.abs(np.where(np.isfinite(lb), lb, 0.0)))
+        kth = self._kth
+        kth = kth - _SLACK * (1.0 + np.abs(np.where(np.isfinite(kth), kth, 0.0)))
+        low = kth.min(axis=1)
         for cols in (old_cols, new_cols):
             if cols["rec"].size == 0:
                 continue
             s, h, a, b = cols["S"], cols["H"], cols["a"], cols["b"]
+            # NUDGE-N keeps x'(gamma) a unit vector in the plane of e and c: v . x' is at most
+            # the norm of v's projection on that plane (a cheap screen over every pair).
             with np.errstate(divide="ignore", invalid="ignore"):
                 w2 = np.where(b > 0, (h - a * s) ** 2 / np.where(b > 0, b, 1.0), 0.0)
             bound = np.sqrt(s * s + w2) * (1.0 + _SLACK)
-            # The pairs the bound cannot rule out: their scores at every gamma, as the sweep
-            # computes them (two roundings, then the sum).
-            qi, ji = np.nonzero((bound >= lb[:, None]) & ~dirty[:, None])
+            # The pairs the screen keeps: their scores at every gamma, as the sweep computes
+            # them (two roundings, then the sum), against that gamma's k_val-th best.
+            qi, ji = np.nonzero((bound >= low[:, None]) & ~dirty[:, None])
             if qi.size:
                 score = cols["alpha"][:, ji] * s[qi, ji] + cols["beta"][:, ji] * h[qi, ji]
-                dirty[qi[(score >= lb[qi]).any(axis=0)]] = True
+                dirty[qi[(score >= kth[qi].T).any(axis=0)]] = True
         return np.flatnonzero(dirty & self._valive)
 
     def _dirty_m(self, old_u, old_cols, new_cols, records):
@@ -858,6 +866,8 @@ class Tuner:
         if self.variant == "nudge-n":
             self._hits = np.concatenate([self._hits, np.zeros((keep.size,
                                                                self._hits.shape[1]), np.int64)])
+            self._kth = np.concatenate([self._kth, np.full((keep.size, self._kth.shape[1]),
+                                                           -np.inf)])
             self._rescore_n(new_q)
             return self._commit("add_validation", t0, [], validation_queries=keep.size)
         return self._commit("add_validation", t0, [], val_changed=True,
@@ -987,18 +997,7 @@ class Tuner:
             arrays["ids"] = self._ids
         for j, rows in enumerate(self._added):
             arrays[f"added_{j}"] = rows
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        _replace_atomically(path, lambda fh: np.savez(fh, **arrays))
         log.info("Tuner: state saved to %s", path)
 
     def _corpus_path(self):

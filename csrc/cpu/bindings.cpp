@@ -297,7 +297,8 @@ py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, co
                                       const py::array& beta, const py::array& touched, const py::array& unt_scores,
                                       const py::array& unt_index, const py::array& ans_ptr,
                                       const py::array& ans_index, const py::object& k_val_arg,
-                                      const py::object& n_threads, const py::object& out) {
+                                      const py::object& n_threads, const py::object& out,
+                                      const py::object& kth_arg) {
     const double* s = in<double>(S, "S", 2);
     const double* h = in<double>(H, "H", 2);
     const int64_t n_b = S.shape(0), t = S.shape(1);
@@ -326,6 +327,7 @@ py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, co
     check_answers(ap, n_b, ai, ans_index.shape(0));
     int64_t k_val = int_arg(k_val_arg, "k_val");
     if (k_val < 0) fail_value("k_val must be >= 0, got " + std::to_string(k_val));
+    const bool fewer = k_val > t + n_unt;  // no k_val-th candidate anywhere: kth is -inf
     // Past t + n_unt (every candidate) a larger k_val changes nothing but the heap sizes, which
     // kGroup * n_gamma * k_val must not overflow.
     k_val = std::min(k_val, t + n_unt);
@@ -335,9 +337,20 @@ py::array_t<int64_t> py_nudge_n_sweep(const py::array& S, const py::array& H, co
     const int threads = threads_arg(n_threads);
     py::array_t<int64_t> hits = output<int64_t>(out, "out", {n_b, n_gamma});
     int64_t* o = hits.mutable_data();
+    double* kth = nullptr;
+    py::array_t<double> kth_out;
+    if (!kth_arg.is_none()) {
+        kth_out = output<double>(kth_arg, "kth", {n_b, n_gamma});
+        kth = kth_out.mutable_data();
+    }
     {
         py::gil_scoped_release nogil;
-        nudge_n_sweep(s, h, n_b, t, a, b, n_gamma, tch, us, ui, n_unt, ap, ai, k_val, o, threads);
+        if (k_val > 0)  // k_val = 0: an empty top, no heap to read
+            nudge_n_sweep(s, h, n_b, t, a, b, n_gamma, tch, us, ui, n_unt, ap, ai, k_val, o, kth, threads);
+        else
+            std::fill(o, o + n_b * n_gamma, int64_t{0});
+        if (kth && (fewer || k_val == 0))
+            std::fill(kth, kth + n_b * n_gamma, -std::numeric_limits<double>::infinity());
     }
     return hits;
 }
@@ -440,7 +453,9 @@ PYBIND11_MODULE(_cpu, m) {
           "(low, high, feasible) per validation pair; out=(low, high, feasible) buffers optional.");
     m.def("nudge_n_sweep", &py_nudge_n_sweep, py::arg("S"), py::arg("H"), py::arg("alpha"), py::arg("beta"),
           py::arg("touched"), py::arg("unt_scores"), py::arg("unt_index"), py::arg("ans_ptr"), py::arg("ans_index"),
-          py::arg("k_val"), threads, out, "(n_b, n_gamma) int64 answer hits in the top-k_val.");
+          py::arg("k_val"), threads, out, py::arg("kth") = py::none(),
+          "(n_b, n_gamma) int64 answer hits in the top-k_val; kth= an (n_b, n_gamma) float64 buffer "
+          "gets each k_val-th best score (-inf when fewer candidates).");
     m.def("project", &py_project, py::arg("E"), py::arg("C"), py::arg("alpha"), py::arg("beta"), threads, out,
           "(t, d) float32: alpha[:, None] * E + beta[:, None] * C in float64.");
     m.def("metrics", &py_metrics, py::arg("retrieved"), py::arg("ans_ptr"), py::arg("ans_index"), py::arg("ans_rel"),

@@ -284,7 +284,7 @@ void nudge_m_intervals(const double* S, const double* G, int64_t t, const int64_
 void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, const double* alpha,
                    const double* beta, int64_t n_gamma, const int64_t* touched, const double* unt_scores,
                    const int64_t* unt_index, int64_t n_unt, const int64_t* ans_ptr, const int64_t* ans_index,
-                   int64_t k_val, int64_t* hits, int n_threads);
+                   int64_t k_val, int64_t* hits, double* kth, int n_threads);
 
 template <typename TE, typename TC>
 void project(const TE* E, const TC* C, const double* alpha, const double* beta, int64_t t, int64_t d, float* out,

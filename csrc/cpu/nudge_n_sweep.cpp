@@ -10,7 +10,8 @@
 // queries and walks the touched records in blocks, reading each alpha/beta block once for the
 // whole group (kGroup x fewer reads than one query at a time). Each (query, gamma) keeps its
 // own heap, seeded with the untouched candidates so that almost every touched score is rejected
-// by one comparison with a vectorised block maximum.
+// by one comparison with a vectorised block maximum. `kth` (optional) gets every heap's root:
+// the k_val-th best score (-inf while fewer candidates).
 #include "common.hpp"
 
 namespace nudgefast {
@@ -18,7 +19,7 @@ namespace nudgefast {
 void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, const double* alpha,
                    const double* beta, int64_t n_gamma, const int64_t* touched, const double* unt_scores,
                    const int64_t* unt_index, int64_t n_unt, const int64_t* ans_ptr, const int64_t* ans_index,
-                   int64_t k_val, int64_t* hits, int n_threads) {
+                   int64_t k_val, int64_t* hits, double* kth, int n_threads) {
     constexpr int64_t kGroup = 8;
     constexpr int64_t kBlock = 256;
     const int64_t n_groups = (n_b + kGroup - 1) / kGroup;
@@ -93,6 +94,7 @@ void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, con
                     for (int64_t j = 0; j < k_val; ++j)
                         if (std::isfinite(hs[j]) && std::binary_search(ans_begin, ans_end, hi[j])) ++count;
                     hits[i * n_gamma + g] = count;
+                    if (kth) kth[i * n_gamma + g] = hs[0];  // the heap's root: its k_val-th best
                 }
             }
         }

@@ -7,6 +7,7 @@
 // padded). One warp per (query, gamma) keeps a sorted top-k_val list in shared memory with the tie
 // rule (topk_common.cuh); -inf and NaN never enter, and only finite entries count as hits (the
 // reference's isfinite), like the CPU backend. Answers are sorted and unique: binary search.
+// kth gets each list's k_val-th score (-inf while it holds fewer): the tuner's dirty test.
 //
 // Dynamic shared memory: NF_SWEEP_WARPS * k_val * 16 bytes (the caller sizes it; a launch with
 // less sets *error = 2 and writes nothing).
@@ -44,7 +45,7 @@ __device__ __forceinline__ bool contains(const i64* sorted, i64 n, i64 v) {
 extern "C" __global__ void __launch_bounds__(NF_SWEEP_WARPS * 32)
     nudge_n_sweep(const double* S, const double* H, i64 n_b, i64 t, const double* alpha, const double* beta,
                   i64 n_gamma, const i64* touched, const double* unt_scores, const i64* unt_index, i64 n_unt,
-                  const i64* ans_ptr, const i64* ans_index, i64 k_val, i64* hits, int* error) {
+                  const i64* ans_ptr, const i64* ans_index, i64 k_val, i64* hits, double* kth, int* error) {
     extern __shared__ __align__(16) unsigned char nf_dyn_smem[];
     const int k = static_cast<int>(k_val);
     if (k_val < 1 || dynamic_smem_bytes() < static_cast<unsigned>(NF_SWEEP_WARPS) * static_cast<unsigned>(k) * 16u) {
@@ -94,7 +95,10 @@ extern "C" __global__ void __launch_bounds__(NF_SWEEP_WARPS * 32)
         int found = 0;
         for (int e = lane; e < count; e += 32) found += (nf::is_finite(ls[e]) && contains(ans, n_ans, li[e])) ? 1 : 0;
         found = nf::warp_sum(found);
-        if (lane == 0) hits[i * n_gamma + g] = found;
+        if (lane == 0) {
+            hits[i * n_gamma + g] = found;
+            kth[i * n_gamma + g] = count < k ? nf::neg_inf_d() : ls[k - 1];  // the k_val-th best
+        }
         __syncwarp();  // the list is reused by this warp's next pair
     }
 }

@@ -92,10 +92,11 @@ def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_t
                                   float(eps), n_threads)
 
 
-def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None,
+                  kth=None):
     return _cpu.nudge_n_sweep(_f64(S), _f64(H), _f64(alpha), _f64(beta), _i64(touched, "touched"),
                               _f64(unt_scores), _i64(unt_index, "unt_index"), _i64(ans_ptr, "ans_ptr"),
-                              _i64(ans_index, "ans_index"), int(k_val), n_threads)
+                              _i64(ans_index, "ans_index"), int(k_val), n_threads, kth=kth)
 
 
 def project(E, C, alpha, beta, *, n_threads=None):

@@ -300,11 +300,13 @@ def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_t
 
 
 def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *,
-                  n_threads=None):
+                  n_threads=None, kth=None):
     n_b, t = S.shape
     n_gamma = alpha.shape[0]
     k_val = int(k_val)
     if n_b == 0 or n_gamma == 0 or k_val <= 0:
+        if kth is not None:
+            kth[...] = -np.inf
         return np.zeros((n_b, n_gamma), dtype=np.int64)
     warps = LAUNCH["SWEEP"]["WARPS"]
     smem = warps * k_val * 16
@@ -316,19 +318,22 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
         log.warning("nudge_n_sweep: k_val=%d needs %d bytes of shared memory per block; "
                     "computing on the host", k_val, smem)
         return numpy_backend.nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index,
-                                           ans_ptr, ans_index, k_val)
+                                           ans_ptr, ans_index, k_val, kth=kth)
     _with_dynamic_smem(kernel, smem)
     n_unt = unt_scores.shape[1]
     hits = cp.empty((n_b, n_gamma), dtype=cp.int64)
+    kth_dev = cp.empty((n_b, n_gamma), dtype=cp.float64)
     error = cp.zeros(1, dtype=cp.int32)
     blocks = max(1, min(-(-(n_b * n_gamma) // warps), _device_props()["sms"] * 16))
     kernel((blocks,), (warps * 32,),
            (_dev(S, np.float64), _dev(H, np.float64), _i64(n_b), _i64(t), _dev(alpha, np.float64),
             _dev(beta, np.float64), _i64(n_gamma), _dev(touched, np.int64),
             _dev(unt_scores, np.float64), _dev(unt_index, np.int64), _i64(n_unt),
-            _dev(ans_ptr, np.int64), _dev(ans_index, np.int64), _i64(k_val), hits, error),
+            _dev(ans_ptr, np.int64), _dev(ans_index, np.int64), _i64(k_val), hits, kth_dev, error),
            shared_mem=smem)
     _raise_kernel_error("nudge_n_sweep", error)
+    if kth is not None:
+        kth[...] = kth_dev.get()
     return hits.get()
 
 

@@ -739,7 +739,7 @@ def _is_answer(ans_index, a, b, x):
 
 
 @njit(parallel=True, **_jit)
-def _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, hits):
+def _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, hits, kth):
     n_b, t = S.shape
     n_gamma = alpha.shape[0]
     n_u = unt_scores.shape[1]
@@ -762,13 +762,16 @@ def _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, 
                 if np.isfinite(top_s[j]) and _is_answer(ans_index, a, b, top_i[j]):
                     h += 1
             hits[i, g] = h
+            kth[i, g] = top_s[k_val - 1]
 
 
-def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None,
+                  kth=None):
     """Answers among each validation query's top-``k_val`` for every gamma on the grid.
 
     S, H (n_b, t) float, alpha/beta (n_gamma, t) float, touched (t,) int, unt_scores/unt_index
-    (n_b, n_u), ans_ptr (n_b+1,) int, ans_index sorted unique int -> (n_b, n_gamma) int64.
+    (n_b, n_u), ans_ptr (n_b+1,) int, ans_index sorted unique int -> (n_b, n_gamma) int64;
+    ``kth`` (optional (n_b, n_gamma) float64) gets each k_val-th best score (-inf if none).
     """
     S = _ro(S, np.float64)
     H = _ro(H, np.float64)
@@ -782,10 +785,14 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
     n_b = S.shape[0]
     n_gamma = alpha.shape[0]
     hits = np.zeros((n_b, n_gamma), dtype=np.int64)
+    kth_out = np.full((n_b, n_gamma), -np.inf)
     k_val = int(k_val)
     if n_b and n_gamma and k_val > 0:
         with _threads(n_threads):
-            _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, hits)
+            _nudge_n_kernel(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, hits,
+                            kth_out)
+    if kth is not None:
+        kth[...] = kth_out
     return hits
 
 

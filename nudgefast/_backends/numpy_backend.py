@@ -30,13 +30,15 @@ Op contract (identical signatures in every backend; every op also takes a keywor
     below, ``D < 0`` from above, ``D == 0`` demands ``s_j <= s_x``. ``high`` is ``1/eps`` when
     unbounded (``inf`` for ``eps == 0``), ``low`` is clamped at 0.
 
-``nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val)
--> (n_b, n_gamma) int64``
+``nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val,
+kth=None) -> (n_b, n_gamma) int64``
     For each query and gamma ``g``: touched record ``j`` scores ``alpha[g, j] * S[i, j] +
     beta[g, j] * H[i, j]`` (``H = v . c_j``), untouched candidates are ``unt_scores`` /
     ``unt_index`` (top-k_val untouched, ``-inf`` / ``-1`` padded). Returns how many of the
     top-``k_val`` (score desc, index asc) are answers (``ans_index[ans_ptr[i]:ans_ptr[i+1]]``,
-    sorted, unique).
+    sorted, unique). ``kth`` (optional, (n_b, n_gamma) float64, written): the score of the
+    ``k_val``-th best candidate, ``-inf`` when fewer than ``k_val`` have a score above
+    ``-inf`` (the threshold a new candidate must reach; the tuner's dirty test).
 
 ``project(E, C, alpha, beta) -> (t, d) float32``
     ``alpha[:, None] * E + beta[:, None] * C`` computed in float64.
@@ -141,10 +143,13 @@ def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_t
     return low, high, feasible
 
 
-def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None):
+def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, ans_index, k_val, *, n_threads=None,
+                  kth=None):
     n_b = S.shape[0]
     n_gamma = alpha.shape[0]
     hits = np.zeros((n_b, n_gamma), dtype=np.int64)
+    if kth is not None:
+        kth[...] = -np.inf
     span = max(int(touched.max(initial=0)), int(unt_index.max(initial=0)),
                int(ans_index.max(initial=0))) + 2
     rows = np.arange(n_b, dtype=np.int64)[:, None]
@@ -159,6 +164,8 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
         # Membership of (query, record) in the answer lists through one sorted key array.
         hit = np.isin(rows * span + top_i, answer_keys) & np.isfinite(top_s)
         hits[:, g] = hit.sum(axis=1)
+        if kth is not None and 0 < k_val <= top_s.shape[1]:
+            kth[:, g] = top_s[:, k_val - 1]
     return hits
 
 

@@ -1,7 +1,7 @@
 """``nudge_n_sweep`` on every backend against the float64 reference: coarse grids where touched
 and untouched scores tie (the index rule decides), padded untouched slots, queries without
-answers, k_val from 1 to beyond the candidates, no untouched candidates with more touched
-records than a warp. Counts: compared exactly.
+answers, k_val from 0 to beyond the candidates, no untouched candidates with more touched
+records than a warp. Counts and the k_val-th scores (``kth``): compared exactly.
 """
 from __future__ import annotations
 
@@ -22,9 +22,15 @@ def _check(backend, args, k_val):
     want = ref.nudge_n_sweep(*args, k_val)
     assert got.dtype == np.int64 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+    # kth: every k_val-th best score, into a NaN-poisoned buffer (every element written).
+    want_kth, got_kth = np.full(want.shape, np.nan), np.full(want.shape, np.nan)
+    ref.nudge_n_sweep(*args, k_val, kth=want_kth)
+    backend_op(backend, "nudge_n_sweep")(*args, k_val, kth=got_kth)
+    assert not np.isnan(want_kth).any()
+    np.testing.assert_array_equal(got_kth, want_kth)
 
 
-@pytest.mark.parametrize("k_val", [1, 5, 10, 100])
+@pytest.mark.parametrize("k_val", [0, 1, 5, 10, 100])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference(backend, k_val, seed):
     _check(backend, n_problem(seed), k_val)
