@@ -186,6 +186,13 @@ class Tuner:
             self._impl.normalize_rows(raw, out, n_threads=self._threads)
         return out
 
+    def _v64(self):
+        """The validation queries in float64 (exact widening), kept between updates (reset
+        wherever ``_vq`` is set)."""
+        if self._vq64 is None:
+            self._vq64 = self._vq.astype(np.float64)
+        return self._vq64
+
     def _excluded(self):
         return np.union1d(self._slot_rec[:self._t], self._deleted)
 
@@ -262,6 +269,7 @@ class Tuner:
         self._init_coefficients()
         # Validation: queries, answers, untouched candidate lists, products.
         self._vq = prep.val_q
+        self._vq64 = None
         self._vans = [prep.val_csr.index[prep.val_csr.ptr[i]:prep.val_csr.ptr[i + 1]].copy()
                       for i in range(prep.val_q.shape[0])]
         self._valive = np.ones(prep.val_q.shape[0], bool)
@@ -325,7 +333,7 @@ class Tuner:
         vb = self.estimator.val_block
         with _blas_threads(2 * n_q * w * self._d * len(mats)):
             for s in range(0, n_q, vb):
-                v = queries[s:s + vb].astype(np.float64)
+                v = queries[s:s + vb].astype(np.float64, copy=False)
                 for m, out in zip(mats, outs):
                     out[s:s + vb] = (v @ m.T)[:, :w]
         return outs
@@ -537,8 +545,8 @@ class Tuner:
         else:
             self._cnorm[slots] = np.linalg.norm(grad, axis=1)
         if joined.any():
-            self._S[:, slots[joined]] = self._products(self._vq, slots[joined], which="S")[0]
-        self._H[:, slots] = self._products(self._vq, slots, which="H")[0]
+            self._S[:, slots[joined]] = self._products(self._v64(), slots[joined], which="S")[0]
+        self._H[:, slots] = self._products(self._v64(), slots, which="H")[0]
 
     def _regrad(self, records):
         """Each record's query gradient from its live pairs, summed in the fit's order (by
@@ -577,7 +585,7 @@ class Tuner:
             return
         n_val, K = self._Li.shape
         cand_i = np.broadcast_to(np.asarray(records, np.int64), (n_val, len(records)))
-        q = self._vq.astype(np.float64)
+        q = self._v64()
         valid = self._Li >= 0
         last = np.maximum(valid.sum(axis=1) - 1, 0)
         last_s = np.where(valid.any(axis=1), self._Ls[np.arange(n_val), last], -np.inf)
@@ -752,34 +760,54 @@ class Tuner:
         return np.flatnonzero(dirty & self._valive)
 
     def _dirty_m(self, old_u, old_cols, new_cols, records):
-        """Validation pairs whose interval may have changed: the answer itself changed, its
-        best untouched competitor changed, or a changed record's old constraint was binding
-        or its new one cuts the interval."""
+        """Validation pairs whose interval may have changed: the answer itself changed, or its
+        best untouched competitor, or a changed record's line ``s_j + gamma g_j`` (old or new)
+        reaches the answer's line somewhere on the pair's interval (a feasible pair; both are
+        lines, so at an end); for a pair with no interval, only the removal of a constraint
+        that bound it can change that (its bound at ``low`` / ``high``, or a level line above).
+        Slack makes every test conservative."""
         P = self._px.size
         self._u = self._u_score(np.arange(P)) if P else np.zeros(0)
         dirty = (self._u != old_u) | np.isin(self._px, records)
-        q = self._pq
+        if P == 0 or (old_cols["rec"].size == 0 and new_cols["rec"].size == 0):
+            return np.flatnonzero(dirty)
+        q, t = self._pq, self._t
         slot = np.array([self._slot_of.get(int(r), -1) for r in self._px], np.int64)
-        t = self._t
         sx = np.where(slot >= 0, self._S[q, np.maximum(slot, 0)], self._sx_unt) if t \
             else self._sx_unt
         gx = np.where(slot >= 0, self._H[q, np.maximum(slot, 0)], 0.0) if t else np.zeros(P)
-        tol_lo = _SLACK * (1.0 + np.abs(self._low))
-        high = np.where(np.isfinite(self._high), self._high, np.inf)
-        tol_hi = _SLACK * (1.0 + np.abs(np.where(np.isfinite(high), high, 0.0)))
+        low, high, ok = self._low, self._high, self._feasible
+        tol = _SLACK * (1.0 + np.abs(sx) + np.abs(gx))
+        feas = np.flatnonzero(ok & ~dirty)
+        stuck = np.flatnonzero(~ok & ~dirty)
+        lo_f, hi_f = low[feas], high[feas]
+        # x's line at the ends of its interval; an unbounded one is judged by slopes.
+        at_lo = sx[feas] + lo_f * gx[feas]
+        finite = np.isfinite(hi_f)
+        hi_e = np.where(finite, hi_f, 0.0)
+        at_hi = sx[feas] + hi_e * gx[feas]
         for cols in (old_cols, new_cols):
-            if cols["rec"].size == 0 or P == 0:
+            if cols["rec"].size == 0:
                 continue
-            sj, gj = cols["S"][q], cols["H"][q]
-            D = gx[:, None] - gj
-            s_dif = sj - sx[:, None]
-            scale = _SLACK * (1.0 + np.abs(gx[:, None]) + np.abs(gj))
+            sj, gj = cols["S"][q[feas]], cols["H"][q[feas]]
+            tf = tol[feas][:, None]
+            reach = (sj + lo_f[:, None] * gj >= at_lo[:, None] - tf)
+            reach |= np.where(finite[:, None], sj + hi_e[:, None] * gj >= at_hi[:, None] - tf,
+                              (gj > gx[feas][:, None] - tf))
+            dirty[feas[reach.any(axis=1)]] = True
+        if stuck.size and old_cols["rec"].size:
+            sj, gj = old_cols["S"][q[stuck]], old_cols["H"][q[stuck]]
+            D = gx[stuck][:, None] - gj
+            s_dif = sj - sx[stuck][:, None]
+            ts = tol[stuck][:, None]
             with np.errstate(divide="ignore", invalid="ignore"):
                 bound = s_dif / D
-            lower = (D > scale) & (bound >= (self._low - tol_lo)[:, None])
-            upper = (D < -scale) & (bound <= (high + tol_hi)[:, None])
-            level = (np.abs(D) <= scale) & (s_dif >= -_SLACK * (1.0 + np.abs(sx[:, None])))
-            dirty |= (lower | upper | level).any(axis=1)
+            binding = (D > ts) & (bound >= (low[stuck] - _SLACK * (1 + np.abs(low[stuck])))[:, None])
+            hs = high[stuck]
+            binding |= (D < -ts) & (bound <= np.where(np.isfinite(hs), hs + _SLACK * (1 + np.abs(hs)),
+                                                      np.inf)[:, None])
+            binding |= (np.abs(D) <= ts) & (s_dif >= -ts)
+            dirty[stuck[binding.any(axis=1)]] = True
         return np.flatnonzero(dirty)
 
     # ------------------------------------------------------------------------------------
@@ -857,6 +885,7 @@ class Tuner:
         self._H = np.concatenate([self._H, np.pad(H, ((0, 0), (0, cap - t)))])
         first = self._vq.shape[0]
         self._vq = np.concatenate([self._vq, q])
+        self._vq64 = None
         self._vans += answers
         self._valive = np.r_[self._valive, np.ones(keep.size, bool)]
         self._m = self._weights()
@@ -1079,6 +1108,7 @@ class Tuner:
         self._slot_of = {int(r): s for s, r in enumerate(self._slot_rec)}
         self._base, self._grad = data["base"], data["grad"]
         self._vq = data["vq"]
+        self._vq64 = None
         ptr = np.r_[0, np.cumsum(data["vcount"])]
         self._vans = [data["vindex"][ptr[i]:ptr[i + 1]] for i in range(ptr.size - 1)]
         self._valive = data["valive"]

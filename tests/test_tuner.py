@@ -398,3 +398,26 @@ def test_packaged_dataset_stream():
         model.train += [(q, list(a), True) for q, a in zip(emb[s:s + 50],
                                                           ds.train.answers[s:s + 50])]
     check_same(tuner, model, est, state=False)
+
+
+def test_nudge_m_pair_freed_when_its_blocking_record_turns_away():
+    """A validation pair with no interval (a touched competitor beats its answer at every
+    gamma) gets one when new feedback turns that competitor's gradient away from the query
+    (its untouched competitor unchanged): the tuner must see it."""
+    rng = np.random.default_rng(11)
+    corpus = rng.standard_normal((400, 8)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    v = corpus[7] + 0.3 * corpus[9]
+    j, x = np.argsort(-(corpus @ v))[:2]  # j beats x at gamma = 0
+    train = nf.QuerySet(np.stack([corpus[x], v]).astype(np.float32), [[int(x)], [int(j)]])
+    val = nf.QuerySet(v[None].astype(np.float32), [[int(x)]])
+    est = nf.NudgeM(progress=False)
+    tuner = nf.Tuner(est, margin=2)
+    tuner.fit(corpus, train, val)
+    assert not tuner._feasible[0]
+    away = (-0.97 * v + 0.4 * corpus[3]).astype(np.float32)[None]
+    delta = tuner.add_feedback(away, [[int(j)]])
+    assert tuner._feasible[0] and delta.summary["rescored"] >= 1
+    model = FinalInputs(corpus, train, val)
+    model.train.append((away[0], [int(j)], True))
+    check_same(tuner, model, est)
