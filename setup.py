@@ -89,7 +89,7 @@ setup(
     packages=find_packages(include=["nudgefast*"]),
     package_data={"nudgefast": ["data/*/*"]},
     python_requires=">=3.9",
-    install_requires=["numpy>=1.24", "numba>=0.59", "tqdm", "scipy", "threadpoolctl>=3.1"],
+    install_requires=["numpy>=1.24", "numba>=0.59", "tqdm", "scipy"],
     extras_require={
         "cuda12": ["cupy-cuda12x"],
         "cuda13": ["cupy-cuda13x"],

@@ -28,7 +28,6 @@ fresh fit on the final inputs (same validation products, same kernels); the prop
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +42,7 @@ from ._defaults import VAL_BLOCK
 from .handoff import Delta, _replace_atomically
 from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, most_covered_gamma,
                     nudge_n_coefficients)
-from .queryset import as_queryset
+from .queryset import _answer_lists, as_queryset
 from .search import topk_pass
 
 log = logging.getLogger("nudgefast")
@@ -55,23 +54,8 @@ STATE_VERSION = 1
 _SLACK = 1e-9
 
 
-_CONTROLLER = []
-
-
-def _blas_threads(flops):
-    """One BLAS thread for an update's small products (``flops`` < 2^30), else a no-op.
-
-    An update interleaves small GEMMs with the backend's OpenMP kernels; on a few cores the
-    two thread pools' spinning workers then take turns on the same cores and a 1 ms product
-    costs tens of ms. One thread gives the same sums (the split is over rows and columns,
-    never the inner dimension) without the fight.
-    """
-    if flops >= 1 << 30:
-        return contextlib.nullcontext()
-    if not _CONTROLLER:
-        from threadpoolctl import ThreadpoolController
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+#: Below this many element operations a kernel runs on the calling thread alone.
+_SMALL_WORK = 1 << 22
 
 
 def _sort_lists(scores, index):
@@ -183,8 +167,16 @@ class Tuner:
         raw = np.ascontiguousarray(self._raw_rows(positions), dtype=np.float32)
         out = np.empty_like(raw)
         if raw.shape[0]:
-            self._impl.normalize_rows(raw, out, n_threads=self._threads)
+            self._impl.normalize_rows(raw, out, n_threads=self._threads_for(raw.size))
         return out
+
+    def _threads_for(self, work):
+        """Threads for a kernel call of ``work`` element operations: the caller's thread alone
+        for an update's small calls. Waking the OpenMP team for 1 ms of work costs more than it
+        gains, and on a few cores its spinning workers fight the BLAS threads of the next
+        product (measured on 2 cores: 27 ms per feedback batch with both pools, 12 ms with
+        the small kernels on one thread)."""
+        return 1 if work < _SMALL_WORK else self._threads
 
     def _v64(self):
         """The validation queries in float64 (exact widening), kept between updates (reset
@@ -331,11 +323,10 @@ class Tuner:
             mats = [np.repeat(m, 2, axis=0) for m in mats]
         outs = [np.empty((n_q, w)) for _ in mats]
         vb = self.estimator.val_block
-        with _blas_threads(2 * n_q * w * self._d * len(mats)):
-            for s in range(0, n_q, vb):
-                v = queries[s:s + vb].astype(np.float64, copy=False)
-                for m, out in zip(mats, outs):
-                    out[s:s + vb] = (v @ m.T)[:, :w]
+        for s in range(0, n_q, vb):
+            v = queries[s:s + vb].astype(np.float64, copy=False)
+            for m, out in zip(mats, outs):
+                out[s:s + vb] = (v @ m.T)[:, :w]
         return outs
 
     def _project(self, slots):
@@ -350,7 +341,7 @@ class Tuner:
             alpha = np.ones(slots.size)
             beta = np.where(c > 0, self._gamma / np.where(c > 0, c, 1.0), 0.0)
         return self._impl.project(self._base[slots], self._grad[slots], alpha, beta,
-                                  n_threads=self._threads)
+                                  n_threads=self._threads_for(slots.size * self._d))
 
     # ------------------------------------------------------------------------------------
     # Scores of the gamma choice
@@ -386,7 +377,8 @@ class Tuner:
                 S, H, np.ascontiguousarray(self._alpha[:, :t]),
                 np.ascontiguousarray(self._beta[:, :t]), touched,
                 np.ascontiguousarray(self._Ls[q, :k]), np.ascontiguousarray(self._Li[q, :k]),
-                ptr, idx.astype(np.int64), k, n_threads=self._threads, kth=kth)
+                ptr, idx.astype(np.int64), k, kth=kth,
+                n_threads=self._threads_for(q.size * t * self._alpha.shape[0]))
             self._kth[q] = kth
 
     def _build_pairs(self):
@@ -416,7 +408,7 @@ class Tuner:
         t = self._t
         queries, local = np.unique(self._pq[pairs], return_inverse=True)
         x = self._px[pairs]
-        slot = np.array([self._slot_of.get(int(r), -1) for r in x], np.int64)
+        slot = self._slots_of(x)
         S = np.ascontiguousarray(self._S[queries][:, :t]) if t else np.zeros((queries.size, 0))
         G = np.ascontiguousarray(self._H[queries][:, :t]) if t else np.zeros((queries.size, 0))
         if t:
@@ -426,7 +418,8 @@ class Tuner:
             sx, gx = self._sx_unt[pairs].copy(), np.zeros(pairs.size)
         u = self._u_score(pairs)
         low, high, feasible = self._impl.nudge_m_intervals(
-            S, G, local.astype(np.int64), slot, sx, gx, u, 0.0, n_threads=self._threads)
+            S, G, local.astype(np.int64), slot, sx, gx, u, 0.0,
+            n_threads=self._threads_for(pairs.size * t))
         self._low[pairs], self._high[pairs], self._feasible[pairs] = low, high, feasible
         self._u[pairs] = u
 
@@ -514,6 +507,16 @@ class Tuner:
             arrays += [("_a", 0), ("_b", 0), ("_alpha", 1), ("_beta", 1)]
         return arrays
 
+    def _slots_of(self, records):
+        """The slot of each record, -1 for an untouched one (vectorised: one sort of the
+        touched set, a binary search per record)."""
+        rec = self._slot_rec[:self._t]
+        if rec.size == 0:
+            return np.full(np.shape(records), -1, np.int64)
+        order = np.argsort(rec, kind="stable")
+        pos = np.minimum(np.searchsorted(rec[order], records), rec.size - 1)
+        return np.where(rec[order][pos] == records, order[pos], -1).astype(np.int64)
+
     def _remove_slot(self, slot):
         last = self._t - 1
         rec = int(self._slot_rec[slot])
@@ -561,7 +564,7 @@ class Tuner:
         seg_ptr = np.r_[np.flatnonzero(first), pr.size].astype(np.int64)
         rows, local = np.unique(pq, return_inverse=True)
         grad = self._impl.query_gradient(self._tq[rows], local.astype(np.int64), seg_ptr,
-                                         n_threads=self._threads)
+                                         n_threads=self._threads_for(pq.size * self._d))
         return pr[first], grad
 
     # ------------------------------------------------------------------------------------
@@ -592,8 +595,7 @@ class Tuner:
         last_i = np.where(valid.any(axis=1), self._Li[np.arange(n_val), last], -1)
         # Screen with one product; the pairs that may enter get the fit's exact float64 score
         # (``_exact``: one einsum over contiguous gathered rows), and the rule is applied to it.
-        with _blas_threads(2 * q.size * len(records)):
-            approx = q @ base.T
+        approx = q @ base.T
         slack = _SLACK * (1.0 + np.abs(np.where(np.isfinite(last_s), last_s, 0.0)))
         qi, ri = np.nonzero(self._Lcomplete[:, None] | (approx >= (last_s - slack)[:, None]))
         cand_s = np.full(approx.shape, -np.inf)
@@ -772,7 +774,7 @@ class Tuner:
         if P == 0 or (old_cols["rec"].size == 0 and new_cols["rec"].size == 0):
             return np.flatnonzero(dirty)
         q, t = self._pq, self._t
-        slot = np.array([self._slot_of.get(int(r), -1) for r in self._px], np.int64)
+        slot = self._slots_of(self._px)
         sx = np.where(slot >= 0, self._S[q, np.maximum(slot, 0)], self._sx_unt) if t \
             else self._sx_unt
         gx = np.where(slot >= 0, self._H[q, np.maximum(slot, 0)], 0.0) if t else np.zeros(P)
@@ -813,25 +815,32 @@ class Tuner:
     # ------------------------------------------------------------------------------------
     # Operations
 
-    def _check_answers(self, name, qs, *, allow_empty):
-        csr = qs.csr(unique=True)
-        if csr.index.size:
-            bad = (csr.index < 0) | (csr.index >= self._n)
+    def _answers(self, queries, answers, *, allow_empty):
+        """Validated query embeddings and their answers as CSR (each record once per query,
+        sorted: ``QuerySet.csr(unique=True)``, built in one sort)."""
+        q = _validate.as_queries("queries", queries, self._d)
+        lists = _answer_lists("answers", answers, q.shape[0])
+        counts = np.array([a.size for a in lists], np.int64)
+        index = np.concatenate(lists) if counts.sum() else np.zeros(0, np.int64)
+        owner = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+        if index.size:
+            bad = (index < 0) | (index >= self._n)
+            why = "is not a record position (0 <= position < {}); add new records with " \
+                  "add_records first".format(self._n)
+            if not bad.any():
+                bad, why = np.isin(index, self._deleted), "was deleted; drop it from the answers"
             if bad.any():
                 p = int(np.flatnonzero(bad)[0])
-                q = int(np.searchsorted(csr.ptr, p, side="right") - 1)
-                raise ValueError(f"{name}: answers[{q}] contains record {int(csr.index[p])}, "
-                                 f"which is not a record position (0 <= position < "
-                                 f"{self._n}); add new records with add_records first")
-            gone = np.isin(csr.index, self._deleted)
-            if gone.any():
-                p = int(np.flatnonzero(gone)[0])
-                q = int(np.searchsorted(csr.ptr, p, side="right") - 1)
-                raise ValueError(f"{name}: answers[{q}] contains record {int(csr.index[p])}, "
-                                 f"which was deleted; drop it from the answers")
-        if not allow_empty and csr.index.size == 0:
-            raise ValueError(f"{name}: has no (query, answer) pairs; give answer lists")
-        return csr
+                raise ValueError(f"answers: answers[{int(owner[p])}] contains record "
+                                 f"{int(index[p])}, which {why}")
+            order = np.lexsort((index, owner))
+            owner, index = owner[order], index[order]
+            keep = np.r_[True, (owner[1:] != owner[:-1]) | (index[1:] != index[:-1])]
+            owner, index = owner[keep], index[keep]
+        if not allow_empty and index.size == 0:
+            raise ValueError("answers: has no (query, answer) pairs; give answer lists")
+        ptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=counts.size))].astype(np.int64)
+        return q, ptr, index
 
     def add_feedback(self, queries, answers) -> Delta:
         """New train queries (a click, a label: the query embedding and the records that
@@ -840,15 +849,14 @@ class Tuner:
         fit's train queries first)."""
         self._check_fitted()
         t0 = time.perf_counter()
-        qs, q = as_queryset("queries", (queries, answers), self._d)
-        csr = self._check_answers("answers", qs, allow_empty=False)
+        q, ptr, index = self._answers(queries, answers, allow_empty=False)
         first = self._tq.shape[0]
-        ids = np.arange(first, first + len(qs), dtype=np.int64)
+        ids = np.arange(first, first + q.shape[0], dtype=np.int64)
         self._tq = np.concatenate([self._tq, q])
-        self._tq_alive = np.r_[self._tq_alive, np.ones(len(qs), bool)]
-        self._pair_q = np.r_[self._pair_q, np.repeat(ids, csr.counts)]
-        self._pair_r = np.r_[self._pair_r, csr.index]
-        return self._commit("add_feedback", t0, csr.index, feedback_ids=ids.tolist())
+        self._tq_alive = np.r_[self._tq_alive, np.ones(q.shape[0], bool)]
+        self._pair_q = np.r_[self._pair_q, np.repeat(ids, np.diff(ptr))]
+        self._pair_r = np.r_[self._pair_r, index]
+        return self._commit("add_feedback", t0, index, feedback_ids=ids.tolist())
 
     def remove_feedback(self, ids) -> Delta:
         """Withdraw train queries by feedback id (the fit's train queries are 0 .. n-1)."""
@@ -867,16 +875,16 @@ class Tuner:
         chosen again. Queries without answers are skipped with a warning, as in a fit."""
         self._check_fitted()
         t0 = time.perf_counter()
-        qs, q = as_queryset("queries", (queries, answers), self._d)
-        csr = self._check_answers("answers", qs, allow_empty=True)
-        keep = np.flatnonzero(csr.counts > 0)
-        if keep.size < len(qs):
-            warnings.warn(f"queries: {len(qs) - keep.size} validation queries have no answers "
-                          f"and are skipped", stacklevel=2)
+        q, ptr, index = self._answers(queries, answers, allow_empty=True)
+        counts = np.diff(ptr)
+        keep = np.flatnonzero(counts > 0)
+        if keep.size < counts.size:
+            warnings.warn(f"queries: {counts.size - keep.size} validation queries have no "
+                          f"answers and are skipped", stacklevel=2)
         if keep.size == 0:
             raise ValueError("answers: no validation query has an answer; give answer lists")
         q = q[keep]
-        answers = [csr.index[csr.ptr[i]:csr.ptr[i + 1]].copy() for i in keep]
+        answers = [index[ptr[i]:ptr[i + 1]].copy() for i in keep]
         s, i = self._pass(q, self._Li.shape[1], desc="tuner validation pass")
         t = self._t
         S, H = self._products(q, np.arange(t))
