@@ -561,12 +561,11 @@ def tune(args) -> int:
 def _update_operations(args, tuner):
     """(flag, call) per operation in the documented order, every input file read and checked
     before the first one runs."""
-    # The tuner has no public d or record ids yet (feedback by id needs both).
-    d, n, ids = tuner.d, tuner.n_records, tuner.ids
+    d, ids = tuner.d, tuner.ids
     kind = None if ids is None else ids.dtype.kind
     ops = []
     if args.feedback:
-        q, answers = _read_feedback("--feedback", args.feedback, d, n, ids)
+        q, answers = _read_feedback("--feedback", args.feedback, tuner)
         ops.append(("--feedback", lambda: tuner.add_feedback(q, answers)))
     if args.feedback_queries:
         fb = _query_set("--feedback-queries", args.feedback_queries, "--feedback-qrels",
@@ -602,11 +601,11 @@ def _update_operations(args, tuner):
     return ops
 
 
-def _read_feedback(flag, path, d, n_records, ids):
+def _read_feedback(flag, path, tuner):
     """(embeddings (m, d) float32, answer position lists) of a feedback JSON-lines file
-    (FEEDBACK_FORMAT), checked line by line."""
-    emb, answers = [], []
-    lookup, twice = None, set()
+    (FEEDBACK_FORMAT), checked line by line; ids are resolved in one pass over the tuner's."""
+    d, n_records, ids = tuner.d, tuner.n_records, tuner.ids
+    emb, answers, by_id = [], [], []  # by_id: (line number, answer list index, the ids)
     want_int = ids is not None and ids.dtype.kind in "iu"
     for no, rec in _json_lines(flag, path):
         where = f"{flag}: {path!r} line {no}"
@@ -632,35 +631,38 @@ def _read_feedback(flag, path, d, n_records, ids):
             if bad:
                 raise ValueError(f'{where}: "answers": {json.dumps(bad[0])} is not a record '
                                  f'position (an int, 0 <= position < {n_records})')
-            rows = given
         else:
             if ids is None:
                 raise ValueError(f'{where}: "answer_ids" needs record ids and this state has '
                                  f'none (tune with --ids, or --data with corpus_ids.txt); give '
                                  f'"answers" (record positions)')
-            if lookup is None:
-                lookup = {}
-                for p, v in enumerate(ids.tolist()):
-                    if v in lookup:
-                        twice.add(v)
-                    lookup.setdefault(v, p)
-            rows = []
-            for x in given:
-                typed = _is_int(x) if want_int else isinstance(x, str)
-                if not typed or x not in lookup:
-                    hint = (" (the state's record ids are integers)" if want_int else
-                            " (the state's record ids are strings)") if not typed else ""
-                    raise ValueError(f'{where}: "answer_ids": {json.dumps(x)} is not a record '
-                                     f'id{hint}')
-                if x in twice:
-                    raise ValueError(f'{where}: "answer_ids": {json.dumps(x)} names more than '
-                                     f'one record; give "answers" (record positions)')
-                rows.append(lookup[x])
+            typed = [_is_int(x) if want_int else isinstance(x, str) for x in given]
+            if not all(typed):
+                x = given[typed.index(False)]
+                kind = "integers" if want_int else "strings"
+                raise ValueError(f'{where}: "answer_ids": {json.dumps(x)} is not a record id '
+                                 f"(the state's record ids are {kind})")
+            by_id.append((no, len(answers), given))
         emb.append(vec)
-        answers.append(rows)
+        answers.append(given)
     if not emb:
         raise ValueError(f"{flag}: {path!r} has no feedback lines; one JSON object per line "
                          f"(nudgefast update --help)")
+    if by_id:
+        flat = [x for _, _, given in by_id for x in given]
+        pos = tuner.positions_of(np.array(flat, np.int64 if want_int else str), strict=False)
+        at = 0
+        for no, i, given in by_id:
+            got = pos[at:at + len(given)]
+            at += len(given)
+            if (got < 0).any():
+                first = int(np.argmax(got < 0))
+                x = given[first]
+                what = "is not a record id" if got[first] == -1 else \
+                    'names more than one record; give "answers" (record positions)'
+                raise ValueError(f'{flag}: {path!r} line {no}: "answer_ids": {json.dumps(x)} '
+                                 f'{what}')
+            answers[i] = got.tolist()
     return np.array(emb, np.float32), answers
 
 

@@ -129,6 +129,38 @@ class Tuner:
         """Sorted positions of the records the current delta tunes."""
         return np.sort(self._slot_rec[:self._t])
 
+    def positions_of(self, ids, *, strict=True, chunk=1 << 20) -> np.ndarray:
+        """The position of each record id (in the order given). An unknown id, or one that
+        names several records, is an error (``strict=False``: -1 / -2 in its place). Streams
+        the id list in chunks: no index of all ids is built (at 10^8 records it would be
+        gigabytes)."""
+        self._check_fitted()
+        if self._ids is None:
+            raise ValueError("ids: the tuner was fitted without ids; give record positions")
+        want = np.asarray(ids).reshape(-1)
+        if want.dtype.kind != self._ids.dtype.kind and not (
+                want.dtype.kind in "iu" and self._ids.dtype.kind in "iu"):
+            kind = "strings" if self._ids.dtype.kind == "U" else "integers"
+            raise TypeError(f"ids: the record ids are {kind}, got {want.dtype}")
+        uniq, inverse = np.unique(want, return_inverse=True)
+        pos = np.full(uniq.size, -1, np.int64)
+        for start in range(0, self._ids.size, chunk):
+            part = self._ids[start:start + chunk]
+            hit = np.flatnonzero(np.isin(part, uniq))
+            if hit.size == 0:
+                continue
+            where = np.searchsorted(uniq, part[hit])
+            seen, count = np.unique(where, return_counts=True)
+            again = np.r_[where[pos[where] != -1], seen[count > 1]]
+            pos[where] = start + hit
+            pos[again] = -2
+        bad = np.flatnonzero(pos < 0)
+        if strict and bad.size:
+            what = "is not a record id" if pos[bad[0]] == -1 else \
+                "names more than one record; give positions"
+            raise ValueError(f"ids: {uniq[bad[0]].item()!r} {what}")
+        return pos[inverse.reshape(-1)]
+
     def _check_fitted(self):
         if not self._fitted:
             raise RuntimeError("Tuner: call fit(corpus, train, val) (or Tuner.load) first")
@@ -952,13 +984,7 @@ class Tuner:
         if (positions is None) == (ids is None):
             raise ValueError("delete_records: give positions or ids (one of them)")
         if ids is not None:
-            if self._ids is None:
-                raise ValueError("ids: the tuner was fitted without ids; delete by position")
-            want = np.asarray(ids).reshape(-1)
-            found = np.isin(want, self._ids)
-            if not found.all():
-                raise ValueError(f"ids: {want[~found][0].item()!r} is not a record id")
-            positions = np.flatnonzero(np.isin(self._ids, want))
+            positions = self.positions_of(ids)
         pos = np.unique(self._as_positions("positions", positions, self._n, "record positions"))
         again = pos[np.isin(pos, self._deleted)]
         if again.size:
