@@ -172,8 +172,11 @@ def _untouched_topk(prep: _Prepared, k, *, extra_corpus, chunk_rows, n_threads, 
     return np.take_along_axis(exact, order, axis=1), np.take_along_axis(index, order, axis=1)
 
 
-def _exact_scores(prep: _Prepared, extra_corpus, index, block=VAL_BLOCK):
-    n, d = prep.corpus.shape
+def exact_scores(queries, index, rows_of, block=VAL_BLOCK):
+    """float64 ``v . x / |x|`` of each listed record (``index`` (n_q, k), -1: -inf), the rows
+    gathered by ``rows_of(positions) -> float64 (m, d)``. One einsum over contiguous gathered
+    operands per block: the same value for the same (query, record) wherever it is computed
+    (the fit, the tuner), which the tuner's exactness relies on."""
     out = np.full(index.shape, -np.inf)
     for s in range(0, index.shape[0], block):
         idx = index[s:s + block]
@@ -181,15 +184,24 @@ def _exact_scores(prep: _Prepared, extra_corpus, index, block=VAL_BLOCK):
         if qi.size == 0:
             continue
         rows, inv = np.unique(idx[qi, ki], return_inverse=True)
+        vec = rows_of(rows)
+        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+        q = queries[s:s + block].astype(np.float64)
+        out[s + qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
+    return out
+
+
+def _exact_scores(prep: _Prepared, extra_corpus, index):
+    n, d = prep.corpus.shape
+
+    def rows_of(rows):
         vec = np.empty((rows.size, d))
         main = rows < n
         vec[main] = prep.corpus[rows[main]]
         if not main.all():
             vec[~main] = extra_corpus[rows[~main] - n]
-        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-        q = prep.val_q[s:s + block].astype(np.float64)
-        out[s + qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
-    return out
+        return vec
+    return exact_scores(prep.val_q, index, rows_of)
 
 
 def _result(variant, prep, gamma, alpha, beta, gammas, acc, n_threads):

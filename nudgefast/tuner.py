@@ -38,9 +38,8 @@ import warnings
 import numpy as np
 
 from . import _backends, _validate
-from ._defaults import VAL_BLOCK
 from .handoff import Delta, _replace_atomically
-from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, most_covered_gamma,
+from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, exact_scores, most_covered_gamma,
                     nudge_n_coefficients)
 from .queryset import _answer_lists, as_queryset
 from .search import topk_pass
@@ -239,19 +238,8 @@ class Tuner:
         return _sort_lists(self._exact(queries, state[1]), state[1])
 
     def _exact(self, queries, index):
-        """float64 score of each listed record (-inf for -1), as ``nudge._exact_scores``."""
-        out = np.full(index.shape, -np.inf)
-        for s in range(0, index.shape[0], VAL_BLOCK):
-            idx = index[s:s + VAL_BLOCK]
-            qi, ki = np.nonzero(idx >= 0)
-            if qi.size == 0:
-                continue
-            rows, inv = np.unique(idx[qi, ki], return_inverse=True)
-            vec = self._raw_rows(rows)
-            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-            q = queries[s:s + VAL_BLOCK].astype(np.float64)
-            out[s + qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
-        return out
+        """float64 score of each listed record (-inf for -1), as a fit computes it."""
+        return exact_scores(queries, index, self._raw_rows)
 
     # ------------------------------------------------------------------------------------
     # fit

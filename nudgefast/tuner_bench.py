@@ -48,6 +48,17 @@ def _batches(qs: QuerySet, start: int, size: int):
     return [(emb[s:s + size], list(qs.answers[s:s + size])) for s in range(start, len(qs), size)]
 
 
+def _stream(tuner, batches) -> tuple[Timing, list]:
+    """Each batch through ``add_feedback``, timed; returns the timings and the summaries."""
+    timing, summaries = Timing(), []
+    for q, a in batches:
+        t0 = time.perf_counter()
+        delta = tuner.add_feedback(q, a)
+        timing.runs.append(time.perf_counter() - t0)
+        summaries.append(delta.summary)
+    return timing, summaries
+
+
 def _ms(t: Timing) -> str:
     return f"{t.median * 1e3:.1f} ms"
 
@@ -82,15 +93,11 @@ def scale_rows(n, d=384, n_train=5000, n_val=1000, *, batch=100, n_batches=10,
         tfit = measure(lambda: tuner.fit(w.corpus, train0, val0), repeat=1, warmup=0)
         rows.append(TunerRow(name, n, vname, "Tuner.fit (keeps top-(need+margin))", tfit,
                              f"{tfit.median / full.median:.2f}x the fit"))
-        adds, removes, rescans, rescored = Timing(), Timing(), 0, []
-        ids = []
-        for q, a in feedback:
-            t0 = time.perf_counter()
-            delta = tuner.add_feedback(q, a)
-            adds.runs.append(time.perf_counter() - t0)
-            ids.append(delta.summary["feedback_ids"])
-            rescans += delta.summary["rescanned"]
-            rescored.append(delta.summary["rescored"])
+        adds, summaries = _stream(tuner, feedback)
+        ids = [x["feedback_ids"] for x in summaries]
+        rescans = sum(x["rescanned"] for x in summaries)
+        rescored = [x["rescored"] for x in summaries]
+        removes = Timing()
         rows.append(TunerRow(name, n, vname, f"add_feedback({batch} queries)", adds,
                              f"{full.median / adds.median:,.0f}x faster than a full fit",
                              f"{len(feedback)} batches; validation queries re-scored per batch "
@@ -103,7 +110,7 @@ def scale_rows(n, d=384, n_train=5000, n_val=1000, *, batch=100, n_batches=10,
         rows.append(TunerRow(name, n, vname, f"remove_feedback({batch} queries)", removes,
                              f"{full.median / removes.median:,.0f}x faster than a full fit"))
         t0 = time.perf_counter()
-        delta = tuner.add_validation(*val_extra)
+        tuner.add_validation(*val_extra)
         addval = Timing([time.perf_counter() - t0])
         rows.append(TunerRow(name, n, vname, f"add_validation({extra_val} queries)", addval,
                              f"{full.median / addval.median:.1f}x faster than a full fit",
@@ -167,11 +174,7 @@ def reference_rows(n=50_000, d=384, n_train=5000, n_val=1000, *, batch=100, n_ba
         est = VARIANTS[vname](backend=backend, progress=False)
         tuner = Tuner(est)
         tuner.fit(w.corpus, train0, w.val)
-        adds = Timing()
-        for q, a in feedback:
-            t0 = time.perf_counter()
-            tuner.add_feedback(q, a)
-            adds.runs.append(time.perf_counter() - t0)
+        adds, _ = _stream(tuner, feedback)
         versus = f"{ref.median / adds.median:,.0f}x faster than nudge-ft" if ref else ""
         rows.append(TunerRow(name, n, vname, f"Tuner.add_feedback({batch} queries)", adds,
                              versus))
@@ -190,11 +193,7 @@ def real_rows(folders=None, *, batch=100, backend="auto", variants=VARIANTS):
             est = VARIANTS[vname](backend=backend, progress=False)
             tuner = Tuner(est)
             tuner.fit(ds.corpus, train0, ds.dev)
-            adds = Timing()
-            for q, a in stream:
-                t0 = time.perf_counter()
-                tuner.add_feedback(q, a)
-                adds.runs.append(time.perf_counter() - t0)
+            adds, _ = _stream(tuner, stream)
             full = measure(lambda: est.fit(ds.corpus, ds.train, ds.dev), repeat=1, warmup=0)
             same, diff = _compare(tuner, full.result)
             rows.append(TunerRow(
