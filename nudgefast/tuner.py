@@ -670,12 +670,12 @@ class Tuner:
     # ------------------------------------------------------------------------------------
     # One update: new gradients, slots in and out, lists, dirty queries, gamma, the delta
 
-    def _commit(self, op, t0, records, *, deleted=(), new_positions=(), lists_changed=False,
+    def _commit(self, op, t0, records, *, deleted=(), new_positions=(), old_top=None,
                 val_changed=False, **summary):
         """Bring the state up to date after the pairs of ``records`` changed (and ``deleted``
         went, ``new_positions`` came), and return the delta."""
-        k = self.need
-        old_top = (self._Ls[:, :k].copy(), self._Li[:, :k].copy())
+        if old_top is None:  # the lists as the hits were last scored from
+            old_top = self._top()
         old_u = self._u.copy() if self.variant == "nudge-m" else None
         old_gamma = self._gamma
         records = np.unique(np.asarray(records, np.int64))
@@ -743,6 +743,10 @@ class Tuner:
         return self._delta(op, old_gamma, indices, vectors, tuned, new, deleted, t0,
                            rescanned=int(rescanned.size), rescored=int(dirty),
                            gamma_moved=gamma_moved, **summary)
+
+    def _top(self):
+        k = self.need
+        return self._Ls[:, :k].copy(), self._Li[:, :k].copy()
 
     def _columns(self, slots):
         """What the dirty tests need of ``slots``: records and their S/H columns (+ a, b)."""
@@ -960,8 +964,10 @@ class Tuner:
             if ids is not None:
                 self._ids = self._ids[:first]
             raise
+        old_top = self._top()
         self._merge_lists(s, i, (i < 0).any(axis=1))
         return self._commit("add_records", t0, [], new_positions=np.arange(first, self._n),
+                            old_top=old_top,
                             records_added=rows.shape[0])
 
     def delete_records(self, positions=None, *, ids=None) -> Delta:

@@ -421,3 +421,19 @@ def test_nudge_m_pair_freed_when_its_blocking_record_turns_away():
     model = FinalInputs(corpus, train, val)
     model.train.append((away[0], [int(j)], True))
     check_same(tuner, model, est)
+
+
+@pytest.mark.parametrize("variant", ["nudge-n", "nudge-m"])
+def test_added_records_that_win_validation_queries(variant):
+    """New records equal to validation queries take their top spot: the hits / intervals of
+    those queries must be re-scored (the kept lists change under them)."""
+    ds = awkward(n=1237, d=37, seed=2)
+    est = nf.NudgeN(progress=False) if variant == "nudge-n" else nf.NudgeM(progress=False)
+    tuner = nf.Tuner(est, margin=3)
+    tuner.fit(ds.corpus, ds.train, ds.dev)
+    model = FinalInputs(ds.corpus, ds.train, ds.dev)
+    rows = np.asarray(ds.dev.embeddings[:40], np.float32)
+    delta = tuner.add_records(rows)
+    assert delta.summary["rescored"] >= 20
+    model.rows.append(rows)
+    check_same(tuner, model, est)
