@@ -28,6 +28,7 @@ fresh fit on the final inputs (same validation products, same kernels); the prop
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -55,6 +56,35 @@ _SLACK = 1e-9
 
 #: Below this many element operations a kernel runs on the calling thread alone.
 _SMALL_WORK = 1 << 22
+
+
+def _all_or_nothing(method):
+    """An operation either completes or leaves the tuner as it was: the attributes it replaces
+    and the small arrays it edits in place are put back when it raises before the update's
+    in-place phase (every input check, every pass over new rows). One that fails inside that
+    phase (an interrupt, a corpus row that changed under the tuner) leaves the tuner marked
+    unusable, with the error saying to reload the last saved state."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.__dict__.get("_broken"):
+            raise RuntimeError(f"Tuner: {self._broken}")
+        saved = dict(self.__dict__)
+        edited = {name: getattr(self, name).copy() for name in
+                  ("_tq_alive", "_valive", "_vans", "_added") if hasattr(self, name)}
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as exc:
+            if self.__dict__.get("_mutating"):
+                self._broken = (f"{method.__name__} failed half-way ({type(exc).__name__}: "
+                                f"{exc}); Tuner.load the last saved state")
+                self._mutating = False
+                raise
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            for name, value in edited.items():
+                setattr(self, name, value)
+            raise
+    return run
 
 
 def _sort_lists(scores, index):
@@ -143,9 +173,13 @@ class Tuner:
             raise TypeError(f"ids: the record ids are {kind}, got {want.dtype}")
         uniq, inverse = np.unique(want, return_inverse=True)
         pos = np.full(uniq.size, -1, np.int64)
+        deleted = np.zeros(uniq.size, bool)
         for start in range(0, self._ids.size, chunk):
             part = self._ids[start:start + chunk]
             hit = np.flatnonzero(np.isin(part, uniq))
+            dead = np.isin(start + hit, self._deleted)  # a deleted id may come back
+            deleted[np.searchsorted(uniq, part[hit[dead]])] = True
+            hit = hit[~dead]
             if hit.size == 0:
                 continue
             where = np.searchsorted(uniq, part[hit])
@@ -155,12 +189,14 @@ class Tuner:
             pos[again] = -2
         bad = np.flatnonzero(pos < 0)
         if strict and bad.size:
-            what = "is not a record id" if pos[bad[0]] == -1 else \
-                "names more than one record; give positions"
+            what = ("names more than one record; give positions" if pos[bad[0]] == -2 else
+                    "was already deleted" if deleted[bad[0]] else "is not a record id")
             raise ValueError(f"ids: {uniq[bad[0]].item()!r} {what}")
         return pos[inverse.reshape(-1)]
 
     def _check_fitted(self):
+        if self.__dict__.get("_broken"):
+            raise RuntimeError(f"Tuner: {self._broken}")
         if not self._fitted:
             raise RuntimeError("Tuner: call fit(corpus, train, val) (or Tuner.load) first")
 
@@ -244,6 +280,7 @@ class Tuner:
     # ------------------------------------------------------------------------------------
     # fit
 
+    @_all_or_nothing
     def fit(self, corpus, train, val, *, ids=None) -> Delta:
         """Fit on ``corpus`` as :meth:`NudgeN.fit` / :meth:`NudgeM.fit` do, keeping the state.
 
@@ -691,14 +728,16 @@ class Tuner:
         gone = set(deleted.tolist())
         revert = np.array([r for r in leaving if r not in gone], np.int64)
         revert_base = self._base[[self._slot_of[r] for r in revert.tolist()]].copy()
+        joining = np.array([r for r in with_pairs.tolist() if r not in self._slot_of], np.int64)
+        joining_base = self._base_rows(joining)  # raises (zero norm, NaN) before any change
+        self._mutating = True  # from here on the state is edited in place
         for r in leaving:
             self._remove_slot(self._slot_of[r])
         # Slots that come or change.
-        joining = np.array([r for r in with_pairs.tolist() if r not in self._slot_of], np.int64)
         self._grow(joining.size)
         if joining.size:
             slots = np.arange(self._t, self._t + joining.size)
-            self._base[slots] = self._base_rows(joining)
+            self._base[slots] = joining_base
             self._slot_rec = np.concatenate([self._slot_rec[:self._t], joining])
             for s, r in zip(slots.tolist(), joining.tolist()):
                 self._slot_of[r] = s
@@ -737,6 +776,7 @@ class Tuner:
                                   self._served_rows(plain).reshape(-1, self._d)])
         tuned = np.r_[np.ones(slots.size, bool), np.zeros(plain.size, bool)]
         new = np.isin(indices, new_positions)
+        self._mutating = False
         log.info("Tuner %s: gamma %.6g -> %.6g, %d rows tuned, %d reverted, %d re-scored, "
                  "%d rescanned", op, old_gamma, self._gamma, slots.size, revert.size, dirty,
                  rescanned.size)
@@ -817,8 +857,14 @@ class Tuner:
                 continue
             sj, gj = cols["S"][q[feas]], cols["H"][q[feas]]
             tf = tol[feas][:, None]
-            reach = (sj + lo_f[:, None] * gj >= at_lo[:, None] - tf)
-            reach |= np.where(finite[:, None], sj + hi_e[:, None] * gj >= at_hi[:, None] - tf,
+            # The slack grows with the terms: at gamma ~ 1e10, gamma * g rounds by ~1e-6.
+            mag = np.abs(sj) + tf / _SLACK
+            reach = (sj + lo_f[:, None] * gj
+                     >= at_lo[:, None] - _SLACK * (mag + lo_f[:, None] * np.abs(gj)
+                                                   + np.abs(lo_f * gx[feas])[:, None]))
+            reach |= np.where(finite[:, None], sj + hi_e[:, None] * gj
+                              >= at_hi[:, None] - _SLACK * (mag + hi_e[:, None] * np.abs(gj)
+                                                            + np.abs(hi_e * gx[feas])[:, None]),
                               (gj > gx[feas][:, None] - tf))
             dirty[feas[reach.any(axis=1)]] = True
         if stuck.size and old_cols["rec"].size:
@@ -866,6 +912,7 @@ class Tuner:
         ptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=counts.size))].astype(np.int64)
         return q, ptr, index
 
+    @_all_or_nothing
     def add_feedback(self, queries, answers) -> Delta:
         """New train queries (a click, a label: the query embedding and the records that
         answered it). Reads only the rows it newly touches. ``delta.summary["feedback_ids"]``
@@ -882,6 +929,7 @@ class Tuner:
         self._pair_r = np.r_[self._pair_r, index]
         return self._commit("add_feedback", t0, index, feedback_ids=ids.tolist())
 
+    @_all_or_nothing
     def remove_feedback(self, ids) -> Delta:
         """Withdraw train queries by feedback id (the fit's train queries are 0 .. n-1)."""
         self._check_fitted()
@@ -894,6 +942,7 @@ class Tuner:
         records = self._pair_r[np.isin(self._pair_q, ids)]
         return self._commit("remove_feedback", t0, records, feedback_ids=ids.tolist())
 
+    @_all_or_nothing
     def add_validation(self, queries, answers) -> Delta:
         """New validation queries: one corpus pass for them only (batched), then gamma is
         chosen again. Queries without answers are skipped with a warning, as in a fit."""
@@ -934,6 +983,7 @@ class Tuner:
         return self._commit("add_validation", t0, [], val_changed=True,
                             validation_queries=keep.size)
 
+    @_all_or_nothing
     def add_records(self, rows, ids=None) -> Delta:
         """Append records (rows (m, d) float16/float32): one pass over the new rows only,
         against the validation queries. They take positions ``n_records ..``; the tuner
@@ -955,21 +1005,14 @@ class Tuner:
             self._ids = np.concatenate([self._ids, new_ids])
         self._added.append(rows)
         self._n += rows.shape[0]
-        try:
-            s, i = self._pass(self._vq, self._Li.shape[1], start=first,
-                              desc="tuner new-records pass")
-        except ValueError:
-            self._added.pop()
-            self._n = first
-            if ids is not None:
-                self._ids = self._ids[:first]
-            raise
+        s, i = self._pass(self._vq, self._Li.shape[1], start=first, desc="tuner new-records pass")
         old_top = self._top()
         self._merge_lists(s, i, (i < 0).any(axis=1))
         return self._commit("add_records", t0, [], new_positions=np.arange(first, self._n),
                             old_top=old_top,
                             records_added=rows.shape[0])
 
+    @_all_or_nothing
     def delete_records(self, positions=None, *, ids=None) -> Delta:
         """Delete records by position or by id: their feedback pairs and validation answers
         go with them (a validation query left without answers is skipped)."""
@@ -1003,10 +1046,14 @@ class Tuner:
     @staticmethod
     def _as_positions(name, values, n, what):
         arr = np.asarray(values)
+        if arr.size == 0:
+            raise ValueError(f"{name}: is empty; give at least one of the {what}")
         if arr.dtype.kind not in "iu" or arr.ndim > 1:
             raise TypeError(f"{name}: expected a list of int {what}, got {arr.dtype} "
                             f"{arr.shape}")
         arr = arr.reshape(-1).astype(np.int64)
+        if arr.size == 0:
+            raise ValueError(f"{name}: is empty; give at least one of the {what}")
         bad = (arr < 0) | (arr >= n)
         if bad.any():
             raise ValueError(f"{name}: {int(arr[bad][0])} is out of range; {what} are "

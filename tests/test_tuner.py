@@ -437,3 +437,45 @@ def test_added_records_that_win_validation_queries(variant):
     assert delta.summary["rescored"] >= 20
     model.rows.append(rows)
     check_same(tuner, model, est)
+
+
+def test_failures_leave_the_state_as_it_was_or_say_reload():
+    ds = awkward(n=900, d=16, seed=12)
+    corpus = np.array(ds.corpus)
+    tuner = nf.Tuner(nf.NudgeN(progress=False))
+    tuner.fit(corpus, ds.train, ds.dev)
+    before = tuner.result()
+    with pytest.raises(ValueError, match="one id per record"):
+        tuner.fit(corpus, ds.train, ds.dev, ids=["a", "b"])  # a failed refit
+    untouched = int(np.setdiff1d(np.arange(900), tuner.touched)[0])
+    corpus[untouched] = 0.0  # the caller broke a row the next feedback touches
+    with pytest.raises(ValueError, match=f"record {untouched} has a zero norm"):
+        tuner.add_feedback(np.ones((1, 16), np.float32), [[untouched]])
+    after = tuner.result()
+    assert tuner.n_records == 900 and after.gamma == before.gamma
+    np.testing.assert_array_equal(after.indices, before.indices)
+    np.testing.assert_array_equal(after.vectors, before.vectors)
+    delta = tuner.add_feedback(np.ones((1, 16), np.float32), [[int(before.indices[0])]])
+    assert delta.summary["feedback_ids"] == [len(ds.train)]  # no id was used up
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    tuner._dirty_n = interrupted  # dies inside the in-place phase
+    with pytest.raises(KeyboardInterrupt):
+        tuner.add_feedback(np.ones((1, 16), np.float32), [[int(before.indices[1])]])
+    with pytest.raises(RuntimeError, match="Tuner.load the last saved state"):
+        tuner.result()
+
+
+def test_a_deleted_id_can_come_back():
+    ds = awkward(n=700, d=12, seed=13)
+    ids = [f"r{i}" for i in range(700)]
+    tuner = nf.Tuner(nf.NudgeN(progress=False))
+    tuner.fit(ds.corpus, ds.train, ds.dev, ids=ids)
+    free = [i for i in range(700) if i not in set(tuner.touched.tolist())][:2]
+    tuner.delete_records(ids=[ids[free[0]]])
+    with pytest.raises(ValueError, match="already deleted"):
+        tuner.delete_records(ids=[ids[free[0]]])
+    tuner.add_records(np.asarray(ds.corpus[free[1]:free[1] + 1], np.float32), ids=[ids[free[0]]])
+    assert tuner.positions_of([ids[free[0]]]).tolist() == [700]
+    assert tuner.delete_records(ids=[ids[free[0]]]).deleted.tolist() == [700]
