@@ -151,25 +151,92 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings)
 
 
-def _untouched_topk(prep: _Prepared, k, *, extra_corpus, chunk_rows, n_threads, progress):
+def score_eps(queries) -> np.ndarray:
+    """Per query, a bound on |float32 pass score - float64 score| of any record: a float32 dot
+    product over d terms in any order errs by at most about d u |q| |x| (u = 2^-24), and the
+    normalisation by a few u more; (d + 16) u |q| covers both, with room."""
+    d = queries.shape[1]
+    return (d + 16) * 2.0 ** -24 * np.linalg.norm(np.asarray(queries, np.float64), axis=1)
+
+
+def certified_topk(scan, queries, rows_of, need, width):
+    """Each query's exact float64 top of the untouched records: ``(scores, index, complete)``,
+    (n_q, width) sorted by (score desc, index asc).
+
+    ``scan(rows, k)`` is the float32 pass for queries ``rows`` (its top-k state); the float64
+    scores of what it kept re-rank them. A kept record is certain when its float64 score beats
+    every record the pass dropped: those scored at most the lowest kept float32 score, so at
+    most that plus ``score_eps`` in float64. Lists hold their certain prefix only (``-inf`` /
+    ``-1`` after it); a query with fewer than ``need`` certain records is scanned again with 4x
+    the width (logged), until it has them or the pass kept every candidate (``complete``).
+    Without this a float32 near-tie at the edge of the kept set would decide which record a
+    fit sees, and a fit and the tuner (which keeps more) would disagree.
+    """
+    n_q = queries.shape[0]
+    eps = score_eps(queries)
+    out_s, out_i = np.full((n_q, width), -np.inf), np.full((n_q, width), -1, np.int64)
+    complete = np.zeros(n_q, bool)
+    todo, k = np.arange(n_q), width
+    while todo.size:
+        s32, idx = scan(todo, k)
+        kept = idx >= 0
+        f64 = exact_scores(queries[todo], idx, rows_of)
+        key = np.where(kept, idx, np.iinfo(np.int64).max)
+        order = np.lexsort((key, -f64), axis=1)
+        f64, idx = np.take_along_axis(f64, order, axis=1), np.take_along_axis(idx, order, axis=1)
+        full = kept.all(axis=1)
+        low = np.where(kept, s32, np.inf).min(axis=1) + eps[todo]
+        certain = np.where(full[:, None], f64 > low[:, None], idx >= 0)
+        count = certain.sum(axis=1)
+        done = ~full | (count >= need)
+        w = min(width, k)
+        keep = certain[done][:, :w]
+        out_s[todo[done], :w] = np.where(keep, f64[done][:, :w], -np.inf)
+        out_i[todo[done], :w] = np.where(keep, idx[done][:, :w], -1)
+        complete[todo[done]] = ~full[done]
+        todo, k = todo[~done], 4 * k
+        if todo.size:
+            log.info("NUDGE: %d validation queries have float32 near-ties at the edge of their "
+                     "kept candidates; scanning them again with %d", todo.size, k)
+    return out_s, out_i, complete
+
+
+#: Candidates a fit keeps beyond what the gamma choice needs, so that its float64 re-ranking
+#: can certify the top (``certified_topk``); a near-tie wider than this costs a rescan.
+FIT_EXTRA = 8
+
+
+def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_threads, progress):
     t0 = time.perf_counter()
-    state = topk_pass(prep.backend, prep.val_q, prep.corpus, k, exclude=prep.touched,
-                      chunk_rows=chunk_rows, n_threads=n_threads, progress=progress,
-                      desc="NUDGE corpus pass")
-    if extra_corpus is not None:
-        state = topk_pass(prep.backend, prep.val_q, extra_corpus, k, chunk_rows=chunk_rows,
-                          n_threads=n_threads, progress=progress, state=state,
-                          row_offset=prep.corpus.shape[0], name="nontrain_embeddings",
-                          desc="NUDGE corpus pass (non-train)")
-    prep.timings["corpus_pass"] = time.perf_counter() - t0
-    scores, index = state
+    n = prep.corpus.shape[0]
+
+    def scan(rows, k):
+        q = prep.val_q[rows]
+        show = progress if rows.size == prep.val_q.shape[0] else False
+        state = topk_pass(prep.backend, q, prep.corpus, k, exclude=prep.touched,
+                          chunk_rows=chunk_rows, n_threads=n_threads, progress=show,
+                          desc="NUDGE corpus pass")
+        if extra_corpus is not None:
+            state = topk_pass(prep.backend, q, extra_corpus, k, chunk_rows=chunk_rows,
+                              n_threads=n_threads, progress=show, state=state, row_offset=n,
+                              name="nontrain_embeddings", desc="NUDGE corpus pass (non-train)")
+        return state
+
+    def rows_of(rows):
+        vec = np.empty((rows.size, prep.corpus.shape[1]))
+        main = rows < n
+        vec[main] = prep.corpus[rows[main]]
+        if not main.all():
+            vec[~main] = extra_corpus[rows[~main] - n]
+        return vec
+
     # The pass selects; the scores that enter the gamma math are recomputed in float64 from
-    # the selected rows (n_val * k gathers), so they are exactly comparable with the touched
-    # records' float64 scores. Mixing float32 and float64 scores of tied answers would split
-    # intervals that meet at one point (multi-answer queries) by rounding noise.
-    exact = _exact_scores(prep, extra_corpus, index)
-    order = np.lexsort((np.where(index < 0, np.iinfo(np.int64).max, index), -exact), axis=1)
-    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(index, order, axis=1)
+    # the selected rows, so they are exactly comparable with the touched records' float64
+    # scores (mixing float32 and float64 scores of tied answers would split intervals that
+    # meet at one point by rounding noise), and certified (see certified_topk).
+    scores, index, _ = certified_topk(scan, prep.val_q, rows_of, need, need + FIT_EXTRA)
+    prep.timings["corpus_pass"] = time.perf_counter() - t0
+    return scores, index
 
 
 def exact_scores(queries, index, rows_of, block=VAL_BLOCK):
@@ -189,19 +256,6 @@ def exact_scores(queries, index, rows_of, block=VAL_BLOCK):
         q = queries[s:s + block].astype(np.float64)
         out[s + qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
     return out
-
-
-def _exact_scores(prep: _Prepared, extra_corpus, index):
-    n, d = prep.corpus.shape
-
-    def rows_of(rows):
-        vec = np.empty((rows.size, d))
-        main = rows < n
-        vec[main] = prep.corpus[rows[main]]
-        if not main.all():
-            vec[~main] = extra_corpus[rows[~main] - n]
-        return vec
-    return exact_scores(prep.val_q, index, rows_of)
 
 
 def _result(variant, prep, gamma, alpha, beta, gammas, acc, n_threads):
@@ -263,8 +317,8 @@ def _fit_n(prep: _Prepared, k_val, gammas, *, extra_corpus, chunk_rows, n_thread
     for s in range(0, n_val, val_block):
         e = min(s + val_block, n_val)
         v = prep.val_q[s:e].astype(np.float64)
-        S = v @ prep.base.T
-        H = v @ prep.grad.T
+        S = prep.backend.dot64(v, prep.base, n_threads=n_threads)  # shape-independent sums:
+        H = prep.backend.dot64(v, prep.grad, n_threads=n_threads)  # the tuner's equal these
         csr = prep.val_csr.rows(s, e)
         h = prep.backend.nudge_n_sweep(S, H, alpha, beta, prep.touched, unt_s[s:e], unt_i[s:e],
                                        csr.ptr, csr.index, k_val, n_threads=n_threads)
@@ -354,8 +408,8 @@ def _fit_m(prep: _Prepared, rule, eps, *, extra_corpus, chunk_rows, n_threads, p
         if lo == hi:
             continue
         v = prep.val_q[s:e_].astype(np.float64)
-        S = v @ prep.base.T
-        G = v @ direction.T
+        S = prep.backend.dot64(v, prep.base, n_threads=n_threads)
+        G = prep.backend.dot64(v, direction, n_threads=n_threads)
         pq = pair_query[lo:hi] - s
         pp = pair_pos[lo:hi]
         sx = np.where(pp >= 0, S[pq, np.maximum(pp, 0)], s_x[lo:hi]) if S.shape[1] else s_x[lo:hi]

@@ -40,8 +40,8 @@ import numpy as np
 
 from . import _backends, _validate
 from .handoff import Delta, _replace_atomically
-from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, exact_scores, most_covered_gamma,
-                    nudge_n_coefficients)
+from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, certified_topk, exact_scores,
+                    most_covered_gamma, nudge_n_coefficients)
 from .queryset import _answer_lists, as_queryset
 from .search import topk_pass
 
@@ -256,22 +256,27 @@ class Tuner:
         return np.union1d(self._slot_rec[:self._t], self._deleted)
 
     def _pass(self, queries, k, *, start=0, desc="tuner pass"):
-        """Top-k untouched, undeleted records of ``queries`` over positions >= ``start``,
-        scores recomputed in float64 and sorted (as a fit does)."""
+        """Each query's exact top-k untouched, undeleted records over positions >= ``start``
+        (the certain prefix, as a fit selects: ``certified_topk``). Returns (scores, index,
+        complete): complete where the list holds every such record."""
         est = self.estimator
         exclude = self._excluded()
-        state = None
-        for offset, rows in self._segments():
-            if offset + rows.shape[0] <= start:
-                continue
-            assert offset >= start, "passes start at a segment boundary"
-            state = topk_pass(self._impl, queries, rows, k, exclude=exclude,
-                              chunk_rows=est.chunk_rows, n_threads=self._threads,
-                              progress=est.progress, row_offset=offset, state=state,
-                              name="corpus" if offset == 0 else "rows", desc=desc)
-        if state is None:
-            return (np.full((queries.shape[0], k), -np.inf), np.full((queries.shape[0], k), -1))
-        return _sort_lists(self._exact(queries, state[1]), state[1])
+
+        def scan(rows, width):
+            q = queries[rows]
+            state = (np.full((q.shape[0], width), -np.inf, np.float32),
+                     np.full((q.shape[0], width), -1, np.int64))
+            for offset, part in self._segments():
+                if offset + part.shape[0] <= start:
+                    continue
+                assert offset >= start, "passes start at a segment boundary"
+                state = topk_pass(self._impl, q, part, width, exclude=exclude,
+                                  chunk_rows=est.chunk_rows, n_threads=self._threads,
+                                  progress=est.progress if rows.size == queries.shape[0]
+                                  else False, row_offset=offset, state=state,
+                                  name="corpus" if offset == 0 else "rows", desc=desc)
+            return state
+        return certified_topk(scan, queries, self._raw_rows, self.need, k)
 
     def _exact(self, queries, index):
         """float64 score of each listed record (-inf for -1), as a fit computes it."""
@@ -324,8 +329,7 @@ class Tuner:
         self._valive = np.ones(prep.val_q.shape[0], bool)
         self._m = self._weights()
         K = self.need + self.margin
-        self._Ls, self._Li = self._pass(self._vq, K, desc="NUDGE corpus pass")
-        self._Lcomplete = (self._Li < 0).any(axis=1)
+        self._Ls, self._Li, self._Lcomplete = self._pass(self._vq, K, desc="NUDGE corpus pass")
         self._S, self._H = self._products(self._vq, np.arange(t))
         self._grow(max(1024, t // 4))  # headroom: the first feedback batches copy nothing
         self._init_scores()
@@ -368,23 +372,15 @@ class Tuner:
         return self._grad[slots] / np.where(c > 0, c, 1.0)[:, None]
 
     def _products(self, queries, slots, *, which="SH"):
-        """Products of validation ``queries`` with touched ``slots``, in validation blocks as a
-        fit computes them: "S" = V e_j, "H" = V c_j (NUDGE-N) or V c_j/|c_j| (NUDGE-M). Returns
-        one (n_q, len(slots)) array per letter of ``which``."""
+        """Products of validation ``queries`` with touched ``slots`` through the backend's
+        ``dot64`` (every element the same bits whatever the shapes, so equal to a fresh fit's):
+        "S" = V e_j, "H" = V c_j (NUDGE-N) or V c_j/|c_j| (NUDGE-M). Returns one
+        (n_q, len(slots)) array per letter of ``which``."""
         slots = np.asarray(slots, np.int64)
-        mats = [self._base[slots] if x == "S" else self._grad[slots]
-                if self.variant == "nudge-n" else self._direction(slots) for x in which]
-        n_q, w = queries.shape[0], slots.size
-        # One column makes NumPy call gemv, whose sums round differently from gemm's: pad.
-        if w == 1:
-            mats = [np.repeat(m, 2, axis=0) for m in mats]
-        outs = [np.empty((n_q, w)) for _ in mats]
-        vb = self.estimator.val_block
-        for s in range(0, n_q, vb):
-            v = queries[s:s + vb].astype(np.float64, copy=False)
-            for m, out in zip(mats, outs):
-                out[s:s + vb] = (v @ m.T)[:, :w]
-        return outs
+        work = queries.shape[0] * slots.size * self._d
+        return [self._impl.dot64(queries, self._base[slots] if x == "S" else self._grad[slots]
+                                 if self.variant == "nudge-n" else self._direction(slots),
+                                 n_threads=self._threads_for(work)) for x in which]
 
     def _project(self, slots):
         slots = np.asarray(slots, np.int64)
@@ -699,9 +695,8 @@ class Tuner:
             K = self._Li.shape[1]
             log.info("Tuner: %d validation queries ran out of kept candidates (margin %d); "
                      "rescanning the corpus for them", short.size, self.margin)
-            s, i = self._pass(self._vq[short], K, desc="tuner rescan")
-            self._Ls[short], self._Li[short] = s, i
-            self._Lcomplete[short] = (i < 0).any(axis=1)
+            s, i, complete = self._pass(self._vq[short], K, desc="tuner rescan")
+            self._Ls[short], self._Li[short], self._Lcomplete[short] = s, i, complete
         return short
 
     # ------------------------------------------------------------------------------------
@@ -958,7 +953,7 @@ class Tuner:
             raise ValueError("answers: no validation query has an answer; give answer lists")
         q = q[keep]
         answers = [index[ptr[i]:ptr[i + 1]].copy() for i in keep]
-        s, i = self._pass(q, self._Li.shape[1], desc="tuner validation pass")
+        s, i, complete = self._pass(q, self._Li.shape[1], desc="tuner validation pass")
         t = self._t
         S, H = self._products(q, np.arange(t))
         cap = self._S.shape[1]
@@ -971,7 +966,7 @@ class Tuner:
         self._valive = np.r_[self._valive, np.ones(keep.size, bool)]
         self._m = self._weights()
         self._Ls, self._Li = np.concatenate([self._Ls, s]), np.concatenate([self._Li, i])
-        self._Lcomplete = np.r_[self._Lcomplete, (i < 0).any(axis=1)]
+        self._Lcomplete = np.r_[self._Lcomplete, complete]
         new_q = np.arange(first, first + keep.size)
         if self.variant == "nudge-n":
             self._hits = np.concatenate([self._hits, np.zeros((keep.size,
@@ -1005,9 +1000,10 @@ class Tuner:
             self._ids = np.concatenate([self._ids, new_ids])
         self._added.append(rows)
         self._n += rows.shape[0]
-        s, i = self._pass(self._vq, self._Li.shape[1], start=first, desc="tuner new-records pass")
+        s, i, complete = self._pass(self._vq, self._Li.shape[1], start=first,
+                                    desc="tuner new-records pass")
         old_top = self._top()
-        self._merge_lists(s, i, (i < 0).any(axis=1))
+        self._merge_lists(s, i, complete)
         return self._commit("add_records", t0, [], new_positions=np.arange(first, self._n),
                             old_top=old_top,
                             records_added=rows.shape[0])

@@ -386,6 +386,22 @@ py::array_t<float> py_project(const py::array& E, const py::array& C, const py::
     return out;
 }
 
+py::array_t<double> py_dot64(const py::array& A, const py::array& B, const py::object& n_threads,
+                             const py::object& out_arg) {
+    const double* a = in<double>(A, "A", 2);
+    const double* b = in<double>(B, "B", 2);
+    const int64_t n = A.shape(0), m = B.shape(0), d = A.shape(1);
+    check_dim(B, "B", 1, d);
+    const int threads = threads_arg(n_threads);
+    py::array_t<double> out = output<double>(out_arg, "out", {n, m});
+    double* o = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        dot64(a, b, n, m, d, o, threads);
+    }
+    return out;
+}
+
 py::array_t<double> py_metrics(const py::array& retrieved, const py::array& ans_ptr, const py::array& ans_index,
                                const py::array& ans_rel, const py::object& k_arg, const py::object& n_threads,
                                const py::object& out_arg) {
@@ -458,6 +474,8 @@ PYBIND11_MODULE(_cpu, m) {
           "gets each k_val-th best score (-inf when fewer candidates).");
     m.def("project", &py_project, py::arg("E"), py::arg("C"), py::arg("alpha"), py::arg("beta"), threads, out,
           "(t, d) float32: alpha[:, None] * E + beta[:, None] * C in float64.");
+    m.def("dot64", &py_dot64, py::arg("A"), py::arg("B"), threads, out,
+          "(n, m) float64 A @ B.T, each element one FMA chain over k in order (shape-independent).");
     m.def("metrics", &py_metrics, py::arg("retrieved"), py::arg("ans_ptr"), py::arg("ans_index"), py::arg("ans_rel"),
           py::arg("k"), threads, out, "(n, 3) float64 recall@k, ndcg@k, mrr@k (NaN without answers).");
     m.def("normalize_rows", &py_normalize_rows, py::arg("chunk"), py::arg("out"), threads,

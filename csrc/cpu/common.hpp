@@ -281,6 +281,8 @@ void nudge_m_intervals(const double* S, const double* G, int64_t t, const int64_
                        const double* g_x, const double* u_score, int64_t n_pairs, double eps, double* low,
                        double* high, bool* feasible, int n_threads);
 
+void dot64(const double* A, const double* B, int64_t n, int64_t m, int64_t d, double* out, int n_threads);
+
 void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, const double* alpha,
                    const double* beta, int64_t n_gamma, const int64_t* touched, const double* unt_scores,
                    const int64_t* unt_index, int64_t n_unt, const int64_t* ans_ptr, const int64_t* ans_index,

@@ -99,6 +99,10 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
                               _i64(ans_index, "ans_index"), int(k_val), n_threads, kth=kth)
 
 
+def dot64(A, B, *, n_threads=None):
+    return _cpu.dot64(_f64(A), _f64(B), n_threads)
+
+
 def project(E, C, alpha, beta, *, n_threads=None):
     def native(a):  # float32 and float64 go in as they are; anything else (float16) as float64
         return np.ascontiguousarray(a) if a.dtype in (np.float32, np.float64) else _f64(a)

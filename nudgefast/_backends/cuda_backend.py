@@ -95,6 +95,7 @@ LAUNCH = {
     "NUDGE_M": {"THREADS": 256},    # nudge_m_intervals (one warp per pair)
     "SWEEP": {"WARPS": 4},          # nudge_n_sweep (one warp per (query, gamma))
     "PROJECT": {"THREADS": 256},
+    "DOT64": {"THREADS": 256},
     "METRICS": {"THREADS": 128},
 }
 
@@ -335,6 +336,21 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
     if kth is not None:
         kth[...] = kth_dev.get()
     return hits.get()
+
+
+def dot64(A, B, *, n_threads=None):
+    n, d = A.shape
+    m = B.shape[0]
+    if B.shape[1] != d:
+        raise ValueError(f"dot64: A has d={d}, B has d={B.shape[1]}")
+    if n == 0 or m == 0:
+        return np.zeros((n, m))
+    out = cp.empty((n, m), dtype=cp.float64)
+    threads = LAUNCH["DOT64"]["THREADS"]
+    _kernel("dot64.cu", "dot64")((_blocks(n * m, threads),), (threads,),
+                                 (_dev(A, np.float64), _dev(B, np.float64), _i64(n), _i64(m),
+                                  _i64(d), out))
+    return out.get()
 
 
 def project(E, C, alpha, beta, *, n_threads=None):

@@ -796,6 +796,36 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
     return hits
 
 
+# --------------------------------------------------------------------------- dot64
+
+@njit(parallel=True, **_jit)
+def _dot64_kernel(A, BT, out):
+    n, d = A.shape
+    m = BT.shape[1]
+    for i in prange(n):
+        for j in range(m):
+            out[i, j] = 0.0
+        # k outer, j inner: every element is one chain of products added over k in order (no
+        # reassociation without fastmath), and the j loop vectorises across elements.
+        for k in range(d):
+            a = A[i, k]
+            for j in range(m):
+                out[i, j] += a * BT[k, j]
+
+
+def dot64(A, B, *, n_threads=None):
+    """(n, m) float64 ``A @ B.T``, each element its own ordered sum (shape-independent)."""
+    A = _ro(A, np.float64)
+    BT = np.ascontiguousarray(np.asarray(B, np.float64).T)
+    if A.ndim != 2 or BT.ndim != 2 or A.shape[1] != BT.shape[0]:
+        raise ValueError(f"dot64: A {A.shape} and B {BT.T.shape} must be (n, d) and (m, d)")
+    out = np.empty((A.shape[0], BT.shape[1]))
+    if out.size:
+        with _threads(n_threads):
+            _dot64_kernel(A, BT, out)
+    return out
+
+
 # --------------------------------------------------------------------------- project
 
 @njit(parallel=True, **_jit)

@@ -40,6 +40,13 @@ kth=None) -> (n_b, n_gamma) int64``
     ``k_val``-th best candidate, ``-inf`` when fewer than ``k_val`` have a score above
     ``-inf`` (the threshold a new candidate must reach; the tuner's dirty test).
 
+``dot64(A, B) -> (n, m) float64``
+    ``A @ B.T`` for (n, d) and (m, d) float arrays, in float64, each element computed from its
+    two rows alone in a fixed order: the same value whatever the shapes around it (a BLAS
+    product's last bits depend on its blocking). The validation products of a fit and of the
+    tuner's updates go through it, so they agree bit for bit. Backends may differ from each
+    other in the last bits (their orders differ), never from themselves.
+
 ``project(E, C, alpha, beta) -> (t, d) float32``
     ``alpha[:, None] * E + beta[:, None] * C`` computed in float64.
 
@@ -167,6 +174,11 @@ def nudge_n_sweep(S, H, alpha, beta, touched, unt_scores, unt_index, ans_ptr, an
         if kth is not None and 0 < k_val <= top_s.shape[1]:
             kth[:, g] = top_s[:, k_val - 1]
     return hits
+
+
+def dot64(A, B, *, n_threads=None):
+    # einsum's own loop (no BLAS: optimize is off): one sum per element over its two rows.
+    return np.einsum("ik,jk->ij", np.asarray(A, np.float64), np.asarray(B, np.float64))
 
 
 def project(E, C, alpha, beta, *, n_threads=None):
