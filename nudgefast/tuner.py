@@ -377,10 +377,12 @@ class Tuner:
         "S" = V e_j, "H" = V c_j (NUDGE-N) or V c_j/|c_j| (NUDGE-M). Returns one
         (n_q, len(slots)) array per letter of ``which``."""
         slots = np.asarray(slots, np.int64)
-        work = queries.shape[0] * slots.size * self._d
-        return [self._impl.dot64(queries, self._base[slots] if x == "S" else self._grad[slots]
-                                 if self.variant == "nudge-n" else self._direction(slots),
-                                 n_threads=self._threads_for(work)) for x in which]
+        mats = [self._base[slots] if x == "S" else self._grad[slots]
+                if self.variant == "nudge-n" else self._direction(slots) for x in which]
+        both = np.concatenate(mats) if len(mats) > 1 else mats[0]  # one call: wider tiles
+        out = self._impl.dot64(queries, both,
+                               n_threads=self._threads_for(queries.shape[0] * both.size))
+        return np.split(out, len(mats), axis=1)
 
     def _project(self, slots):
         slots = np.asarray(slots, np.int64)
@@ -600,9 +602,16 @@ class Tuner:
                 self._a[slots], self._b[slots], self._cnorm[slots], self.estimator.gammas)
         else:
             self._cnorm[slots] = np.linalg.norm(grad, axis=1)
-        if joined.any():
-            self._S[:, slots[joined]] = self._products(self._v64(), slots[joined], which="S")[0]
-        self._H[:, slots] = self._products(self._v64(), slots, which="H")[0]
+        if joined.all():  # the usual feedback: new records, S and H in one product
+            S, H = self._products(self._v64(), slots)
+            self._S[:, slots] = S
+        else:
+            if joined.any():
+                self._S[:, slots[joined]] = self._products(self._v64(), slots[joined], which="S")[0]
+            S = self._S[:, slots]
+            H = self._products(self._v64(), slots, which="H")[0]
+        self._H[:, slots] = H
+        return S, H
 
     def _regrad(self, records):
         """Each record's query gradient from its live pairs, summed in the fit's order (by
@@ -738,13 +747,14 @@ class Tuner:
                 self._slot_of[r] = s
             self._t += joining.size
         changed = np.array([self._slot_of[r] for r in with_pairs.tolist()], np.int64)
+        new_sh = None
         if changed.size:
-            self._set_gradients(changed, grad, np.isin(with_pairs, joining))
+            new_sh = self._set_gradients(changed, grad, np.isin(with_pairs, joining))
         # Kept lists: joiners and deleted records leave, reverted records come back.
         self._drop_from_lists(np.union1d(joining, deleted))
         self._insert_into_lists(revert, revert_base)
         rescanned = self._rescan_exhausted()
-        new_cols = self._columns(changed)
+        new_cols = self._columns(changed, new_sh)
         # Dirty validation queries / pairs, re-scored.
         if val_changed and self.variant == "nudge-m":
             self._build_pairs()
@@ -783,10 +793,11 @@ class Tuner:
         k = self.need
         return self._Ls[:, :k].copy(), self._Li[:, :k].copy()
 
-    def _columns(self, slots):
-        """What the dirty tests need of ``slots``: records and their S/H columns (+ a, b)."""
-        cols = {"rec": self._slot_rec[slots].copy(), "S": self._S[:, slots].copy(),
-                "H": self._H[:, slots].copy()}
+    def _columns(self, slots, sh=None):
+        """What the dirty tests need of ``slots``: records and their S/H columns (``sh`` when
+        just computed, else copied out) (+ a, b, alpha, beta)."""
+        S, H = sh if sh is not None else (self._S[:, slots].copy(), self._H[:, slots].copy())
+        cols = {"rec": self._slot_rec[slots].copy(), "S": S, "H": H}
         if self.variant == "nudge-n":
             cols["a"], cols["b"] = self._a[slots].copy(), self._b[slots].copy()
             cols["alpha"], cols["beta"] = self._alpha[:, slots].copy(), self._beta[:, slots].copy()
@@ -851,16 +862,23 @@ class Tuner:
             if cols["rec"].size == 0:
                 continue
             sj, gj = cols["S"][q[feas]], cols["H"][q[feas]]
-            tf = tol[feas][:, None]
-            # The slack grows with the terms: at gamma ~ 1e10, gamma * g rounds by ~1e-6.
-            mag = np.abs(sj) + tf / _SLACK
-            reach = (sj + lo_f[:, None] * gj
-                     >= at_lo[:, None] - _SLACK * (mag + lo_f[:, None] * np.abs(gj)
-                                                   + np.abs(lo_f * gx[feas])[:, None]))
-            reach |= np.where(finite[:, None], sj + hi_e[:, None] * gj
-                              >= at_hi[:, None] - _SLACK * (mag + hi_e[:, None] * np.abs(gj)
-                                                            + np.abs(hi_e * gx[feas])[:, None]),
-                              (gj > gx[feas][:, None] - tf))
+            # Slack per pair from the largest terms of its row (conservative, and one vector
+            # instead of another P x C array): at gamma ~ 1e10, gamma * g rounds by ~1e-6.
+            s_big, g_big = np.abs(sj).max(axis=1), np.abs(gj).max(axis=1)
+            base = 1.0 + np.abs(sx[feas]) + s_big
+            gxf = np.abs(gx[feas]) + g_big
+            line = gj * lo_f[:, None]
+            line += sj
+            reach = line >= (at_lo - _SLACK * (base + lo_f * gxf))[:, None]
+            np.multiply(gj, hi_e[:, None], out=line)
+            line += sj
+            at_end = np.where(finite, at_hi - _SLACK * (base + hi_e * gxf), np.inf)
+            reach |= line >= at_end[:, None]
+            # Unbounded above: a steeper competitor line overtakes x's eventually.
+            open_end = np.flatnonzero(~finite)
+            if open_end.size:
+                reach[open_end] |= gj[open_end] > (gx[feas][open_end]
+                                                   - tol[feas][open_end])[:, None]
             dirty[feas[reach.any(axis=1)]] = True
         if stuck.size and old_cols["rec"].size:
             sj, gj = old_cols["S"][q[stuck]], old_cols["H"][q[stuck]]

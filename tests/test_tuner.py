@@ -155,8 +155,6 @@ def run_ops(tuner, model, rng, n_ops, estimator, *, check_every=1):
 
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["nudge-n", "nudge-n-k3", "nudge-m"])
 def test_random_sequences_equal_a_fresh_fit(backend, which):
-    if backend == "cuda":
-        pytest.skip("the tuner's property test runs on the CPU backends")
     ds = awkward(n=1237, d=37, seed=which)
     est = estimators(backend)[which]
     for seed in range(3):

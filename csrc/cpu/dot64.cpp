@@ -20,7 +20,7 @@ namespace nudgefast {
 namespace {
 
 constexpr int64_t kCols = 8;
-constexpr int64_t kRows = 4;
+constexpr int64_t kRows = 6;
 
 // acc[r][c] = fma chains over k of a[r][k] * panel[k * kCols + c]. The vector path and the
 // scalar one give the same bits: a fused multiply-add rounds once either way.
