@@ -193,7 +193,7 @@ def certified_topk(scan, queries, rows_of, need, width):
         keep = certain[done][:, :w]
         out_s[todo[done], :w] = np.where(keep, f64[done][:, :w], -np.inf)
         out_i[todo[done], :w] = np.where(keep, idx[done][:, :w], -1)
-        complete[todo[done]] = ~full[done]
+        complete[todo[done]] = ~full[done] & (kept[done].sum(axis=1) <= width)
         todo, k = todo[~done], 4 * k
         if todo.size:
             log.info("NUDGE: %d validation queries have float32 near-ties at the edge of their "

@@ -119,8 +119,9 @@ def run_ops(tuner, model, rng, n_ops, estimator, *, check_every=1):
         elif op == "remove":
             alive = [i for i, it in enumerate(model.train) if it[2]]
             drop = rng.choice(alive, min(len(alive) - 1, int(rng.integers(1, 6))), replace=False)
-            if drop.size == 0:
-                continue
+            left = {x for i in alive if i not in set(drop.tolist()) for x in model.train[i][1]}
+            if drop.size == 0 or not left - model.deleted:
+                continue  # a fresh fit needs a train pair
             tuner.remove_feedback(drop)
             for i in drop:
                 model.train[i] = (*model.train[i][:2], False)
@@ -477,3 +478,27 @@ def test_a_deleted_id_can_come_back():
     tuner.add_records(np.asarray(ds.corpus[free[1]:free[1] + 1], np.float32), ids=[ids[free[0]]])
     assert tuner.positions_of([ids[free[0]]]).tolist() == [700]
     assert tuner.delete_records(ids=[ids[free[0]]]).deleted.tolist() == [700]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiny_corpora_with_complete_lists(seed):
+    """N of 6 to 11 with margins 1-3: lists that hold the whole pool, every record touched at
+    times, near-ties rescanned with a wider pass; every step against a fresh fit."""
+    rng = np.random.default_rng(seed)
+    n, d = 6 + seed, 6
+    corpus = rng.standard_normal((n, d)).astype(np.float32)
+    corpus[-1] = corpus[0] * 4  # an exact duplicate direction
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+
+    def qset(m):
+        ans = rng.integers(0, n, m)
+        q = corpus[ans] + 0.3 * rng.standard_normal((m, d)).astype(np.float32)
+        return nf.QuerySet(q.astype(np.float32), [[int(a)] for a in ans])
+    train, val = qset(4), qset(5)
+    for est in (nf.NudgeN(progress=False), nf.NudgeN(k_val=2, progress=False),
+                nf.NudgeM(progress=False)):
+        tuner = nf.Tuner(est, margin=1 + seed % 3)
+        tuner.fit(corpus, train, val)
+        model = FinalInputs(corpus, train, val)
+        check_same(tuner, model, est)
+        run_ops(tuner, model, np.random.default_rng(seed + 50), 8, est)
