@@ -1205,6 +1205,7 @@ class Tuner:
         self._Ls, self._Li, self._Lcomplete = data["Ls"], data["Li"], data["Lcomplete"]
         self._init_coefficients()
         self._S, self._H = self._products(self._vq, np.arange(self._t))
+        self._grow(max(1024, self._t // 4))  # the same headroom as after a fit
         self._init_scores()
         self._fitted = True
         self._gamma = self._choose_gamma()
