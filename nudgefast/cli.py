@@ -1062,7 +1062,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("bench", formatter_class=_Formatter,
                        help="Speed against N of every backend and peer, or (--accuracy) the "
-                            "accuracy table on the real datasets.",
+                            "accuracy table on the real datasets, or (--tuner) the tuner's "
+                            "updates against refits.",
                        description="Fit time, top-k throughput and peak memory against N for "
                                    "every backend and peer (nudge-ft, FAISS), side by side in "
                                    "one run: report.md and PNG plots. The defaults take about a "
