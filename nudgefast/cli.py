@@ -341,8 +341,9 @@ def _queries(flag, path, d):
 def _json_lines(flag, path):
     """(line number, object) for every non-blank line of a JSON-lines file."""
     _input_file(flag, path)
-    with open(path, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        lines = enumerate(_utf8_lines(flag, path, fh), 1)
+        for no, line in lines:
             if not line.strip():
                 continue
             try:
@@ -354,6 +355,14 @@ def _json_lines(flag, path):
                 raise ValueError(f"{flag}: {path!r} line {no}: expected a JSON object, got "
                                  f"{type(rec).__name__}")
             yield no, rec
+
+
+def _utf8_lines(flag, path, fh):
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag}: {path!r} is not UTF-8 text (byte {exc.start}); JSON lines "
+                         f"are UTF-8") from None
 
 
 def _read_qrels(flag, path):
@@ -398,6 +407,11 @@ def _read_ids(flag, path, n=None, kind=None):
         return np.array(lines, dtype=str)
     try:
         return np.array([int(x) for x in lines], np.int64)
+    except OverflowError:
+        if kind is None:
+            return np.array(lines, dtype=str)  # beyond int64: strings, as non-numeric ids
+        raise ValueError(f"{flag}: {path!r} holds an integer beyond int64; the state's record "
+                         f"ids are int64") from None
     except ValueError:
         if kind is None:
             return np.array(lines, dtype=str)
@@ -460,6 +474,30 @@ def _ranges(values):
             out.append(str(v) if v == start else f"{start}-{v}")
             start = None
     return ", ".join(out)
+
+
+def _save_together(outputs):
+    """Write every ``(path, flag, save)`` (path None: skipped) or none: each into a temporary
+    file beside its path first, then all renamed; on any failure the temporaries go and the
+    old files stay. An error names the flag and the path."""
+    written = []
+    try:
+        for path, flag, save in outputs:
+            if path is None:
+                continue
+            tmp = f"{path}.part-{os.getpid()}"
+            try:
+                save(tmp)
+            except OSError as exc:
+                raise OSError(f"{flag}: cannot write {path!r} ({exc.strerror or exc})") from exc
+            written.append((tmp, path))
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        raise
 
 
 def _tune_inputs(args):
@@ -532,10 +570,7 @@ def tune(args) -> int:
     tuner = Tuner(_estimator(args), margin=args.margin)
     with _warnings_as_lines("tune"):
         delta = tuner.fit(corpus, train, val, ids=ids)
-    if args.out:
-        delta.save(args.out)
-    if args.state:
-        tuner.save(args.state)
+    _save_together(((args.out, "--out", delta.save), (args.state, "--state", tuner.save)))
     seconds = time.perf_counter() - t0
     if args.json:
         _print_json({"command": "tune", **delta.summary, "variant": delta.variant,
@@ -663,7 +698,13 @@ def _read_feedback(flag, path, tuner):
                 raise ValueError(f'{flag}: {path!r} line {no}: "answer_ids": {json.dumps(x)} '
                                  f'{what}')
             answers[i] = got.tolist()
-    return np.array(emb, np.float32), answers
+    with np.errstate(over="ignore"):
+        emb = np.array(emb, np.float32)
+    if not np.isfinite(emb).all():
+        no = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
+        raise ValueError(f"{flag}: {path!r}: feedback {no + 1} (in file order) has an "
+                         f'"embedding" value beyond the float32 range')
+    return emb, answers
 
 
 def update(args) -> int:
@@ -703,10 +744,8 @@ def update(args) -> int:
                 # Nothing is written: the state file stays as it was before this update.
                 raise ValueError(f"{flag}: {exc}") from exc
     combined = Delta.combine(deltas)
-    # The delta first: a state saved without its delta would lose the rows to serve.
-    if args.out:
-        combined.save(args.out)
-    tuner.save(state_out)
+    # Both or neither: a state saved without its delta would lose the rows to serve.
+    _save_together(((args.out, "--out", combined.save), (state_out, "--state", tuner.save)))
     seconds = time.perf_counter() - t0
     if args.json:
         _print_json({"command": "update", "state": os.path.abspath(state_out),
@@ -750,16 +789,12 @@ def apply(args) -> int:
                          "for targets keyed by id: Parquet, FAISS IndexIDMap/IndexIVF)")
     delta = Delta.load(args.delta)
     ids = None if args.ids is None else _read_ids("--ids", args.ids)
-    if ext in _FAISS_EXTENSIONS:
-        keys = ids if ids is not None else delta.ids
-        if keys is not None and keys.dtype.kind not in "iu":
-            where = (f"{args.ids!r} holds strings" if ids is not None
-                     else "the delta's record ids are strings")
-            raise ValueError(f"--ids: FAISS needs integer ids and {where}; give --ids a file of "
-                             f"one integer id per corpus position (or key the index by "
-                             f"position: an IndexFlat)")
+    if ext in _FAISS_EXTENSIONS:  # the index type decides positions or ids (apply_to)
         kind = "faiss"
-        _apply_faiss_file(delta, target, ids)
+        try:
+            _apply_faiss_file(delta, target, ids)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(str(exc).replace("pass ids=", "give --ids with")) from exc
     else:
         kind = ext[1:]
         delta.apply_to(target, ids=ids)

@@ -86,6 +86,17 @@ class Delta:
         if len({d.variant for d in deltas}) > 1:
             raise ValueError(f"deltas: mix variants {sorted({d.variant for d in deltas})}; combine "
                              f"the deltas of one tuner")
+        dims = {d.vectors.shape[-1] for d in deltas}
+        if len(dims) > 1:
+            raise ValueError(f"deltas: vectors of d = {sorted(dims)}; combine the deltas of one "
+                             f"tuner")
+        shrink = [i for i in range(1, len(deltas))
+                  if deltas[i].n_records < deltas[i - 1].n_records]
+        if shrink:
+            i = shrink[0]
+            raise ValueError(f"deltas: delta {i} has n_records {deltas[i].n_records} after "
+                             f"{deltas[i - 1].n_records} (records are never removed from the "
+                             f"positions); combine the deltas of one tuner, in order")
         with_ids = [d.ids is not None for d in deltas]
         if any(with_ids) and not all(with_ids):
             raise ValueError("deltas: some carry record ids and some do not; combine the deltas of "
@@ -376,6 +387,9 @@ def _keys(delta: Delta, ids):
     given, else the delta's ids, else the positions themselves; and which of the three."""
     if ids is not None:
         ids = np.asarray(ids)
+        if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"ids: {int(ids.max())} does not fit in int64 (FAISS and the "
+                             f"delta keep int64 ids); map the ids first")
         top = int(max(delta.indices.max(initial=-1), delta.deleted.max(initial=-1)))
         if ids.ndim != 1 or ids.shape[0] <= top:
             raise ValueError(f"ids: expected one id per corpus position (at least {top + 1}), "

@@ -167,6 +167,8 @@ class Tuner:
         if self._ids is None:
             raise ValueError("ids: the tuner was fitted without ids; give record positions")
         want = np.asarray(ids).reshape(-1)
+        if want.size == 0:
+            raise ValueError("ids: is empty; give at least one record id")
         if want.dtype.kind != self._ids.dtype.kind and not (
                 want.dtype.kind in "iu" and self._ids.dtype.kind in "iu"):
             kind = "strings" if self._ids.dtype.kind == "U" else "integers"
@@ -343,15 +345,31 @@ class Tuner:
         return self._delta("fit", gamma_prev, prep.touched, vectors, np.ones(t, bool),
                            np.zeros(t, bool), np.zeros(0, np.int64), t0, rescanned=0)
 
-    def _as_ids(self, name, ids, n):
+    @staticmethod
+    def _as_ids(name, ids, n):
+        """One id per record, all int64 or all str, each once."""
         arr = np.asarray(ids)
         if arr.ndim != 1 or arr.shape[0] != n:
             raise ValueError(f"{name}: expected one id per record ({n}), got shape {arr.shape}")
+        if arr.dtype.kind == "O":
+            bad = [x for x in arr.tolist() if not isinstance(x, str)]
+            if bad:
+                raise TypeError(f"{name}: ids must be all integers (int64) or all strings, got "
+                                f"{bad[0]!r} ({type(bad[0]).__name__})")
+            arr = arr.astype(str)
+        elif arr.dtype.kind == "S":
+            arr = arr.astype(str)
         if arr.dtype.kind not in "iuU":
-            arr = arr.astype(str) if arr.dtype.kind in "OS" else arr
-            if arr.dtype.kind not in "iuU":
-                raise TypeError(f"{name}: ids must be integers or strings, got {arr.dtype}")
-        return arr.astype(np.int64) if arr.dtype.kind in "iu" else arr
+            raise TypeError(f"{name}: ids must be integers or strings, got {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name}: {int(arr.max())} does not fit in int64; map the ids first")
+        arr = arr.astype(np.int64) if arr.dtype.kind in "iu" else arr
+        uniq, counts = np.unique(arr, return_counts=True)
+        if uniq.size != arr.size:
+            dup = uniq[counts > 1][0]
+            raise ValueError(f"{name}: {dup.item()!r} names more than one record; record ids "
+                             f"must be unique (a keyed target would get the wrong vector)")
+        return arr
 
     # ------------------------------------------------------------------------------------
     # Per touched record: coefficients, products, tuned vectors
@@ -1015,6 +1033,10 @@ class Tuner:
             new_ids = self._as_ids("ids", ids, rows.shape[0])
             if new_ids.dtype.kind != self._ids.dtype.kind:
                 raise TypeError(f"ids: the corpus ids are {self._ids.dtype}, got {new_ids.dtype}")
+            taken = self.positions_of(new_ids, strict=False) != -1
+            if taken.any():
+                raise ValueError(f"ids: {new_ids[taken][0].item()!r} already names a record; "
+                                 f"record ids must be unique (delete that record first)")
             self._ids = np.concatenate([self._ids, new_ids])
         self._added.append(rows)
         self._n += rows.shape[0]
@@ -1115,7 +1137,11 @@ class Tuner:
             arrays["ids"] = self._ids
         for j, rows in enumerate(self._added):
             arrays[f"added_{j}"] = rows
-        _replace_atomically(path, lambda fh: np.savez(fh, **arrays))
+        try:
+            _replace_atomically(path, lambda fh: np.savez(fh, **arrays))
+        except OSError as exc:
+            raise OSError(f"path: cannot write the tuner state to {os.fspath(path)!r} "
+                          f"({exc.strerror or exc})") from exc
         log.info("Tuner: state saved to %s", path)
 
     def _corpus_path(self):

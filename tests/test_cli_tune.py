@@ -679,11 +679,11 @@ ERRORS = {
                                 "written by position"),
     "apply: string ids into FAISS": (lambda b: ["apply", b["delta"], "--to",
                                                 b["t"] / "idmap.faiss"],
-                                     "FAISS needs integer ids and the delta's record ids"),
+                                     "FAISS needs int64 ids, the delta's ids are"),
     "apply: string --ids into FAISS": (lambda b: ["apply", b["delta"], "--to",
                                                   b["t"] / "idmap.faiss", "--ids",
                                                   b["t"] / "ids_short.txt"],
-                                       "ids_short.txt' holds strings"),
+                                       "one id per corpus position"),
     "apply: not a FAISS index": (lambda b: ["apply", b["delta"], "--to",
                                             b["t"] / "served.faiss", "--ids",
                                             b["t"] / "ids_int.txt"],
@@ -733,3 +733,30 @@ def test_existing_commands_still_listed(capsys):
     out = capsys.readouterr().out
     for command in ("demo", "bench", "backends", "tune", "update", "apply"):
         assert command in out
+
+
+def test_update_writes_both_files_or_neither(pkg, tuned, tmp_path, capsys, monkeypatch):
+    """The state cannot be written (disk full, say) after the delta could: the old --out and
+    the old state both stay, no temporary is left."""
+    shutil.copy(tuned / "s.npz", tmp_path / "s.npz")
+    (tmp_path / "u.npz").write_bytes(b"the previous delta")
+    before = (tmp_path / "s.npz").read_bytes()
+    feedback_file(tmp_path / "fb.jsonl", pkg, range(0, 5))
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Tuner, "save", full_disk)
+    rc, out, err = run(["update", "--state", tmp_path / "s.npz", "--feedback",
+                        tmp_path / "fb.jsonl", "--out", tmp_path / "u.npz"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--state: cannot write" in err
+    assert (tmp_path / "s.npz").read_bytes() == before
+    assert (tmp_path / "u.npz").read_bytes() == b"the previous delta"
+    assert sorted(os.listdir(tmp_path)) == ["fb.jsonl", "s.npz", "u.npz"]
+
+
+def test_ids_beyond_int64_are_strings_or_refused(tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_text("\n".join(str(2 ** 63 + i) for i in range(3)) + "\n")
+    assert cli._read_ids("--ids", str(path)).dtype.kind == "U"
+    with pytest.raises(ValueError, match="beyond int64"):
+        cli._read_ids("--ids", str(path), kind="i")

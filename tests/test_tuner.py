@@ -502,3 +502,38 @@ def test_tiny_corpora_with_complete_lists(seed):
         model = FinalInputs(corpus, train, val)
         check_same(tuner, model, est)
         run_ops(tuner, model, np.random.default_rng(seed + 50), 8, est)
+
+
+def test_record_ids_are_unique_and_of_one_kind():
+    ds = awkward(n=600, d=10, seed=14)
+    ids = [f"r{i}" for i in range(600)]
+    tuner = nf.Tuner(nf.NudgeN(progress=False))
+    with pytest.raises(ValueError, match="'r3' names more than one record"):
+        tuner.fit(ds.corpus, ds.train, ds.dev, ids=ids[:599] + ["r3"])
+    with pytest.raises(TypeError, match="all strings, got None"):
+        tuner.fit(ds.corpus, ds.train, ds.dev, ids=ids[:599] + [None])
+    with pytest.raises(ValueError, match="does not fit in int64"):
+        tuner.fit(ds.corpus, ds.train, ds.dev,
+                  ids=np.arange(600, dtype=np.uint64) + np.uint64(2 ** 63))
+    tuner.fit(ds.corpus, ds.train, ds.dev, ids=ids)
+    row = np.asarray(ds.corpus[:1], np.float32)
+    with pytest.raises(ValueError, match="'r0' already names a record"):
+        tuner.add_records(row, ids=["r0"])
+    with pytest.raises(ValueError, match="names more than one record"):
+        tuner.add_records(np.repeat(row, 2, axis=0), ids=["x", "x"])
+    assert tuner.n_records == 600
+
+
+def test_combine_refuses_deltas_of_other_tuners():
+    a = nf.Tuner(nf.NudgeN(progress=False)).fit(*_small(600, 12, 1))
+    b = nf.Tuner(nf.NudgeN(progress=False)).fit(*_small(600, 16, 2))
+    c = nf.Tuner(nf.NudgeN(progress=False)).fit(*_small(500, 12, 3))
+    with pytest.raises(ValueError, match="vectors of d"):
+        nf.Delta.combine([a, b])
+    with pytest.raises(ValueError, match="n_records 500 after 600"):
+        nf.Delta.combine([a, c])
+
+
+def _small(n, d, seed):
+    ds = awkward(n=n, d=d, seed=seed)
+    return ds.corpus, ds.train, ds.dev
