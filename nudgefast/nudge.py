@@ -17,7 +17,7 @@ import numpy as np
 from . import _backends, _validate
 from ._defaults import NUDGE_N_GAMMAS, VAL_BLOCK
 from .queryset import AnswerCSR, as_queryset, check_answers
-from .search import normalize_pass, topk_pass
+from .search import normalize_pass, rank_rows, topk_pass
 
 log = logging.getLogger("nudgefast")
 
@@ -130,25 +130,44 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
                             np.concatenate([val_csr.relevance[val_csr.ptr[i]:val_csr.ptr[i + 1]]
                                             for i in keep]))
     t0 = time.perf_counter()
-    # Query gradient: pairs (record, query) grouped by record, queries in order inside a group.
     records = train_csr.index
-    queries_of_pair = np.repeat(np.arange(len(train), dtype=np.int64), train_csr.counts)
-    order = np.argsort(records, kind="stable")
-    sorted_records = records[order]
-    first = np.r_[True, sorted_records[1:] != sorted_records[:-1]]
-    touched = sorted_records[first]
-    seg_ptr = np.r_[np.flatnonzero(first), len(sorted_records)].astype(np.int64)
-    grad = impl.query_gradient(train_q, queries_of_pair[order], seg_ptr, n_threads=n_threads)
-    base = np.asarray(corpus[touched], dtype=np.float64)
-    norms = np.linalg.norm(base, axis=1)
-    bad = ~np.isfinite(norms) | (norms == 0)
-    if bad.any():
-        raise _validate.corpus_row_error("corpus", corpus, int(touched[np.argmax(bad)]), True)
-    base /= norms[:, None]
+    touched, grad = query_gradients(
+        impl, train_q, np.repeat(np.arange(len(train), dtype=np.int64), train_csr.counts),
+        records, n_threads=n_threads)
+    base = unit_rows(np.asarray(corpus[touched], dtype=np.float64), touched,
+                     lambda row: _validate.corpus_row_error("corpus", corpus, row, True))
     timings["query_gradient"] = time.perf_counter() - t0
     log.info("NUDGE: N=%d d=%d, %d train pairs touch t=%d records, %d validation queries",
              n, d, records.size, touched.size, val_q.shape[0])
     return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings)
+
+
+def query_gradients(impl, queries, pair_query, pair_record, *, n_threads=None):
+    """The touched records (sorted) and their query gradients ``c_j``: the (query, record)
+    pairs grouped by record, queries in arrival order inside a group, the order every fit
+    sums in (so a fit and the tuner's updates get the same bits). Only the queries the pairs
+    name are read."""
+    order = np.lexsort((pair_query, pair_record))
+    pr, pq = pair_record[order], pair_query[order]
+    if pr.size == 0:
+        return np.zeros(0, np.int64), np.zeros((0, queries.shape[1]))
+    first = np.r_[True, pr[1:] != pr[:-1]]
+    seg_ptr = np.r_[np.flatnonzero(first), pr.size].astype(np.int64)
+    rows, local = np.unique(pq, return_inverse=True)
+    grad = impl.query_gradient(queries[rows], local.astype(np.int64), seg_ptr,
+                               n_threads=n_threads)
+    return pr[first], grad
+
+
+def unit_rows(rows, positions, error):
+    """float64 ``rows`` divided by their norms, in place; ``error(position)`` is raised for the
+    first row of norm zero or not finite (``positions`` name the rows)."""
+    norms = np.linalg.norm(rows, axis=1)
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        raise error(int(np.asarray(positions)[np.argmax(bad)]))
+    rows /= norms[:, None]
+    return rows
 
 
 def score_eps(queries) -> np.ndarray:
@@ -180,10 +199,7 @@ def certified_topk(scan, queries, rows_of, need, width):
     while todo.size:
         s32, idx = scan(todo, k)
         kept = idx >= 0
-        f64 = exact_scores(queries[todo], idx, rows_of)
-        key = np.where(kept, idx, np.iinfo(np.int64).max)
-        order = np.lexsort((key, -f64), axis=1)
-        f64, idx = np.take_along_axis(f64, order, axis=1), np.take_along_axis(idx, order, axis=1)
+        f64, idx = rank_rows(exact_scores(queries[todo], idx, rows_of), idx)
         full = kept.all(axis=1)
         low = np.where(kept, s32, np.inf).min(axis=1) + eps[todo]
         certain = np.where(full[:, None], f64 > low[:, None], idx >= 0)

@@ -102,14 +102,18 @@ def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, nam
     return out
 
 
+def rank_rows(scores, index, k=None):
+    """Each row sorted by (score desc, index asc), -1 padding after every real candidate of
+    equal (-inf) score; the first ``k`` columns (all without ``k``)."""
+    key = np.where(index < 0, np.iinfo(np.int64).max, index)
+    order = np.lexsort((key, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
 def merge_candidates(scores, indices, cand_scores, cand_indices, k):
     """Merge extra candidates into a top-k, keeping (score desc, index asc)."""
-    all_s = np.concatenate([scores.astype(np.float64), cand_scores.astype(np.float64)], axis=1)
-    all_i = np.concatenate([indices, cand_indices], axis=1)
-    # -1 padding must sort after every real candidate of equal (-inf) score.
-    key_i = np.where(all_i < 0, np.iinfo(np.int64).max, all_i)
-    order = np.lexsort((key_i, -all_s), axis=1)[:, :k]
-    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+    return rank_rows(np.concatenate([scores.astype(np.float64), cand_scores.astype(np.float64)],
+                                    axis=1), np.concatenate([indices, cand_indices], axis=1), k)
 
 
 def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", chunk_rows=None,

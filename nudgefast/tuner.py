@@ -41,9 +41,9 @@ import numpy as np
 from . import _backends, _validate
 from .handoff import Delta, _replace_atomically
 from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, certified_topk, exact_scores,
-                    most_covered_gamma, nudge_n_coefficients)
+                    most_covered_gamma, nudge_n_coefficients, query_gradients, unit_rows)
 from .queryset import _answer_lists, as_queryset
-from .search import topk_pass
+from .search import rank_rows, topk_pass
 
 log = logging.getLogger("nudgefast")
 
@@ -85,13 +85,6 @@ def _all_or_nothing(method):
                 setattr(self, name, value)
             raise
     return run
-
-
-def _sort_lists(scores, index):
-    """Rows sorted by (score desc, index asc), -1 padding last."""
-    key = np.where(index < 0, np.iinfo(np.int64).max, index)
-    order = np.lexsort((key, -scores), axis=1)
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
 
 
 class Tuner:
@@ -221,15 +214,9 @@ class Tuner:
 
     def _base_rows(self, positions):
         """Normalised float64 rows, as a fit computes them (errors name the record)."""
-        base = self._raw_rows(positions)
-        norms = np.linalg.norm(base, axis=1)
-        bad = ~np.isfinite(norms) | (norms == 0)
-        if bad.any():
-            p = int(np.asarray(positions)[np.argmax(bad)])
-            raise ValueError(f"corpus: record {p} has a zero norm or NaN/inf values; a record "
-                             f"that answers a query must have a finite, nonzero embedding")
-        base /= norms[:, None]
-        return base
+        return unit_rows(self._raw_rows(positions), positions, lambda p: ValueError(
+            f"corpus: record {p} has a zero norm or NaN/inf values; a record that answers a "
+            f"query must have a finite, nonzero embedding"))
 
     def _served_rows(self, positions):
         """float32 served vectors of untouched records (the backend's normalisation)."""
@@ -265,9 +252,7 @@ class Tuner:
         exclude = self._excluded()
 
         def scan(rows, width):
-            q = queries[rows]
-            state = (np.full((q.shape[0], width), -np.inf, np.float32),
-                     np.full((q.shape[0], width), -1, np.int64))
+            q, state = queries[rows], None
             for offset, part in self._segments():
                 if offset + part.shape[0] <= start:
                     continue
@@ -332,13 +317,8 @@ class Tuner:
         self._m = self._weights()
         K = self.need + self.margin
         self._Ls, self._Li, self._Lcomplete = self._pass(self._vq, K, desc="NUDGE corpus pass")
-        self._S, self._H = self._products(self._vq, np.arange(t))
-        self._grow(max(1024, t // 4))  # headroom: the first feedback batches copy nothing
-        self._init_scores()
-        self._gamma = float("nan")
-        self._fitted = True
-        gamma_prev = self._gamma
-        self._gamma = self._choose_gamma()
+        self._derive()
+        gamma_prev = float("nan")
         vectors = self._project(np.arange(t))
         log.info("Tuner: fitted %s, gamma=%.6g, t=%d, %d validation queries", self.variant,
                  self._gamma, t, self._vq.shape[0])
@@ -373,6 +353,16 @@ class Tuner:
 
     # ------------------------------------------------------------------------------------
     # Per touched record: coefficients, products, tuned vectors
+
+    def _derive(self):
+        """Everything the primary state determines: the validation products, the headroom
+        that spares the first updates a copy, the hits or intervals, gamma (a fit and a load
+        end here alike)."""
+        self._S, self._H = self._products(self._vq, np.arange(self._t))
+        self._grow(max(1024, self._t // 4))
+        self._init_scores()
+        self._fitted = True
+        self._gamma = self._choose_gamma()
 
     def _init_coefficients(self):
         t = self._t
@@ -474,21 +464,25 @@ class Tuner:
         first_is_x = self._Li[q, 0] == x
         return np.where(first_is_x, self._Ls[q, 1], self._Ls[q, 0])
 
+    def _answer_lines(self, pairs):
+        """Per validation pair, its answer's slot (-1: untouched) and line ``s_x + gamma g_x``:
+        from S/G when the answer is touched, else its untouched score and a flat line."""
+        q, slot = self._pq[pairs], self._slots_of(self._px[pairs])
+        if not self._t:
+            return slot, self._sx_unt[pairs].copy(), np.zeros(slot.size)
+        at = np.maximum(slot, 0)
+        return (slot, np.where(slot >= 0, self._S[q, at], self._sx_unt[pairs]),
+                np.where(slot >= 0, self._H[q, at], 0.0))
+
     def _rescore_m(self, pairs):
         pairs = np.asarray(pairs, np.int64)
         if pairs.size == 0:
             return
         t = self._t
         queries, local = np.unique(self._pq[pairs], return_inverse=True)
-        x = self._px[pairs]
-        slot = self._slots_of(x)
+        slot, sx, gx = self._answer_lines(pairs)
         S = np.ascontiguousarray(self._S[queries][:, :t]) if t else np.zeros((queries.size, 0))
         G = np.ascontiguousarray(self._H[queries][:, :t]) if t else np.zeros((queries.size, 0))
-        if t:
-            sx = np.where(slot >= 0, S[local, np.maximum(slot, 0)], self._sx_unt[pairs])
-            gx = np.where(slot >= 0, G[local, np.maximum(slot, 0)], 0.0)
-        else:
-            sx, gx = self._sx_unt[pairs].copy(), np.zeros(pairs.size)
         u = self._u_score(pairs)
         low, high, feasible = self._impl.nudge_m_intervals(
             S, G, local.astype(np.int64), slot, sx, gx, u, 0.0,
@@ -632,20 +626,11 @@ class Tuner:
         return S, H
 
     def _regrad(self, records):
-        """Each record's query gradient from its live pairs, summed in the fit's order (by
-        record, then query arrival). Returns (records with pairs, their gradients)."""
+        """The query gradient of each of ``records`` that still has live pairs, summed as a
+        fit sums it. Returns (records with pairs, their gradients)."""
         live = np.isin(self._pair_r, records) & self._tq_alive[self._pair_q]
-        pr, pq = self._pair_r[live], self._pair_q[live]
-        order = np.lexsort((pq, pr))
-        pr, pq = pr[order], pq[order]
-        if pr.size == 0:
-            return np.zeros(0, np.int64), np.zeros((0, self._d))
-        first = np.r_[True, pr[1:] != pr[:-1]]
-        seg_ptr = np.r_[np.flatnonzero(first), pr.size].astype(np.int64)
-        rows, local = np.unique(pq, return_inverse=True)
-        grad = self._impl.query_gradient(self._tq[rows], local.astype(np.int64), seg_ptr,
-                                         n_threads=self._threads_for(pq.size * self._d))
-        return pr[first], grad
+        return query_gradients(self._impl, self._tq, self._pair_q[live], self._pair_r[live],
+                               n_threads=self._threads_for(int(live.sum()) * self._d))
 
     # ------------------------------------------------------------------------------------
     # Kept candidate lists
@@ -688,7 +673,7 @@ class Tuner:
         if rows.size == 0:
             return
         take = take[rows]
-        s, i = _sort_lists(
+        s, i = rank_rows(
             np.concatenate([self._Ls[rows], np.where(take, cand_s[rows], -np.inf)], axis=1),
             np.concatenate([self._Li[rows], np.where(take, cand_i[rows], -1)], axis=1))
         self._Lcomplete[rows] &= (i >= 0).sum(axis=1) <= K
@@ -699,7 +684,7 @@ class Tuner:
         higher-ranked of the two lists' last entries (a list that is not complete may miss
         records ranked below its last one); it is cut there."""
         n_val, K = self._Li.shape
-        s, i = _sort_lists(np.concatenate([self._Ls, s_new], axis=1),
+        s, i = rank_rows(np.concatenate([self._Ls, s_new], axis=1),
                            np.concatenate([self._Li, i_new], axis=1))
         cut = np.full(n_val, 2 * K)
         for s_l, i_l, complete in ((self._Ls, self._Li, self._Lcomplete),
@@ -861,11 +846,8 @@ class Tuner:
         dirty = (self._u != old_u) | np.isin(self._px, records)
         if P == 0 or (old_cols["rec"].size == 0 and new_cols["rec"].size == 0):
             return np.flatnonzero(dirty)
-        q, t = self._pq, self._t
-        slot = self._slots_of(self._px)
-        sx = np.where(slot >= 0, self._S[q, np.maximum(slot, 0)], self._sx_unt) if t \
-            else self._sx_unt
-        gx = np.where(slot >= 0, self._H[q, np.maximum(slot, 0)], 0.0) if t else np.zeros(P)
+        q = self._pq
+        _, sx, gx = self._answer_lines(np.arange(P))
         low, high, ok = self._low, self._high, self._feasible
         tol = _SLACK * (1.0 + np.abs(sx) + np.abs(gx))
         feas = np.flatnonzero(ok & ~dirty)
@@ -1230,8 +1212,4 @@ class Tuner:
         self._m = self._weights()
         self._Ls, self._Li, self._Lcomplete = data["Ls"], data["Li"], data["Lcomplete"]
         self._init_coefficients()
-        self._S, self._H = self._products(self._vq, np.arange(self._t))
-        self._grow(max(1024, self._t // 4))  # the same headroom as after a fit
-        self._init_scores()
-        self._fitted = True
-        self._gamma = self._choose_gamma()
+        self._derive()

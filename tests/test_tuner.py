@@ -10,7 +10,7 @@ import pytest
 
 import nudgefast as nf
 from nudgefast import datasets
-from nudgefast import tuner as nudgefast_tuner
+from nudgefast.search import rank_rows
 from conftest import REAL, awkward
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*have no answers and are skipped")
@@ -55,7 +55,7 @@ def check_state(tuner):
     pool = np.setdiff1d(np.arange(n), tuner._excluded())
     every = np.broadcast_to(pool, (tuner._vq.shape[0], pool.size))
     scores = tuner._exact(tuner._vq, np.ascontiguousarray(every))
-    _, ranked = nudgefast_tuner._sort_lists(scores, np.ascontiguousarray(every))
+    _, ranked = rank_rows(scores, np.ascontiguousarray(every))
     for q in np.flatnonzero(tuner._valive):
         kept = tuner._Li[q][tuner._Li[q] >= 0]
         np.testing.assert_array_equal(kept, ranked[q, :kept.size])
