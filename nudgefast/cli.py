@@ -17,7 +17,7 @@ from . import _backends, _validate, datasets
 from .handoff import Delta, _replace_atomically
 from .metrics import metrics
 from .nudge import NudgeM, NudgeN
-from .queryset import QuerySet
+from .queryset import QuerySet, json_lines, read_qrels
 from .search import search
 from .tuner import Tuner
 
@@ -339,50 +339,13 @@ def _queries(flag, path, d):
 
 
 def _json_lines(flag, path):
-    """(line number, object) for every non-blank line of a JSON-lines file."""
     _input_file(flag, path)
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        lines = enumerate(_utf8_lines(flag, path, fh), 1)
-        for no, line in lines:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{flag}: {path!r} line {no}: not valid JSON ({exc.msg}, "
-                                 f"column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{flag}: {path!r} line {no}: expected a JSON object, got "
-                                 f"{type(rec).__name__}")
-            yield no, rec
-
-
-def _utf8_lines(flag, path, fh):
-    try:
-        yield from fh
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{flag}: {path!r} is not UTF-8 text (byte {exc.start}); JSON lines "
-                         f"are UTF-8") from None
+    return json_lines(path, flag)
 
 
 def _read_qrels(flag, path):
-    """Answer and relevance lists of a shared-format qrels file, checked line by line."""
-    answers, relevance = [], []
-    for no, rec in _json_lines(flag, path):
-        where = f"{flag}: {path!r} line {no}"
-        ans = rec.get("answers")
-        if not isinstance(ans, list) or not all(_is_int(a) and a >= 0 for a in ans):
-            got = "nothing" if "answers" not in rec else _short(json.dumps(ans), 40)
-            raise ValueError(f'{where}: "answers" must be a list of record positions (ints >= '
-                             f'0), got {got}')
-        rel = rec.get("relevance") or [1.0] * len(ans)
-        if not (isinstance(rel, list) and len(rel) == len(ans) and all(
-                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rel)):
-            raise ValueError(f'{where}: "relevance" must be a list of numbers, one per answer '
-                             f'({len(ans)}), got {_short(json.dumps(rel), 40)}')
-        answers.append(ans)
-        relevance.append(rel)
-    return answers, relevance
+    _input_file(flag, path)
+    return read_qrels(path, flag)
 
 
 def _query_set(flag, path, qrels_flag, qrels_path, d) -> QuerySet:

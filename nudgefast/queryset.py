@@ -78,14 +78,58 @@ class QuerySet:
     def load(cls, folder: str | os.PathLike, split: str) -> "QuerySet":
         """Read ``queries_<split>.npy`` and ``qrels_<split>.jsonl`` from a dataset folder."""
         emb = np.load(os.path.join(folder, f"queries_{split}.npy"), mmap_mode="r")
-        answers, relevance = [], []
-        with open(os.path.join(folder, f"qrels_{split}.jsonl")) as fh:
-            for line in fh:
-                if line.strip():
-                    rec = json.loads(line)
-                    answers.append(rec["answers"])
-                    relevance.append(rec.get("relevance") or [1.0] * len(rec["answers"]))
+        answers, relevance = read_qrels(os.path.join(folder, f"qrels_{split}.jsonl"))
         return cls(np.asarray(emb, dtype=np.float32), answers, relevance)
+
+
+def json_lines(path, name="qrels"):
+    """(line number, object) for every non-blank line of a UTF-8 JSON-lines file; a line that
+    is not a JSON object is an error naming ``name``, the file and the line."""
+    with open(path, encoding="utf-8") as fh:
+        no = 0
+        try:
+            for no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{name}: {os.fspath(path)!r} line {no}: not valid JSON "
+                                     f"({exc.msg}, column {exc.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{name}: {os.fspath(path)!r} line {no}: expected a JSON "
+                                     f"object, got {type(rec).__name__}")
+                yield no, rec
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name}: {os.fspath(path)!r} is not UTF-8 text (byte "
+                             f"{exc.start}); JSON lines are UTF-8") from None
+
+
+def _short(text, width=40):
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def read_qrels(path, name="qrels"):
+    """Answer and relevance lists of a shared-format qrels file (``{"answers": [...],
+    "relevance": [...]}`` per line, relevance 1 when absent), checked line by line."""
+    answers, relevance = [], []
+    for no, rec in json_lines(path, name):
+        where = f"{name}: {os.fspath(path)!r} line {no}"
+        ans = rec.get("answers")
+        if not isinstance(ans, list) or not all(
+                isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in ans):
+            got = "nothing" if "answers" not in rec else _short(json.dumps(ans))
+            raise ValueError(f'{where}: "answers" must be a list of record positions (ints >= '
+                             f'0), got {got}')
+        rel = rec.get("relevance") or [1.0] * len(ans)
+        if not (isinstance(rel, list) and len(rel) == len(ans) and all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rel)):
+            raise ValueError(f'{where}: "relevance" must be a list of numbers, one per answer '
+                             f'({len(ans)}), got {_short(json.dumps(rel))}')
+        answers.append(ans)
+        relevance.append(rel)
+    return answers, relevance
 
 
 def _sequence(name, value, what):
