@@ -148,3 +148,25 @@ def test_device_pass_stops_within_a_chunk_of_a_bad_row(backend, monkeypatch, bad
     assert bad_chunk in starts  # the chunk holding it was scored (its row is the one reported)
     assert starts == list(range(0, starts[-1] + chunk, chunk))  # in order, none skipped
     assert starts[-1] <= bad_chunk + chunk  # at most one chunk past it, not the whole corpus
+
+
+@pytest.mark.parametrize("n_qtiles", [1, 3, 16, 157, 2000])
+@pytest.mark.parametrize("m", [1, 127, 400, 2500, 1_611_392, 1 << 22])
+@pytest.mark.parametrize("slots", [1, 108, 132])
+def test_row_splits_cover_the_rows_and_fill_the_waves(backend, n_qtiles, m, slots):
+    """Every row in exactly one split (splits of whole tiles, none empty), within the grid's
+    limits; no split count up to the wave cap gives fewer waves x rows per block."""
+    tile = backend.LAUNCH["TOPK"]["RT"]
+    splits, rows = backend._row_splits(n_qtiles, m, slots, tile)
+    assert rows % tile == 0 and 1 <= splits <= 65535
+    assert (splits - 1) * rows < m <= splits * rows
+    cost = -(-(n_qtiles * splits) // slots) * rows
+    ideal = n_qtiles * m / slots  # every slot busy all the time
+    assert cost >= ideal
+    for want in range(1, min(splits + 64, -(-m // tile)) + 1):
+        r = -(-(-(-m // want)) // tile) * tile
+        other = -(-(n_qtiles * -(-m // r)) // slots) * r
+        if want <= backend.STREAM["waves"] * -(-slots // n_qtiles):
+            assert cost <= other
+    if n_qtiles == 16 and m == 1 << 22 and slots == 132:  # the H100 case of the first device run
+        assert cost <= 1.01 * ideal

@@ -555,6 +555,7 @@ NF_DEV void select_tile(const Problem& p, const Smem& sm, Aux& aux, float* list_
             const bool has = admissible(s) && beats(s, r, count);
             count = warp_list_offer(ls, li, count, k, has, s, r, beats);
         }
+        __syncwarp();  // every lane read aux.count[ql] above; with no insertion nothing ordered it
         if (lane == 0) aux.count[ql] = count;
     }
 }

@@ -187,6 +187,10 @@ NF_DEV int warp_list_insert(S* ls, I* li, int count, int k, S s, I i) {
         }
         __syncwarp();
     }
+    // With no entry to move (pos == last) the loop above has no barrier, and slot pos was read
+    // by warp_list_position (lane pos % 32) and by the caller's threshold (ls[k - 1]) with only
+    // a shuffle in between: a shuffle orders no memory (racecheck on an H100 reported it).
+    __syncwarp();
     if (lane == 0) {
         ls[pos] = s;
         li[pos] = i;

@@ -101,11 +101,11 @@ LAUNCH = {
 
 #: Corpus-pass policy: chunks of a host corpus take at most ``max_chunk_bytes`` (each of the two
 #: pinned and two device buffers) and ``free_fraction`` of free device memory together; a device
-#: corpus is scored ``device_chunk_rows`` rows per launch; ``waves`` sets how many full waves of
-#: resident blocks (query tiles x row splits; residency from the occupancy API) a launch aims
-#: for; an out-of-memory error halves the chunk down to ``min_chunk_rows``.
+#: corpus is scored ``device_chunk_rows`` rows per launch; ``waves``: the most waves of resident
+#: blocks (query tiles x row splits; residency from the occupancy API) a launch is split into
+#: (``_row_splits`` picks the count that wastes least of the last wave); an out-of-memory error halves the chunk down to ``min_chunk_rows``.
 STREAM = {"max_chunk_bytes": 256 << 20, "free_fraction": 0.25, "device_chunk_rows": 1 << 22,
-          "min_chunk_rows": 1024, "waves": 1}
+          "min_chunk_rows": 1024, "waves": 8}
 
 _NULL = np.uint64(0)  # a null pointer argument (same size and alignment as a device pointer)
 _EMPTY_INDEX = np.iinfo(np.int64).max
@@ -244,6 +244,25 @@ def _resident_blocks(name: str, kernel, threads: int, smem: int) -> int:
 def _blocks(total: int, threads: int) -> int:
     """Grid of a grid-stride kernel: enough blocks for every element, capped at a few waves."""
     return max(1, min(-(-total // threads), _device_props()["sms"] * 32))
+
+
+def _row_splits(n_qtiles: int, m: int, slots: int, tile: int, max_waves: int = STREAM["waves"]):
+    """(n_splits, rows_per_split) of a top-k launch: grid (n_qtiles, n_splits) over m rows,
+    rows_per_split a multiple of ``tile``, with ``slots`` blocks resident at once.
+
+    A launch lasts about (waves) x (the rows of one block), waves = ceil(blocks / slots): the
+    split count minimising that product, fewest splits on a tie (fewer lists to merge), up to
+    ``max_waves`` full waves. The first device run (H100, 132 SMs x 1 block) took ceil(132 / 16)
+    = 9 splits for 1,000 queries: 144 blocks, a second wave of 12, half the device idle."""
+    max_splits = max(1, min(-(-m // tile), 65535, max_waves * -(-slots // max(1, n_qtiles))))
+    best = None
+    for want in range(1, max_splits + 1):
+        rows = _round_up(-(-m // want), tile)
+        splits = -(-m // rows)
+        cost = -(-(n_qtiles * splits) // slots) * rows
+        if best is None or cost < best[0]:
+            best = (cost, splits, rows)
+    return best[1], best[2]
 
 
 def _i64(v) -> np.int64:
@@ -533,10 +552,8 @@ class _TopkPass:
         kernel = _kernel("topk.cu", name)
         smem = t["QT"] * self.k * 8 if self.fused else 0
         _with_dynamic_smem(kernel, smem)  # before the occupancy query, which checks the opt-in
-        target = self.sms * _resident_blocks(name, kernel, t["THREADS"], smem) * STREAM["waves"]
-        n_splits = max(1, min(-(-target // n_qtiles), -(-m // t["RT"]), 65535))
-        rows_per_split = _round_up(-(-m // n_splits), t["RT"])
-        n_splits = -(-m // rows_per_split)
+        slots = self.sms * _resident_blocks(name, kernel, t["THREADS"], smem)
+        n_splits, rows_per_split = _row_splits(n_qtiles, m, slots, t["RT"])
         lo, hi = (int(v) for v in np.searchsorted(self.ex_host, [row0, row0 + m]))
         ex = self.ex_dev[lo:hi] if hi > lo else self.ex_dev[:1]
         # Launch row r is global row row0 + r; exclude entries are global rows (base row0).
@@ -829,7 +846,11 @@ def topk_stream(queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=
         return np.full((n_q, k), -np.inf, np.float32), np.full((n_q, k), -1, np.int64), -1
     device_corpus = _as_device_array(corpus)
     host_corpus = None if device_corpus is not None else np.asarray(corpus)
-    n_rows = (device_corpus if device_corpus is not None else host_corpus).shape[0]
+    rows_of = device_corpus if device_corpus is not None else host_corpus
+    if rows_of.ndim != 2 or rows_of.shape[1] != q.shape[1]:
+        raise ValueError(f"corpus: expected rows of d={q.shape[1]} (the queries' width), got shape "
+                         f"{tuple(rows_of.shape)}")
+    n_rows = rows_of.shape[0]
     ex_host = np.zeros(0, np.int64) if exclude is None else np.ascontiguousarray(exclude, dtype=np.int64)
     # Only the entries in this pass's range matter.
     lo, hi = np.searchsorted(ex_host, [row_offset, row_offset + n_rows])
