@@ -8,24 +8,35 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _arrays, _backends
+
 CORPUS_DTYPES = (np.float16, np.float32, np.float64)
 #: More threads than this is a mistake (no machine has that many cores), not a request.
 MAX_THREADS = 1 << 12
 
 
+def device_array_error(name: str, backend: str | None = None) -> TypeError:
+    """The one error for a GPU array where a host array is needed: ``backend`` is the CPU
+    backend it was given to (None: the function takes host arrays only)."""
+    fix = f"a host copy ({name}.get() for CuPy, {name}.cpu().numpy() for torch)"
+    if backend is None:
+        return TypeError(f"{name}: a GPU array was given to a function that takes host arrays "
+                         f"only; pass {fix}")
+    return TypeError(f"{name}: a GPU array was given to a CPU backend (backend={backend!r}); "
+                     f"use backend='cuda' (or 'auto'), which reads it in place, or pass {fix}")
+
+
 def _host_array(name: str, value):
     """NumPy view of a host array-like; a CPU torch tensor (with grad, or bfloat16) is taken
-    through ``detach()`` (and ``float()`` for bfloat16, which NumPy has no type for)."""
+    through ``detach()`` (and ``float()`` for bfloat16, which NumPy has no type for). A device
+    array is copied to the host: only the small arguments (queries, rankings) come here; a
+    corpus goes through :func:`as_corpus`, which never copies one."""
     if isinstance(value, np.ndarray):
         return value
-    if hasattr(value, "__cuda_array_interface__"):
-        raise TypeError(f"{name}: a GPU array was given to a CPU backend; pass a host array "
-                        f"(e.g. .get() / .cpu().numpy()) or use a GPU backend")
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        t = value.detach()
-        if str(t.dtype) == "torch.bfloat16":
-            t = t.float()  # NumPy has no bfloat16: one float32 copy
-        return t.cpu().numpy()
+    if _arrays.is_device(value):
+        return _arrays.to_host(value)
+    if _arrays._is_torch(value):
+        return _arrays.torch_to_numpy(value)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name}: expected a 2-D array, got {type(value).__name__}")
     try:
@@ -76,18 +87,34 @@ def as_step(name: str, value) -> float:
     return float(value)
 
 
-def as_corpus(name: str, corpus) -> np.ndarray:
-    """A 2-D float16/32/64 array view of ``corpus`` (never a copy of an ndarray or memmap)."""
-    corpus = _host_array(name, corpus)
+def as_corpus(name: str, corpus, backend: str | None = None):
+    """A 2-D float16/32/64 array view of ``corpus``, never a copy: a NumPy view of an ndarray
+    or memmap, or, when ``backend`` (a resolved name) reads device arrays, a CuPy view of a
+    device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack object).
+    A device array for a CPU backend (or ``backend=None``: host arrays only) is a TypeError
+    naming the fix."""
+    if _arrays.is_device(corpus):
+        if backend is None or not _backends.on_device(backend):
+            raise device_array_error(name, backend)
+        try:
+            corpus = _arrays.device_view(corpus)
+        except (ImportError, ValueError):
+            raise
+        except Exception as exc:  # e.g. a dtype CuPy has no type for (torch.bfloat16)
+            raise TypeError(f"{name}: could not be read as a GPU array ({type(exc).__name__}: "
+                            f"{exc}); pass a float32 or float16 CuPy array or torch CUDA "
+                            f"tensor (e.g. {name}.float())") from exc
+    else:
+        corpus = _host_array(name, corpus)
     if corpus.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array of shape (N, d), got {corpus.ndim}-D "
-                         f"shape {corpus.shape}; reshape it to (N, d)")
+                         f"shape {tuple(corpus.shape)}; reshape it to (N, d)")
     if corpus.dtype.type not in CORPUS_DTYPES:
         raise TypeError(f"{name}: dtype {corpus.dtype} is not supported; use float32 or float16 "
                         f"(e.g. {name}.astype(np.float32))")
     if corpus.shape[0] == 0 or corpus.shape[1] == 0:
-        raise ValueError(f"{name}: is empty (shape {corpus.shape}); pass at least one record "
-                         f"with d >= 1")
+        raise ValueError(f"{name}: is empty (shape {tuple(corpus.shape)}); pass at least one "
+                         f"record with d >= 1")
     return corpus
 
 
@@ -124,9 +151,10 @@ def as_k(name: str, k, n_records: int) -> int:
     return k
 
 
-def corpus_row_error(name: str, corpus: np.ndarray, row: int, normalize: bool) -> ValueError:
-    """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm)."""
-    values = np.asarray(corpus[row], dtype=np.float64)
+def corpus_row_error(name: str, corpus, row: int, normalize: bool) -> ValueError:
+    """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm); a
+    device corpus has that one row read back."""
+    values = _arrays.take_rows(corpus, [row])[0]
     if not np.isfinite(values).all():
         return ValueError(f"{name}: row {row} contains NaN or inf; fix or drop that record "
                           f"before tuning")

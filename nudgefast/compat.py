@@ -22,6 +22,11 @@ its own direction, so it stays put, no row is ever NaN and gamma is chosen as if
 were well-behaved. NUDGE-M has no square root there and is unaffected.
 
 Unlike the reference nothing is printed; progress goes through ``logging``.
+
+``embeddings`` / ``nontrain_embeddings`` may be device arrays (CuPy, torch CUDA tensors,
+``__cuda_array_interface__`` / DLPack), read in place by the GPU backend; the tuned embeddings
+then come back on the device, in the library of ``embeddings`` (as the reference returns a
+tensor on its ``device``).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from typing import List, TypedDict
 import numpy as np
 
 from ._defaults import NUDGE_N_GAMMAS, REFERENCE_EPS, VAL_BLOCK
-from . import _validate
+from . import _arrays, _validate
 from .nudge import NudgeResult, _fit_m, _fit_n, _prepare, _result
 
 
@@ -40,14 +45,14 @@ class QueriesAnswersDict(TypedDict):
     q_ans_indx: List[List[int]]
 
 
-def _nontrain(nontrain_embeddings, d):
+def _nontrain(nontrain_embeddings, d, backend):
     if nontrain_embeddings is None:
         return None
     if isinstance(nontrain_embeddings, tuple):  # the reference README passes (array, None)
         nontrain_embeddings = nontrain_embeddings[0]
         if nontrain_embeddings is None:
             return None
-    arr = _validate.as_corpus("nontrain_embeddings", nontrain_embeddings)
+    arr = _validate.as_corpus("nontrain_embeddings", nontrain_embeddings, backend=backend)
     if arr.shape[1] != d:
         raise ValueError(f"nontrain_embeddings: has d={arr.shape[1]} but embeddings has d={d}")
     return arr
@@ -73,7 +78,12 @@ class _Compat:
     def _prep(self, embeddings, train_set, val_set, *, unique_val):
         return _prepare(embeddings, train_set, val_set, self.backend, np.float32,
                         unique_train=False, unique_val=unique_val, skip_empty_val=False,
-                        n_threads=self.n_threads)
+                        n_threads=self.n_threads, device_ok=True)
+
+    def _apply(self, res, prep, embeddings):
+        """The tuned embeddings, in the array library of the caller's ``embeddings``."""
+        tuned = res.apply(prep.corpus, backend=prep.backend_name, n_threads=self.n_threads)
+        return _arrays.like(tuned, embeddings)
 
 
 class NUDGEM(_Compat):
@@ -82,10 +92,11 @@ class NUDGEM(_Compat):
     def finetune_embeddings(self, embeddings: np.ndarray, train_set: QueriesAnswersDict,
                             val_set: QueriesAnswersDict, nontrain_embeddings: np.ndarray = None,
                             val_batch_size: int = VAL_BLOCK, gamma: float = None) -> np.ndarray:
-        """Returns the tuned embeddings (N, d) float32; score them by dot product."""
+        """Returns the tuned embeddings (N, d) float32 (on the device for device
+        ``embeddings``); score them by dot product."""
         val_batch_size = _validate.as_size("val_batch_size", val_batch_size, allow_none=False)
         prep = self._prep(embeddings, train_set, val_set, unique_val=False)
-        extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1])
+        extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1], prep.backend_name)
         if gamma is None:
             res = _fit_m(prep, "left", REFERENCE_EPS, extra_corpus=extra, chunk_rows=None,
                          n_threads=self.n_threads, progress=self.progress,
@@ -97,7 +108,7 @@ class NUDGEM(_Compat):
             res = _result("nudge-m", prep, float(gamma), np.ones(cnorm.size), beta,
                           np.zeros(0), np.zeros(0), self.n_threads)
         self.result_ = res
-        return res.apply(prep.corpus, backend=self.backend, n_threads=self.n_threads)
+        return self._apply(res, prep, embeddings)
 
 
 class NUDGEN(_Compat):
@@ -107,7 +118,8 @@ class NUDGEN(_Compat):
                             val_set: QueriesAnswersDict, nontrain_embeddings: np.ndarray = None,
                             val_batch_size: int = VAL_BLOCK, val_k: int = 1,
                             gamma: float = None) -> np.ndarray:
-        """Returns the tuned embeddings (N, d) float32, unit length."""
+        """Returns the tuned embeddings (N, d) float32, unit length (on the device for device
+        ``embeddings``)."""
         val_batch_size = _validate.as_size("val_batch_size", val_batch_size, allow_none=False)
         val_k = _validate.as_size("val_k", val_k, allow_none=False)
         prep = self._prep(embeddings, train_set, val_set, unique_val=True)
@@ -116,12 +128,12 @@ class NUDGEN(_Compat):
             warnings.warn("val_set: a validation query has no answers; like nudge-ft every "
                           "gamma then scores NaN and gamma = 0 is returned (the native "
                           "nudgefast.NudgeN skips such queries)", stacklevel=2)
-        extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1])
+        extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1], prep.backend_name)
         gammas = NUDGE_N_GAMMAS if gamma is None else _validate.as_gammas("gamma", [gamma])
         res = _fit_n(prep, int(val_k), gammas, extra_corpus=extra, chunk_rows=None,
                      n_threads=self.n_threads, progress=self.progress, val_block=val_batch_size)
         self.result_ = res
-        return res.apply(prep.corpus, backend=self.backend, n_threads=self.n_threads)
+        return self._apply(res, prep, embeddings)
 
 
 __all__ = ["NUDGEM", "NUDGEN", "QueriesAnswersDict", "queries_answers_dict"]

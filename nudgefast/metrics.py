@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from . import _backends
+from . import _arrays, _backends
 from .queryset import QuerySet, as_queryset, check_answers
 
 
@@ -32,15 +32,18 @@ def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_qu
             n_records=None):
     """Mean recall@k, ndcg@k and mrr@k of ``retrieved`` against the answers of ``queries``.
 
-    retrieved: (n, >=k) int record indices, best first (e.g. ``search(...).indices``).
+    retrieved: (n, >=k) int record indices, best first (e.g. ``search(...).indices``); a
+    device array (CuPy, torch CUDA tensor) is copied to the host (it is O(n k)).
     queries: the :class:`QuerySet` whose answers (and graded relevance) are the truth.
     recall@k = |top-k ∩ answers| / min(|answers|, k); ndcg@k uses the graded relevance with
     ideal DCG from the sorted grades; mrr@k = 1 / rank of the first answer (0 if none).
     Queries without answers are skipped with a warning. Returns a dict of floats, plus
-    ``per_query`` (n, 3) arrays when asked. A record listed twice in a row of ``retrieved``, an
+    ``per_query`` (n, 3) array when asked (in the array library of ``retrieved``). A record listed twice in a row of ``retrieved``, an
     id below -1 (``-1`` pads), or (with ``n_records``) an id or answer >= N is an error.
     """
-    retrieved = np.asarray(retrieved)
+    caller = retrieved
+    retrieved = _arrays.to_host(retrieved) if _arrays.is_device(retrieved) \
+        else np.asarray(retrieved)
     if retrieved.ndim != 2 or retrieved.dtype.kind not in "iu":
         raise ValueError(f"retrieved: expected a 2-D integer array (n, k), got "
                          f"{retrieved.dtype} {retrieved.shape}")
@@ -67,5 +70,5 @@ def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_qu
     mean = per[valid].mean(axis=0)
     out = {f"recall@{k}": float(mean[0]), f"ndcg@{k}": float(mean[1]), f"mrr@{k}": float(mean[2])}
     if per_query:
-        out["per_query"] = per
+        out["per_query"] = _arrays.like(per, caller)
     return out

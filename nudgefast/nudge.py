@@ -4,6 +4,12 @@ The result of NUDGE is a sparse delta: only the touched records T (those answeri
 query) move. The corpus is read once, by one streaming top-k pass of the validation queries
 over the untouched records; every gamma is then scored against that plus the t touched
 records only (see DESIGN.md §1).
+
+A device corpus (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack) is read in
+place by the GPU backend: the pass streams it on the device, and the rows the fit needs (the
+touched records, the exact scores of the selected candidates) are gathered there, so only
+O(t) rows ever reach the host. The result (a small delta) is host NumPy arrays; ``apply``
+returns the tuned corpus in the caller's array library.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _backends, _validate
+from . import _arrays, _backends, _validate
 from ._defaults import NUDGE_N_GAMMAS, VAL_BLOCK
 from .queryset import AnswerCSR, as_queryset, check_answers
 from .search import normalize_pass, rank_rows, topk_pass
@@ -31,7 +37,8 @@ class NudgeResult:
     normalised base embedding). gammas / val_accuracy: the candidates evaluated on the
     validation queries and their accuracy (NUDGE-N: the grid, accuracy@k_val; NUDGE-M: the
     left end of every segment of the sweep, fraction of validation pairs ranked top-1 there).
-    n_records: N of the corpus it was fitted on. timings: seconds per stage.
+    n_records: N of the corpus it was fitted on. timings: seconds per stage. Host NumPy arrays
+    whatever the corpus was (the delta is O(t d)).
     """
 
     variant: str
@@ -50,29 +57,32 @@ class NudgeResult:
         Streams ``corpus`` through the backend's ``normalize_rows`` (one read, one write: it
         runs at memory bandwidth); writes into ``out`` when given (a C-contiguous float32
         (N, d) array or memmap; it may be ``corpus`` itself to tune in place), else allocates.
-        A row with NaN/inf or of norm zero raises, as in ``fit`` (what ``out`` holds then is
-        unspecified; ``corpus`` is unchanged unless it is ``out``).
+        A device ``corpus`` (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack)
+        is tuned on the device by the GPU backend (``backend="auto"`` picks it), into a new
+        device array of the caller's library (CuPy; torch for a torch tensor) or into a device
+        ``out``; it never crosses to the host. A row with NaN/inf or of norm zero raises, as in
+        ``fit`` (what ``out`` holds then is unspecified; ``corpus`` is unchanged unless it is
+        ``out``).
         """
-        corpus = _validate.as_corpus("corpus", corpus)
+        caller = corpus
+        on_device = _arrays.is_device(corpus)
+        backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
+        corpus = _validate.as_corpus("corpus", corpus, backend=backend)
         chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
         n_threads = _validate.as_threads("n_threads", n_threads)
         impl = _backends.get(backend)
         n, d = corpus.shape
         if n != self.n_records or d != self.vectors.shape[1]:
-            raise ValueError(f"corpus: shape {corpus.shape} differs from the fitted corpus "
-                             f"({self.n_records}, {self.vectors.shape[1]}); apply the result "
-                             f"to the corpus it was fitted on")
+            raise ValueError(f"corpus: shape {tuple(corpus.shape)} differs from the fitted "
+                             f"corpus ({self.n_records}, {self.vectors.shape[1]}); apply the "
+                             f"result to the corpus it was fitted on")
         if out is None:
-            out = np.empty((n, d), dtype=np.float32)
-        elif (not isinstance(out, np.ndarray) or out.shape != (n, d) or out.dtype != np.float32
-              or not out.flags.c_contiguous or not out.flags.writeable):
-            raise ValueError(f"out: expected a writable C-contiguous float32 array of shape "
-                             f"{(n, d)}, got {getattr(out, 'dtype', type(out).__name__)} "
-                             f"{getattr(out, 'shape', '')}; allocate np.empty({(n, d)}, "
-                             f"np.float32) or pass None")
-        normalize_pass(impl, corpus, out, chunk_rows=chunk_rows, n_threads=n_threads)
-        out[self.indices] = self.vectors
-        return out
+            target = _arrays.xp(corpus).empty((n, d), dtype=np.float32)
+        else:
+            target = _out_array(out, (n, d), on_device)
+        normalize_pass(impl, corpus, target, chunk_rows=chunk_rows, n_threads=n_threads)
+        _arrays.put_rows(target, self.indices, self.vectors)
+        return out if out is not None else _arrays.like(target, caller)
 
     def __repr__(self) -> str:
         best = float(np.nanmax(self.val_accuracy)) if self.val_accuracy.size else float("nan")
@@ -81,6 +91,27 @@ class NudgeResult:
                 f"{self.indices.size} of {self.n_records} records, d={self.vectors.shape[1]}, "
                 f"best validation accuracy {best:.4f} over {self.gammas.size} gammas, "
                 f"fit {seconds:.3g} s)")
+
+
+def _out_array(out, shape, on_device):
+    """``apply``'s ``out``: a writable C-contiguous float32 array of ``shape`` where the corpus
+    lives (host, or device for a device corpus); returns the array to write (a CuPy view of a
+    device ``out``)."""
+    where = "device" if on_device else "host"
+    fix = (f"allocate cupy.empty({shape}, cupy.float32)" if on_device
+           else f"allocate np.empty({shape}, np.float32)")
+    arr = None
+    if on_device == _arrays.is_device(out):
+        arr = _arrays.device_view(out) if on_device else out
+    ok = arr is not None and (on_device or isinstance(arr, np.ndarray)) \
+        and tuple(arr.shape) == shape and arr.dtype == np.float32 and arr.flags.c_contiguous \
+        and (on_device or arr.flags.writeable)
+    if not ok:
+        raise ValueError(f"out: expected a writable C-contiguous float32 {where} array of shape "
+                         f"{shape} (the corpus is a {where} array), got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))}; {fix} or pass None")
+    return arr
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,11 +128,17 @@ class _Prepared:
     grad: np.ndarray  # (t, d) float64 query gradient c_j
     base: np.ndarray  # (t, d) float64 normalised base rows e_j
     timings: dict
+    backend_name: str = ""  # the resolved backend (its name)
 
 
 def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
-             n_threads) -> _Prepared:
-    corpus = _validate.as_corpus("corpus", corpus)
+             n_threads, device_ok=False) -> _Prepared:
+    """Validated inputs, the query gradients and the touched base rows. ``device_ok``: a
+    device corpus is read in place by the GPU backend (``prep.corpus`` is then a CuPy view);
+    without it (callers that need host rows) a device corpus is an error."""
+    on_device = device_ok and _arrays.is_device(corpus)
+    backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
+    corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
     n, d = corpus.shape
     impl = _backends.get(backend)
     train, train_q = as_queryset("train", train, d, dtype)
@@ -134,12 +171,12 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     touched, grad = query_gradients(
         impl, train_q, np.repeat(np.arange(len(train), dtype=np.int64), train_csr.counts),
         records, n_threads=n_threads)
-    base = unit_rows(np.asarray(corpus[touched], dtype=np.float64), touched,
+    base = unit_rows(_arrays.take_rows(corpus, touched), touched,
                      lambda row: _validate.corpus_row_error("corpus", corpus, row, True))
     timings["query_gradient"] = time.perf_counter() - t0
     log.info("NUDGE: N=%d d=%d, %d train pairs touch t=%d records, %d validation queries",
              n, d, records.size, touched.size, val_q.shape[0])
-    return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings)
+    return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings, backend)
 
 
 def query_gradients(impl, queries, pair_query, pair_record, *, n_threads=None):
@@ -239,11 +276,12 @@ def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_thread
         return state
 
     def rows_of(rows):
+        # Gathered where the corpus lives: a device corpus sends back these rows only.
         vec = np.empty((rows.size, prep.corpus.shape[1]))
         main = rows < n
-        vec[main] = prep.corpus[rows[main]]
+        vec[main] = _arrays.take_rows(prep.corpus, rows[main])
         if not main.all():
-            vec[~main] = extra_corpus[rows[~main] - n]
+            vec[~main] = _arrays.take_rows(extra_corpus, rows[~main] - n)
         return vec
 
     # The pass selects; the scores that enter the gamma math are recomputed in float64 from
@@ -410,7 +448,7 @@ def _fit_m(prep: _Prepared, rule, eps, *, extra_corpus, chunk_rows, n_threads, p
     unt_pairs = np.flatnonzero(~is_touched)
     if unt_pairs.size:
         rows, inv = np.unique(x[unt_pairs], return_inverse=True)
-        e = np.asarray(prep.corpus[rows], dtype=np.float64)
+        e = _arrays.take_rows(prep.corpus, rows)
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         s_x[unt_pairs] = np.einsum("ij,ij->i", prep.val_q[pair_query[unt_pairs]].astype(np.float64),
                                    e[inv])
@@ -467,7 +505,7 @@ class _Nudge:
 
     def _prepare(self, corpus, train, val, **kw):
         return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
-                        **kw)
+                        device_ok=True, **kw)
 
 
 class NudgeN(_Nudge):
@@ -486,10 +524,12 @@ class NudgeN(_Nudge):
         self.gammas = NUDGE_N_GAMMAS if gammas is None else _validate.as_gammas("gammas", gammas)
 
     def fit(self, corpus, train, val) -> NudgeResult:
-        """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once.
+        """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once; or a
+        device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack), read in
+        place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
-        :class:`NudgeResult` holding only the touched records.
+        :class:`NudgeResult` holding only the touched records (host arrays).
         """
         prep = self._prepare(corpus, train, val, unique_train=True, unique_val=True,
                              skip_empty_val=True)
@@ -516,10 +556,12 @@ class NudgeM(_Nudge):
         self.gamma_rule = gamma_rule
 
     def fit(self, corpus, train, val) -> NudgeResult:
-        """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once.
+        """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once; or a
+        device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack), read in
+        place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
-        :class:`NudgeResult` holding only the touched records.
+        :class:`NudgeResult` holding only the touched records (host arrays).
         """
         prep = self._prepare(corpus, train, val, unique_train=True, unique_val=True,
                              skip_empty_val=True)

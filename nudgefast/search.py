@@ -2,7 +2,9 @@
 
 The corpus is never loaded whole and never copied: it is read in chunks of rows (a slice of
 an ``np.memmap`` is a view), each chunk merged into a running (n_q, k) top-k by the backend's
-fused ``topk_update``. Memory is O(chunk + n_q k), independent of N.
+fused ``topk_update``. Memory is O(chunk + n_q k), independent of N. A device corpus (CuPy,
+torch CUDA tensor, ``__cuda_array_interface__`` / DLPack) goes to the GPU backend, which reads
+it in place (``topk_stream``); it never crosses to the host.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _backends, _validate
+from . import _arrays, _backends, _validate
 from ._defaults import chunk_rows_for
 
 log = logging.getLogger("nudgefast")
@@ -21,7 +23,9 @@ log = logging.getLogger("nudgefast")
 @dataclass(frozen=True)
 class SearchResult:
     """Top-k per query: ``scores`` (n_q, k) float32 descending, ``indices`` (n_q, k) int64
-    record rows (ties: lower index first; ``-1`` where fewer than k records exist)."""
+    record rows (ties: lower index first; ``-1`` where fewer than k records exist). NumPy
+    arrays, or arrays of the caller's device library when the corpus (else the queries) was a
+    device array (CuPy, or torch CUDA tensors for a torch input)."""
 
     scores: np.ndarray
     indices: np.ndarray
@@ -89,13 +93,15 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
 def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, name="corpus"):
     """Stream ``corpus`` once into ``out`` (N, d) float32, every row normalised by the backend's
     ``normalize_rows`` (one read, one write). A row with NaN/inf or of norm zero raises, as in
-    the top-k pass. Returns ``out``."""
+    the top-k pass. ``corpus`` and ``out`` are both host arrays, or both CuPy arrays (the GPU
+    backend normalises those on the device). Returns ``out``."""
     n, d = corpus.shape
+    xp = _arrays.xp(corpus)
     step = chunk_rows or chunk_rows_for(1, d, corpus.dtype.itemsize)
     for start in range(0, n, step):
         chunk = corpus[start:start + step]
         if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
-            chunk = np.ascontiguousarray(chunk, dtype=np.float32)  # this chunk only
+            chunk = xp.ascontiguousarray(chunk, dtype=np.float32)  # this chunk only
         bad = backend.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
         if bad >= 0:
             raise _validate.corpus_row_error(name, corpus, start + bad, True)
@@ -121,13 +127,20 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     """Top-``k`` records for each query over ``corpus``, or over the tuned corpus ``delta``
     describes, without materialising a tuned copy.
 
-    queries: (n_q, d) float array. corpus: (N, d) float32/float16 array or ``np.memmap``.
-    delta: a :class:`NudgeResult`; its touched records are scored by dot product with their
-    tuned vectors, every other record by cosine (the tuned corpus is the normalised base plus
-    the delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a
-    delta. Returns a :class:`SearchResult` with float32 scores and int64 indices.
+    queries: (n_q, d) float array (a device array is copied to the host: it is small).
+    corpus: (N, d) float32/float16 array or ``np.memmap``, or a device array (CuPy, torch CUDA
+    tensor, anything with ``__cuda_array_interface__`` or DLPack), which the GPU backend reads
+    in place (``backend="auto"`` picks it; a CPU backend raises). delta: a
+    :class:`NudgeResult`; its touched records are scored by dot product with their tuned
+    vectors, every other record by cosine (the tuned corpus is the normalised base plus the
+    delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a delta.
+    Returns a :class:`SearchResult` with float32 scores and int64 indices, in the caller's
+    array library (see :class:`SearchResult`).
     """
-    corpus = _validate.as_corpus("corpus", corpus)
+    caller = corpus if _arrays.is_device(corpus) else queries
+    backend = _backends.resolve(
+        backend, device_input="corpus" if _arrays.is_device(corpus) else None)
+    corpus = _validate.as_corpus("corpus", corpus, backend=backend)
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)
@@ -141,7 +154,8 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     if delta is not None:
         if delta.n_records != n or delta.vectors.shape[1] != d:
             raise ValueError(f"delta: was fitted on a corpus of shape ({delta.n_records}, "
-                             f"{delta.vectors.shape[1]}), not {corpus.shape}; fit it on this corpus")
+                             f"{delta.vectors.shape[1]}), not {tuple(corpus.shape)}; fit it on "
+                             f"this corpus")
         if metric != "cosine":
             raise ValueError("metric: the tuned corpus scores untouched records by cosine; "
                              "leave metric='cosine' when passing delta")
@@ -167,4 +181,5 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
             mi[np.isneginf(ms)] = -1
             out_s[s:e], out_i[s:e] = ms, mi
         scores, index = out_s, out_i
-    return SearchResult(scores.astype(np.float32), index)
+    return SearchResult(_arrays.like(scores.astype(np.float32), caller),
+                        _arrays.like(index, caller))

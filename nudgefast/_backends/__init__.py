@@ -13,10 +13,12 @@ from types import ModuleType
 
 #: Every backend, fastest first.
 KNOWN = ("cuda", "cpp", "numba", "numpy")
-#: The order ``backend="auto"`` tries. The CUDA backend has compiled but not yet run on a GPU;
-#: it joins ``auto`` (first) once its test-suite has passed on a device. Until then it is used
-#: only when asked for by name.
-AUTO_ORDER = ("cpp", "numba", "numpy")
+#: The order ``backend="auto"`` tries: cuda where CuPy sees a CUDA device (its import fails
+#: otherwise, with the reason), so without a device ``auto`` is cpp > numba > numpy.
+AUTO_ORDER = ("cuda", "cpp", "numba", "numpy")
+#: The backends that read device arrays (CuPy, torch CUDA tensors, ``__cuda_array_interface__``
+#: / DLPack objects) in place; every other backend takes host arrays only.
+DEVICE = ("cuda",)
 
 _MODULES = {
     "cuda": "nudgefast._backends.cuda_backend",
@@ -91,9 +93,26 @@ def backends() -> dict[str, BackendInfo]:
     return out
 
 
-def resolve(name: str = "auto") -> str:
+def on_device(name: str) -> bool:
+    """Whether backend ``name`` (resolved) takes device arrays."""
+    return name in DEVICE
+
+
+def resolve(name: str = "auto", *, device_input: str | None = None) -> str:
     """The backend name ``name`` stands for (``"auto"``: the fastest available); raises,
-    with the reason and the fix, when it is unknown or not available here."""
+    with the reason and the fix, when it is unknown or not available here.
+
+    device_input: the name of an argument that is a device array; ``"auto"`` then means the
+    GPU backend (an error when it is not available: the array cannot be read here).
+    """
+    if name == "auto" and device_input is not None:
+        for candidate in DEVICE:
+            module, reason = _load(candidate)
+            if module is not None:
+                return candidate
+        raise RuntimeError(f"{device_input}: is a GPU array but no GPU backend is available "
+                           f"here ({reason}); pass a host array (.get() for CuPy, "
+                           f".cpu().numpy() for torch) or fix the cuda backend")
     if name == "auto":
         tried = []
         for candidate in AUTO_ORDER:
