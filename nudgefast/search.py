@@ -51,12 +51,19 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
     ``exclude``: sorted global record indices that are not candidates (the touched records).
     Rows are numbered from ``row_offset``. Returns ``(scores, indices)``.
     """
-    if hasattr(backend, "topk_stream"):
+    if getattr(backend, "STREAMS_CORPUS", False):
         # A backend that moves data itself (the GPU: pinned buffers, two streams, chunk size
         # from free memory) streams the corpus in one call; same contract as the loop below.
-        scores, index, bad = backend.topk_stream(
-            queries, corpus, k, exclude=exclude, normalize=normalize, chunk_rows=chunk_rows,
-            n_threads=n_threads, progress=progress, row_offset=row_offset, state=state)
+        # The progress bar stays here, one for every backend.
+        bar = _progress_bar(progress, corpus.shape[0], desc)
+        try:
+            scores, index, bad = backend.topk_stream(
+                queries, corpus, k, exclude=exclude, normalize=normalize, chunk_rows=chunk_rows,
+                n_threads=n_threads, progress=None if bar is None else bar.update,
+                row_offset=row_offset, state=state)
+        finally:
+            if bar is not None:
+                bar.close()
         if bad >= 0:
             raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
         return scores, index

@@ -194,6 +194,8 @@ def _stub_backend():
                                             ex[lo:hi] - g0, normalize, s, i)
             if bad >= 0:
                 return s, i, bad
+            if progress is not None:
+                progress(stop - start)
         return s, i, -1
 
     def normalize_rows(chunk, out, *, n_threads=None):
@@ -204,6 +206,7 @@ def _stub_backend():
         return numpy_backend.normalize_rows(chunk, out)
 
     stub.topk_stream = topk_stream
+    stub.STREAMS_CORPUS = True
     stub.normalize_rows = normalize_rows
     return stub
 
@@ -458,3 +461,29 @@ def test_without_a_device_auto_is_as_before(no_gpu, ds):
         search(ds.test.embeddings, FakeCupyArray(ds.corpus), 6)
     with pytest.raises(RuntimeError, match="corpus: is a GPU array"):
         NudgeM().fit(DLPackArray(ds.corpus), ds.train, ds.dev)
+
+
+def test_a_streaming_backend_reports_to_the_callers_progress_bar(gpu, monkeypatch):
+    """search.topk_pass owns the progress bar for every backend: a backend that streams the
+    corpus itself (STREAMS_CORPUS) reports every row to it, under the caller's description. (On
+    an H100 the cuda backend drew its own bar, "top-k (cuda)", and the CLI's pass name was lost.)"""
+    import importlib
+    search_module = importlib.import_module("nudgefast.search")  # the module, not the function
+    bars = []
+
+    class Bar:
+        def __init__(self, progress, total, desc):
+            self.desc, self.total, self.done, self.closed = desc, total, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(search_module, "_progress_bar", Bar)
+    x = FakeCupyArray(np.random.default_rng(3).standard_normal((1037, 19)).astype(np.float32))
+    q = np.random.default_rng(4).standard_normal((5, 19)).astype(np.float32)
+    search_module.topk_pass(gpu, q, x, 4, chunk_rows=100, progress=True, desc="NUDGE corpus pass")
+    assert [(b.desc, b.total, b.done, b.closed) for b in bars] == [("NUDGE corpus pass", 1037, 1037, True)]

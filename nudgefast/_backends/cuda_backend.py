@@ -57,6 +57,9 @@ import numpy as np
 log = logging.getLogger("nudgefast")
 
 NAME = "cuda"
+#: This backend streams a whole corpus itself (``topk_stream``: pinned buffers, two streams,
+#: chunk size from free device memory); ``search.topk_pass`` hands it the corpus in one call.
+STREAMS_CORPUS = True
 
 try:
     import cupy as cp
@@ -738,7 +741,7 @@ class _BadRowFlag:
         return int(self.value[0]) != int(_NO_BAD_ROW)
 
 
-def _stream_device(run: _TopkPass, corpus, row_offset, chunk_rows, bar):
+def _stream_device(run: _TopkPass, corpus, row_offset, chunk_rows, report):
     n = corpus.shape[0]
     rows = _chunk_rows(chunk_rows, _device_chunk_rows(corpus.shape[1]))
     stream = cp.cuda.get_current_stream()
@@ -763,13 +766,13 @@ def _stream_device(run: _TopkPass, corpus, row_offset, chunk_rows, bar):
             rows = _shrink(rows, exc)
             continue
         flags[chunk_no % 2].snapshot(run.first_bad, stream)
-        if bar is not None:
-            bar.update(stop - start)
+        if report is not None:
+            report(stop - start)
         chunk_no += 1
         start = stop
 
 
-def _stream_host(run: _TopkPass, corpus, row_offset, chunk_rows, n_threads, bar):
+def _stream_host(run: _TopkPass, corpus, row_offset, chunk_rows, n_threads, report):
     n, d = corpus.shape
     dtype = np.float16 if corpus.dtype == np.float16 else np.float32
     rows = _chunk_rows(chunk_rows, _host_chunk_rows(d, np.dtype(dtype).itemsize, run))
@@ -816,8 +819,8 @@ def _stream_host(run: _TopkPass, corpus, row_offset, chunk_rows, n_threads, bar)
                 slots = slot = None
                 rows = _shrink(rows, exc)
                 continue
-            if bar is not None:
-                bar.update(stop - start)
+            if report is not None:
+                report(stop - start)
             chunk_no += 1
             start = stop
         compute_stream.synchronize()
@@ -836,8 +839,10 @@ def topk_stream(queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=
     exclude: sorted global row indices that are not candidates. Rows are numbered from
     ``row_offset``. state: optional (scores, index) (n_q, k) to continue from (sorted, empties
     (-inf, -1)). chunk_rows: rows per chunk (default from free device memory). n_threads: host
-    threads filling the pinned buffers. Returns ``(scores float32, index int64, first bad global
-    row or -1)``; a bad row (NaN/inf, or zero with ``normalize``) is never a candidate.
+    threads filling the pinned buffers. progress: None/False, or a callable given the number of
+    rows each finished chunk held (``search.topk_pass`` passes its progress bar's ``update``).
+    Returns ``(scores float32, index int64, first bad global row or -1)``; a bad row (NaN/inf,
+    or zero with ``normalize``) is never a candidate.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     n_q = q.shape[0]
@@ -855,19 +860,14 @@ def topk_stream(queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=
     # Only the entries in this pass's range matter.
     lo, hi = np.searchsorted(ex_host, [row_offset, row_offset + n_rows])
     ex_host = ex_host[lo:hi]
-    from nudgefast.search import _progress_bar  # here: search imports the backends
-    bar = _progress_bar(progress, n_rows, "top-k (cuda)")
-    try:
-        run = _TopkPass(q, k, bool(normalize), state, ex_host)
-        if n_q and k and n_rows:
-            if device_corpus is not None:
-                _stream_device(run, device_corpus, row_offset, chunk_rows, bar)
-            else:
-                _stream_host(run, host_corpus, row_offset, chunk_rows, n_threads, bar)
-        return run.result()
-    finally:
-        if bar is not None:
-            bar.close()
+    report = progress if callable(progress) else None
+    run = _TopkPass(q, k, bool(normalize), state, ex_host)
+    if n_q and k and n_rows:
+        if device_corpus is not None:
+            _stream_device(run, device_corpus, row_offset, chunk_rows, report)
+        else:
+            _stream_host(run, host_corpus, row_offset, chunk_rows, n_threads, report)
+    return run.result()
 
 
 def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
