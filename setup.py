@@ -1,9 +1,12 @@
 """Build of nudgefast and its compiled CPU backend, the pybind11 module ``nudgefast._cpu``.
 
-Compiler flags are chosen here per platform, with a safe fallback: ``-march=native`` when the
-compiler accepts it, else ``-mavx2 -mfma -mf16c``, else none (the kernels keep a portable path).
-Set ``NUDGEFAST_PORTABLE=1`` to build without ``-march=native`` (e.g. for a wheel that will run on
-other machines). OpenMP is required for multi-threading; without it the kernels run on one thread.
+The build is portable (no ``-march=native``): a wheel runs on any x86-64 CPU. The kernels' inner
+loops (``csrc/cpu/kernels/*.cpp``) are compiled once per instruction-set level, each with its own
+flags (``ISA_LEVELS``), and the module picks the best level the CPU and OS support at import
+(``csrc/cpu/dispatch.hpp``; ``NUDGEFAST_CPU_ISA`` forces a lower one). A level whose flags the
+compiler refuses (another architecture, an old compiler) is left out; MSVC builds the baseline only.
+Everything else is compiled for the baseline. OpenMP is required for multi-threading; without it
+the kernels run on one thread.
 """
 from __future__ import annotations
 
@@ -32,12 +35,59 @@ def _compiles(compiler_cmd: list[str], flags: list[str]) -> bool:
             return False
 
 
+#: Instruction-set levels above the baseline: (name, GCC/Clang flags). Each compiles
+#: csrc/cpu/kernels/*.cpp once more with -DNUDGEFAST_LEVEL=<name>, and the driver learns of it
+#: through -DNUDGEFAST_HAVE_<NAME>.
+ISA_LEVELS = [
+    ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
+    ("avx512", ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]),
+]
+KERNEL_SOURCES = sorted(glob("csrc/cpu/kernels/*.cpp"))
+
+
+def _weak_symbols(objects: list[str]) -> list[str]:
+    """Weak (COMDAT) symbols defined by level objects: the linker keeps one copy of each for the
+    whole module, possibly an AVX-512 one where baseline code calls it. Empty when ``nm`` is
+    missing."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return []
+    out = subprocess.run([nm, "--defined-only", "-C", *objects], capture_output=True, text=True).stdout
+    return sorted({line.split(" ", 2)[2] for line in out.splitlines()
+                   if line.count(" ") >= 2 and line.split(" ", 2)[1] in ("W", "V", "u")})
+
+
 class BuildExt(build_ext):
-    """build_ext that picks optimisation, SIMD and OpenMP flags the compiler actually accepts."""
+    """build_ext that picks optimisation, SIMD and OpenMP flags the compiler actually accepts,
+    and compiles the kernels once per instruction-set level."""
+
+    levels: list[tuple[str, list[str]]] = []
+
+    def build_extension(self, ext):
+        # Each level's kernels go to their own folder (same sources, other flags and macros).
+        objects = []
+        for name, level_flags in self.levels:
+            level_objects = self.compiler.compile(
+                KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, "isa", name),
+                macros=[*ext.define_macros, ("NUDGEFAST_LEVEL", name)], include_dirs=ext.include_dirs,
+                extra_postargs=[*ext.extra_compile_args, *level_flags], depends=ext.depends)
+            objects += level_objects
+            # Inline functions must stay in the level's own namespace (common.hpp): a weak symbol
+            # outside it (a standard-library template, say) may be the copy baseline code runs.
+            if name != "baseline" and self.compiler.compiler_type != "msvc":
+                # (A name that mentions the level's namespace, even as a template argument or
+                # a return type, is that level's own.)
+                shared = [s for s in _weak_symbols(level_objects) if f"nudgefast::{name}::" not in s]
+                if shared:
+                    raise RuntimeError(f"nudgefast: the {name} kernels define weak symbols outside "
+                                       f"nudgefast::{name}, which the linker may share with baseline code: "
+                                       + ", ".join(shared[:10]))
+        ext.extra_objects = [*objects, *ext.extra_objects]
+        super().build_extension(ext)
 
     def build_extensions(self):
         if self.compiler.compiler_type == "msvc":
-            flags, link = ["/O2", "/openmp", "/arch:AVX2", "/std:c++17"], []
+            flags, link = ["/O2", "/openmp", "/std:c++17"], []  # portable: no /arch
         else:
             cxx = list(self.compiler.compiler_so[:1]) or [os.environ.get("CXX", "c++")]
             if shutil.which(cxx[0]) is None:
@@ -50,13 +100,15 @@ class BuildExt(build_ext):
                 link.append("-fopenmp")
             else:
                 print("nudgefast: the compiler does not accept -fopenmp; building single-threaded", file=sys.stderr)
-            if not os.environ.get("NUDGEFAST_PORTABLE") and _compiles(cxx, ["-march=native"]):
-                flags.append("-march=native")
-            elif _compiles(cxx, ["-mavx2", "-mfma", "-mf16c"]):
-                flags += ["-mavx2", "-mfma", "-mf16c"]
+        levels = [("baseline", [])]
+        if self.compiler.compiler_type != "msvc":
+            levels += [(name, level_flags) for name, level_flags in ISA_LEVELS if _compiles(cxx, level_flags)]
+        self.levels = levels
         for ext in self.extensions:
             ext.extra_compile_args += flags
             ext.extra_link_args += link
+            ext.define_macros += [(f"NUDGEFAST_HAVE_{name.upper()}", "1") for name, _ in levels[1:]]
+            ext.depends += KERNEL_SOURCES
         super().build_extensions()
 
 
@@ -75,7 +127,7 @@ class BuildPy(build_py):
 ext_modules = [
     Pybind11Extension(
         "nudgefast._cpu",
-        sorted(glob("csrc/cpu/*.cpp")),
+        sorted(glob("csrc/cpu/*.cpp")),  # the driver, baseline; the kernels: BuildExt.build_extension
         include_dirs=["csrc/cpu"],
         depends=sorted(glob("csrc/cpu/*.hpp")),
         cxx_std=17,

@@ -4,10 +4,11 @@
 # Builds nudgefast._cpu once more with -fsanitize=address,undefined -O1 -g into a separate tree
 # (build/sanitize/lib: a copy of the Python package with the sanitized module; the normal install
 # and the in-place module are not touched) and runs the compiled-op tests against it:
-# tests/test_cpp_ops.py and tests/test_cpp_safety.py. Any heap overflow or undefined behaviour in
+# tests/test_cpp_ops.py, tests/test_cpp_safety.py and tests/test_cpu_isa.py (every instruction-set
+# level this machine has). Any heap overflow or undefined behaviour in
 # a kernel or the binding aborts the run with a report. The op tests over every backend
 # (tests/ops, when present) run too, for the cpp backend only (-k cpp). Extra arguments go to
-# pytest (e.g. -x; a -k of its own replaces the cpp filter).
+# pytest (e.g. -x; a -k of its own replaces the cpp / cpu_isa filter).
 #
 # Python itself is not instrumented, so libasan is preloaded (it must come first in the process),
 # and libstdc++ with it: ASan binds its __cxa_throw interceptor when it starts, and Python does
@@ -83,13 +84,13 @@ lib, root, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
 if not nudgefast._cpu.__file__.startswith(lib):
     sys.exit(f"sanitize: imported {nudgefast._cpu.__file__}, not the sanitized module under {lib}")
 print(f"sanitize: testing {nudgefast._cpu.__file__}", flush=True)
-tests = [f"{root}/tests/test_cpp_ops.py", f"{root}/tests/test_cpp_safety.py"]
+tests = [f"{root}/tests/test_cpp_ops.py", f"{root}/tests/test_cpp_safety.py", f"{root}/tests/test_cpu_isa.py"]
 if os.path.isdir(f"{root}/tests/ops"):
     tests.append(f"{root}/tests/ops")  # every test id there names its backend
 # --capture=sys: the sanitizers write their report to file descriptor 2 and then abort, so pytest
 # must not hold that descriptor in a capture file. No faulthandler: it would take SIGSEGV from
 # ASan, whose report names the bad access.
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:faulthandler", "--capture=sys",
-                      "--rootdir", root, "-c", f"{root}/pyproject.toml", "-k", "cpp", *tests, *extra]))
+                      "--rootdir", root, "-c", f"{root}/pyproject.toml", "-k", "cpp or cpu_isa", *tests, *extra]))
 EOF
 echo "sanitize: done in $((SECONDS - start)) s"

@@ -253,7 +253,10 @@ def _bench_accuracy(args, out) -> int:
 
 def show_backends(args) -> int:
     for info in _backends.backends().values():
-        print(f"{info.name:6s} {'yes' if info.available else 'no ':3s}  {info.reason}")
+        detail = info.reason
+        if info.available and info.name == "cpp":  # which instruction-set path the kernels take
+            detail += "; " + _backends.get("cpp").describe()
+        print(f"{info.name:6s} {'yes' if info.available else 'no ':3s}  {detail}")
     return 0
 
 

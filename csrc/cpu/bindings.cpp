@@ -457,6 +457,37 @@ PYBIND11_MODULE(_cpu, m) {
               "nudgefast._backends.numpy_backend; call them through nudgefast._backends.cpp_backend. "
               "Ops that return arrays also take out= (the result buffer, checked, fully overwritten).";
     m.attr("MAX_THREADS") = kMaxThreads;
+
+    // The instruction-set level (dispatch.hpp): the best this CPU, its OS and this build support,
+    // or NUDGEFAST_CPU_ISA's; a bad value fails the import (ImportError naming the variable).
+    init_isa();
+    m.attr("ISA_ENV") = kIsaEnv;
+    m.def("isa", [] { return std::string(isa_name(active_isa())); },
+          "The instruction-set level in use: baseline, avx2, avx512 or amx.");
+    m.def("kernel_isa", [] { return std::string(isa_name(kernel_isa())); },
+          "The level of the kernels that run: as isa(), but avx512 for amx (no AMX kernel yet).");
+    m.def("isa_levels", [] {
+              py::list out;
+              for (Isa level : supported_isas()) out.append(isa_name(level));
+              return out;
+          },
+          "Levels this CPU, its OS and this build support, lowest first (the last is the default).");
+    m.def("set_isa", [](const std::string& name) { set_isa(name); }, py::arg("level"),
+          "Switch the level for the whole process (tests compare levels in one process; do not call it "
+          "while an op runs). ValueError for an unknown or unsupported level.");
+    m.def("cpu_features", [] {
+              const CpuFeatures& f = cpu_features();
+              py::dict d;
+              d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+              d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512dq"] = f.avx512dq;
+              d["avx512vl"] = f.avx512vl; d["avx512_vnni"] = f.avx512_vnni; d["avx512_bf16"] = f.avx512_bf16;
+              d["avx512_vpopcntdq"] = f.avx512_vpopcntdq; d["amx_tile"] = f.amx_tile; d["amx_bf16"] = f.amx_bf16;
+              d["amx_int8"] = f.amx_int8; d["os_avx"] = f.os_avx; d["os_avx512"] = f.os_avx512;
+              d["os_amx"] = f.os_amx; d["amx_permitted"] = f.amx_permitted;
+              return d;
+          },
+          "What cpuid and the OS report (all False off x86): instruction sets, and whether the OS saves "
+          "their registers (os_*) and lets this process use AMX tiles (amx_permitted).");
     const auto threads = py::arg("n_threads") = py::none();
     const auto out = py::arg("out") = py::none();
     m.def("query_gradient", &py_query_gradient, py::arg("queries"), py::arg("order"), py::arg("seg_ptr"), threads, out,

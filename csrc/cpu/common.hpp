@@ -1,5 +1,10 @@
 // Shared helpers of the CPU kernels: thread count, worker-exception capture, the top-k state
 // with the tie rule, and loading of float16/float32/float64 corpus rows into float32.
+//
+// This header is compiled into the baseline driver files and into each level's kernels
+// (csrc/cpu/kernels/, see dispatch.hpp) with that level's flags. Its inline functions therefore
+// live in an inline namespace named after the level: each level's copies are distinct symbols,
+// so the linker can never hand AVX-512 code to a caller on a CPU without it.
 #pragma once
 
 #include <algorithm>
@@ -14,13 +19,21 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <type_traits>
 #include <vector>
+
+#include "dispatch.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #ifdef _MSC_VER
 #include <malloc.h>  // _aligned_malloc
+#endif
+
+// The build defines NUDGEFAST_LEVEL for the kernels of one level; everything else is baseline.
+#ifndef NUDGEFAST_LEVEL
+#define NUDGEFAST_LEVEL baseline
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -31,8 +44,18 @@
 #include <immintrin.h>
 #define NUDGEFAST_F16C 1
 #endif
+#if defined(NUDGEFAST_AVX2) && defined(NUDGEFAST_F16C) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define NUDGEFAST_AVX512 1
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC's AVX-512 headers pass _mm*_undefined_*() as the unused source of the masked builtins behind
+// many intrinsics, which -Wmaybe-uninitialized then reports at every call.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
 
 namespace nudgefast {
+inline namespace NUDGEFAST_LEVEL {
 
 // ---------------------------------------------------------------------------------------------
 // Threads
@@ -230,6 +253,10 @@ inline void load_row(const double* src, int64_t d, float* dst) {
 
 inline void load_row(const Half* src, int64_t d, float* dst) {
     int64_t j = 0;
+#ifdef NUDGEFAST_AVX512
+    for (; j + 16 <= d; j += 16)
+        _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+#endif
 #ifdef NUDGEFAST_F16C
     for (; j + 8 <= d; j += 8) {
         __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
@@ -239,35 +266,110 @@ inline void load_row(const Half* src, int64_t d, float* dst) {
     for (; j < d; ++j) dst[j] = half_to_float(src[j].bits);
 }
 
+inline float widen(float x) { return x; }
+inline float widen(Half h) { return half_to_float(h.bits); }
+
+#ifdef NUDGEFAST_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256d lo4(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+inline __m256d hi4(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+#endif
+#ifdef NUDGEFAST_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512d lo8(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d hi8(__m512 v) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+
+// Sum of squares of a float32 / float16 row in double, in one order of additions on every level
+// (so that every level gets the same norms, hence the same scores):
+//   1. 32 partial sums: value j goes to sum j % 32, for the leading multiple of 32 values;
+//   2. 8 sums: c[l] = (s[l] + s[8 + l]) + (s[16 + l] + s[24 + l]);
+//   3. then 8 values at a time: c[l] += x[j + l]^2;
+//   4. e[l] = c[l] + c[4 + l]; sum = (e[0] + e[1]) + (e[2] + e[3]);
+//   5. the last d % 8 values added in order.
+// x * x is exact in double, so a fused multiply-add and a multiply + add round the same.
+template <typename T>
+inline double squared_norm(const T* x, int64_t d) {
+    int64_t j = 0;
+    double e[4];
+#if defined(NUDGEFAST_AVX512)
+    __m512d b0 = _mm512_setzero_pd(), b1 = b0, b2 = b0, b3 = b0;
+    for (; j + 32 <= d; j += 32) {
+        const __m512 v0 = load16(x + j), v1 = load16(x + j + 16);
+        const __m512d l0 = lo8(v0), h0 = hi8(v0), l1 = lo8(v1), h1 = hi8(v1);
+        b0 = _mm512_fmadd_pd(l0, l0, b0);
+        b1 = _mm512_fmadd_pd(h0, h0, b1);
+        b2 = _mm512_fmadd_pd(l1, l1, b2);
+        b3 = _mm512_fmadd_pd(h1, h1, b3);
+    }
+    __m512d c = _mm512_add_pd(_mm512_add_pd(b0, b1), _mm512_add_pd(b2, b3));
+    for (; j + 8 <= d; j += 8) {
+        const __m512d v = _mm512_cvtps_pd(load8(x + j));
+        c = _mm512_fmadd_pd(v, v, c);
+    }
+    _mm256_storeu_pd(e, _mm256_add_pd(_mm512_castpd512_pd256(c), _mm512_extractf64x4_pd(c, 1)));
+#elif defined(NUDGEFAST_AVX2)
+    __m256d a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_pd();
+    for (; j + 32 <= d; j += 32)
+        for (int i = 0; i < 4; ++i) {
+            const __m256 v = load8(x + j + 8 * i);
+            const __m256d l = lo4(v), h = hi4(v);
+            a[2 * i] = _mm256_fmadd_pd(l, l, a[2 * i]);
+            a[2 * i + 1] = _mm256_fmadd_pd(h, h, a[2 * i + 1]);
+        }
+    __m256d clo = _mm256_add_pd(_mm256_add_pd(a[0], a[2]), _mm256_add_pd(a[4], a[6]));
+    __m256d chi = _mm256_add_pd(_mm256_add_pd(a[1], a[3]), _mm256_add_pd(a[5], a[7]));
+    for (; j + 8 <= d; j += 8) {
+        const __m256 v = load8(x + j);
+        const __m256d l = lo4(v), h = hi4(v);
+        clo = _mm256_fmadd_pd(l, l, clo);
+        chi = _mm256_fmadd_pd(h, h, chi);
+    }
+    _mm256_storeu_pd(e, _mm256_add_pd(clo, chi));
+#else
+    double s[32] = {};
+    for (; j + 32 <= d; j += 32)
+        for (int l = 0; l < 32; ++l) {
+            const double v = widen(x[j + l]);
+            s[l] += v * v;
+        }
+    double c[8];
+    for (int l = 0; l < 8; ++l) c[l] = (s[l] + s[8 + l]) + (s[16 + l] + s[24 + l]);
+    for (; j + 8 <= d; j += 8)
+        for (int l = 0; l < 8; ++l) {
+            const double v = widen(x[j + l]);
+            c[l] += v * v;
+        }
+    for (int l = 0; l < 4; ++l) e[l] = c[l] + c[4 + l];
+#endif
+    double sum = (e[0] + e[1]) + (e[2] + e[3]);
+    for (; j < d; ++j) {
+        const double v = widen(x[j]);
+        sum += v * v;
+    }
+    return sum;
+}
+
 // Converts row `src` (d values) into `dst` (d floats) and returns the Euclidean norm of the
-// converted values (what the kernel multiplies with), accumulated in double.
+// converted values (what the kernel multiplies with), accumulated in double (squared_norm's order).
 template <typename T>
 inline double load_row_norm(const T* src, int64_t d, float* dst) {
     load_row(src, d, dst);
-    int64_t j = 0;
-#ifdef NUDGEFAST_AVX2
-    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-    for (; j + 8 <= d; j += 8) {
-        const __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(dst + j));
-        const __m256d hi = _mm256_cvtps_pd(_mm_loadu_ps(dst + j + 4));
-        acc0 = _mm256_fmadd_pd(lo, lo, acc0);
-        acc1 = _mm256_fmadd_pd(hi, hi, acc1);
-    }
-    alignas(32) double lanes[4];
-    _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
-    double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-#else
-    double sum = 0.0;
-#endif
-    for (; j < d; ++j) sum += static_cast<double>(dst[j]) * dst[j];
-    return std::sqrt(sum);
+    return std::sqrt(squared_norm(dst, d));
 }
+
+}  // inline namespace NUDGEFAST_LEVEL
 
 // ---------------------------------------------------------------------------------------------
 // Op entry points, one .cpp each. Arrays are C-contiguous unless a stride is given; the
 // bindings check dtypes and shapes, the kernels trust them. n_threads >= 1.
-
-enum class ChunkType { f16, f32, f64 };
 
 template <typename T>
 void query_gradient(const T* queries, int64_t d, const int64_t* order, const int64_t* seg_ptr, int64_t t,

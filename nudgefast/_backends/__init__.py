@@ -79,6 +79,11 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
             _cache[name] = (module, "available")
         except Exception as exc:  # ImportError, or a broken compiled module
             shadow = _shadowed_extension() if name == "cpp" else None
+            if name == "cpp" and "NUDGEFAST_CPU_ISA" in str(exc):
+                # The build is fine; the environment asks for a level this CPU cannot run, and
+                # the message already names the variable and the allowed values.
+                _cache[name] = (None, f"{type(exc).__name__}: {exc}")
+                return _cache[name]
             fix = shadow or f"fix: {_INSTALL_HINT[name]}"
             _cache[name] = (None, f"{type(exc).__name__}: {exc}; {fix}")
     return _cache[name]

@@ -10,8 +10,14 @@ cast to float32); the small ops compute in float64.
 The compiled module checks every index argument (ranges, sort order, pointer arrays) and
 ``n_threads`` before any native work and raises ``ValueError`` naming the argument; this module
 checks what never reaches it (``pair_pos``) and that index arrays hold integers.
+
+The kernels' inner loops exist once per instruction-set level (baseline, avx2, avx512); the
+compiled module picks the best this CPU supports at import, or the one ``NUDGEFAST_CPU_ISA``
+names (``describe()`` says which).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -20,6 +26,26 @@ from nudgefast import _cpu
 NAME = "cpp"
 
 _CHUNK_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe() -> str:
+    """One line for ``nudgefast backends``: the instruction-set path in use, what else this CPU
+    offers, and the AMX state (detected or not; no AMX kernel exists yet)."""
+    f = _cpu.cpu_features()
+    isa, kernel = _cpu.isa(), _cpu.kernel_isa()
+    extras = [name for name, key in (("avx512-vnni", "avx512_vnni"), ("avx512-bf16", "avx512_bf16"),
+                                     ("vpopcntdq", "avx512_vpopcntdq")) if f[key]]
+    amx = [name for name, key in (("amx-bf16", "amx_bf16"), ("amx-int8", "amx_int8")) if f[key]]
+    if not amx:
+        amx_note = "no AMX on this CPU"
+    elif not f["amx_permitted"]:
+        amx_note = f"{'/'.join(amx)} present but the OS does not grant its tile state: not used"
+    else:
+        amx_note = f"{'/'.join(amx)} available, no AMX kernel yet: the avx512 kernels run"
+    forced = f", forced by {_cpu.ISA_ENV}" if os.environ.get(_cpu.ISA_ENV) else ""
+    return (f"path: {kernel}{forced} (levels here: {', '.join(_cpu.isa_levels())}"
+            f"{'; also ' + ', '.join(extras) if extras else ''}; {amx_note})"
+            + (f"; level {isa}" if isa != kernel else ""))
 
 
 def _f64(a):

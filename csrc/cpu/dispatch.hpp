@@ -1,0 +1,132 @@
+// Runtime instruction-set dispatch: the kernels' inner loops exist once per level, each compiled
+// with its own flags (csrc/cpu/kernels/*.cpp, once per level: see setup.py), and the best level
+// this CPU and OS support is chosen when the module is imported.
+//
+// Levels, lowest first:
+//   baseline  x86-64 (SSE2), or whatever the compiler targets off x86 / with MSVC
+//   avx2      AVX2 + FMA + F16C
+//   avx512    AVX-512 F/BW/DQ/VL (+ AVX2, FMA, F16C)
+//   amx       AMX tiles (AMX-TILE with BF16 or INT8) usable: the CPU has them and Linux lets this
+//             process use their state (detection asks ARCH_GET_XCOMP_SUPP, without requesting
+//             the grant). No kernel uses AMX yet: at this level the avx512 kernels run
+//             (kernel_level() says so).
+//
+// Every level computes each top-k score as one fused multiply-add chain over t = 0 .. d-1 and
+// every norm with the same order of additions, so all levels return bit-identical results
+// (tests/test_cpu_isa.py checks this). The baseline keeps the same chain with a float32 FMA
+// emulated in double (exact product, one rounding; std::fma at the rare exact midpoints and
+// subnormals): correct on x86-64 CPUs without FMA (pre-2013), not fast.
+//
+// Everything here is plain data and function pointers, shared by the baseline-compiled driver
+// and the per-level kernels: no inline function with a body, so no copy compiled with AVX-512
+// instructions can be picked by the linker for baseline code.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace nudgefast {
+
+enum class ChunkType { f16, f32, f64 };
+
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, amx = 3 };
+constexpr int kIsaLevels = 4;
+
+// The environment variable that forces a level (one of isa_name()'s values, at most the best one).
+constexpr const char* kIsaEnv = "NUDGEFAST_CPU_ISA";
+
+// What cpuid and the OS say (x86; all false elsewhere). Quantized-corpus kernels will key on the
+// int8 / binary features the same way the float kernels key on the levels.
+struct CpuFeatures {
+    bool avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
+    bool avx512_vnni = false, avx512_bf16 = false, avx512_vpopcntdq = false;
+    bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
+    bool os_avx = false, os_avx512 = false, os_amx = false;  // XCR0 enables the register state
+    bool amx_permitted = false;                             // Linux would grant the tile data state
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernel interfaces (one table per compiled level)
+
+// topk_update's problem, shared by all threads. queries: n_qt * d floats in the level's layout
+// (TopkKernel::pack_queries), n_qt a multiple of the level's query_tile.
+struct TopkProblem {
+    const float* queries;
+    int64_t n_q, n_qt, d, k;
+    const void* chunk;
+    ChunkType chunk_type;
+    int64_t m, row_stride, row_offset;  // chunk rows, elements between rows, id of row 0
+    const int64_t* exclude;             // sorted chunk-local rows
+    int64_t n_exclude;
+    bool normalize;
+};
+
+// One thread's scratch, allocated by the driver with the level's sizes.
+struct TopkScratch {
+    float* scores;      // (n_q, k) heaps, worst on top
+    int64_t* index;
+    float* thresh;      // (n_qt): score of the worst kept entry; +inf on padding
+    float* panels;      // record_tile * d, 64-byte aligned: the packed records
+    float* norm;        // record_tile: float32 norm, 1 without normalize, NaN if not a candidate
+    float* inv_norm;    // record_tile: 1 / norm
+    float* rows;        // panel * d, 64-byte aligned: converted rows on their way into a panel
+    int64_t first_bad;  // smallest bad row id seen, or -1
+    uint64_t always_offer = 0;  // record_tile bits: candidates whose 1 / norm overflows float32
+                                // (norm below 2^-128): offered without the admission test
+};
+
+struct TopkKernel {
+    int64_t query_tile;   // queries per register tile (n_qt is padded to a multiple)
+    int64_t record_tile;  // records per register tile (blocks are multiples of it)
+    int64_t panel;        // records per panel
+    // The (n_q, d) queries in the layout the micro-kernel reads, zero-padded to n_qt: n_qt * d floats.
+    void (*pack_queries)(const float* queries, int64_t n_q, int64_t n_qt, int64_t d, float* out);
+    // Merges chunk rows [begin, end) into the thread's heaps (begin a multiple of record_tile).
+    void (*block)(const TopkProblem& p, TopkScratch& s, int64_t begin, int64_t end);
+};
+
+struct NormalizeKernel {
+    // out[r] = row r / |row r| for r in [begin, end) of the (m, d) float32 or float16 chunk;
+    // stream: non-temporal stores (followed by a fence). Returns the first row of norm zero or
+    // not finite (its out row untouched), or -1.
+    int64_t (*rows)(const void* chunk, bool f16, int64_t begin, int64_t end, int64_t d, float* out, bool stream);
+};
+
+struct Dot64Kernel {
+    static constexpr int64_t kMaxRows = 8, kMaxCols = 16;
+    int64_t rows, cols;  // the register tile: rows of A x columns (rows of B)
+    // acc[r * cols + c] = FMA chain over k of a[r][k] * panel[k * cols + c].
+    void (*tile)(const double* const* a, const double* panel, int64_t d, double* acc);
+};
+
+// Pointers, not copies: each level's table is then a constant, initialised before any code runs.
+struct KernelTable {
+    Isa level;  // the level these kernels were compiled for
+    const TopkKernel* topk;
+    const NormalizeKernel* normalize;
+    const Dot64Kernel* dot64;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Selection
+
+const char* isa_name(Isa level);
+const CpuFeatures& cpu_features();
+// Levels this build has kernels for and this CPU + OS can run, lowest first.
+std::vector<Isa> supported_isas();
+Isa best_isa();
+// The level in use: chosen by init_isa() (the best, or NUDGEFAST_CPU_ISA), or by set_isa().
+Isa active_isa();
+// The level of the kernels that run for active_isa() (avx512 for amx: no AMX kernel yet).
+Isa kernel_isa();
+const KernelTable& kernels();
+// Reads NUDGEFAST_CPU_ISA; throws std::invalid_argument naming the variable and the allowed
+// values when it is unknown or above what this CPU supports.
+void init_isa();
+// Switches the level (tests compare levels in one process; not thread-safe against running
+// kernels). Throws std::invalid_argument for an unknown or unsupported level.
+void set_isa(const std::string& name);
+
+}  // namespace nudgefast
