@@ -101,12 +101,20 @@ struct Dot64Kernel {
     void (*tile)(const double* const* a, const double* panel, int64_t d, double* acc);
 };
 
+struct SweepKernel {
+    // out[j] = a[j] * s[j] + b[j] * h[j] (two products rounded, then the sum), j < len; returns
+    // the largest out[j] (-inf when len == 0 or every value is NaN).
+    double (*scores)(const double* a, const double* b, const double* s, const double* h, int64_t len,
+                     double* out);
+};
+
 // Pointers, not copies: each level's table is then a constant, initialised before any code runs.
 struct KernelTable {
     Isa level;  // the level these kernels were compiled for
     const TopkKernel* topk;
     const NormalizeKernel* normalize;
     const Dot64Kernel* dot64;
+    const SweepKernel* sweep;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, con
     constexpr int64_t kGroup = 8;
     constexpr int64_t kBlock = 256;
     const int64_t n_groups = (n_b + kGroup - 1) / kGroup;
+    const SweepKernel& sweep = *kernels().sweep;
     WorkerErrors errors;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -61,20 +62,8 @@ void nudge_n_sweep(const double* S, const double* H, int64_t n_b, int64_t t, con
                         const double* Si = S + (i0 + q) * t + j0;
                         const double* Hi = H + (i0 + q) * t + j0;
                         double* hs = hs_of(q, g);
-                        for (int64_t j = 0; j < len; ++j) {  // vectorises: no branch, no call
-                            const double a_s = a[j] * Si[j];  // two roundings, then the sum: as in NumPy
-                            const double b_h = b[j] * Hi[j];
-                            block[j] = a_s + b_h;
-                        }
-                        // Four independent maxima: a single running max is a latency-bound chain
-                        // (without -ffast-math the compiler may not reorder it).
-                        constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-                        double m4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-                        int64_t j = 0;
-                        for (; j + 4 <= len; j += 4)
-                            for (int u = 0; u < 4; ++u) m4[u] = block[j + u] > m4[u] ? block[j + u] : m4[u];
-                        for (; j < len; ++j) m4[0] = block[j] > m4[0] ? block[j] : m4[0];
-                        const double best = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+                        // The scores and their maximum: the instruction-set level's kernel.
+                        const double best = sweep.scores(a, b, Si, Hi, len, block);
                         // '>=': a tie with the worst entry may still win on the lower index.
                         if (!(best >= hs[0])) continue;
                         int64_t* hi = hi_of(q, g);
