@@ -149,9 +149,10 @@ setup(
         # 2.13.0, the CPU build this project's machines install (an unpinned torch pulls a
         # multi-GB CUDA build). nudge-ft itself only asks for numpy and torch.
         # pybind11: the tests build the extension once more (the ASan build, the device check's
-        # dry run), outside pip's isolated build environment.
+        # dry run), outside pip's isolated build environment. sentence-transformers: parity of
+        # nf.quantize's codes with its quantize_embeddings (it runs on the pinned CPU torch).
         "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib", "torch==2.13.0",
-                 "nudge-ft==0.1.2", "pybind11>=2.12", "pyarrow"],
+                 "nudge-ft==0.1.2", "pybind11>=2.12", "pyarrow", "sentence-transformers==6.2.0"],
         # Hand-off targets (Delta.apply_to): FAISS indexes, Arrow tables / Parquet files.
         "faiss": ["faiss-cpu"],
         "arrow": ["pyarrow"],

@@ -2,8 +2,9 @@
 
 Public API: :class:`NudgeM`, :class:`NudgeN` (``fit -> NudgeResult``), :class:`QuerySet`,
 :func:`search`, :func:`metrics`, :func:`backends`; :class:`Tuner` (a fit kept for
-feedback, returning :class:`Delta` hand-offs). The drop-in for ``nudge-ft`` lives in
-:mod:`nudgefast.compat`.
+feedback, returning :class:`Delta` hand-offs); :func:`quantize` (Sentence-Transformers'
+int8/uint8/binary codes: a :class:`QuantizedCorpus` with its :class:`QuantizationRanges`). The
+drop-in for ``nudge-ft`` lives in :mod:`nudgefast.compat`.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from .queryset import QuerySet
 from .search import SearchResult, search
 from .handoff import Delta
 from .tuner import Tuner
+from .quantize import QuantizationRanges, QuantizedCorpus, quantize
 
 __version__ = "0.1.0"
 __all__ = ["NudgeM", "NudgeN", "NudgeResult", "QuerySet", "SearchResult", "search", "metrics",
-           "backends", "Tuner", "Delta"]
+           "backends", "Tuner", "Delta", "quantize", "QuantizedCorpus", "QuantizationRanges"]
 
 logging.getLogger("nudgefast").addHandler(logging.NullHandler())
