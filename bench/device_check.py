@@ -82,6 +82,14 @@ def env(out, dry):
     info["commit"] = commit if len(commit) == 40 and " " not in commit else "absent (no git here)"
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     info["dirty"] = None if info["commit"].startswith("absent") else bool(dirty)
+    # The device tool ships the working tree with the session's *first* .git snapshot, so git
+    # there names a stale commit (2026-11-26: three H100 runs all said 1ae1a71). The caller
+    # states what it sends: DC_COMMIT=<sha of a clean, committed tree>.
+    claimed = os.environ.get("DC_COMMIT", "").strip()
+    if claimed:
+        info["git_on_device"] = {"commit": info["commit"], "dirty": info["dirty"]}
+        info["commit"], info["dirty"] = claimed, None
+        info["commit_source"] = "DC_COMMIT, given by the caller (git on the device is a stale snapshot)"
     for mod in ("torch", "cupy", "numba", "pybind11", "pytest"):
         try:
             info[mod] = __import__(mod).__version__
@@ -535,7 +543,8 @@ def report(out, dry):
          f"- driver {info.get('driver', '?')}; CUDA runtime {info.get('cuda_runtime', '-')}, "
          f"driver API {info.get('cuda_driver', '-')}; CuPy {info.get('cupy')}; torch {info.get('torch')}; "
          f"numpy {info.get('numpy')}; Python {info.get('python')}",
-         f"- commit {info.get('commit', '?')}" + (" (dirty tree)" if info.get("dirty") else ""),
+         f"- commit {info.get('commit', '?')}" + (" (dirty tree)" if info.get("dirty") else "")
+         + (" (stated by the caller: DC_COMMIT)" if info.get("commit_source") else ""),
          f"- commit these files under `{folder}/`", "",
          "## Summary", "",
          ("**failed steps: " + ", ".join(failed) + "**") if failed else "no step failed", "",
