@@ -58,10 +58,10 @@ def is_device(x) -> bool:
     return False
 
 
-def device_view(x):
-    """A CuPy array over the memory of device array ``x``: no copy (a torch tensor is
-    detached first; the view shares its memory). Raises when ``x`` is on another GPU than the
-    current one, as the CUDA backend would in its corpus pass."""
+def device_view(x, name: str = "array"):
+    """A CuPy array over the memory of device array ``x`` (the argument ``name``): no copy (a
+    torch tensor is detached first; the view shares its memory). Raises when ``x`` is on
+    another GPU than the current one, as the CUDA backend would in its corpus pass."""
     cp = _cupy()
     if isinstance(x, cp.ndarray):
         arr = x
@@ -75,7 +75,7 @@ def device_view(x):
         arr = cp.asarray(x) if has_cai else cp.from_dlpack(x)
     device = getattr(getattr(arr, "device", None), "id", None)
     if device is not None and device != cp.cuda.Device().id:
-        raise ValueError(f"a GPU array is on GPU {device} but the current device is "
+        raise ValueError(f"{name}: is on GPU {device} but the current device is "
                          f"{cp.cuda.Device().id}; use `with cupy.cuda.Device({device}):`")
     return arr
 
@@ -89,11 +89,11 @@ def torch_to_numpy(t) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def to_host(x) -> np.ndarray:
+def to_host(x, name: str = "array") -> np.ndarray:
     """A host copy of device array ``x``; for the small arguments only (queries, rankings)."""
     if _is_torch(x):
         return torch_to_numpy(x)
-    return device_view(x).get()
+    return device_view(x, name).get()
 
 
 def is_host(arr) -> bool:
@@ -132,8 +132,15 @@ def like(value, caller):
     is one (DLPack, no copy of a device ``value``)."""
     if not is_device(caller):
         return value if isinstance(value, np.ndarray) else to_host(value)
-    cp = _cupy()
-    arr = value if isinstance(value, cp.ndarray) else cp.asarray(value)
     if _is_torch(caller):
-        return _torch().from_dlpack(arr)
-    return arr
+        if isinstance(value, np.ndarray):  # torch alone: a torch user need not have CuPy
+            return _torch().as_tensor(value, device=caller.device)
+        return _torch().from_dlpack(value)
+    cp = _cupy()
+    if isinstance(value, cp.ndarray):
+        return value
+    device = getattr(getattr(caller, "device", None), "id", None)
+    if isinstance(device, int):  # the caller's GPU, not merely the current one
+        with cp.cuda.Device(device):
+            return cp.asarray(value)
+    return cp.asarray(value)

@@ -26,7 +26,7 @@ def device_array_error(name: str, backend: str | None = None) -> TypeError:
                      f"use backend='cuda' (or 'auto'), which reads it in place, or pass {fix}")
 
 
-def _host_array(name: str, value):
+def _host_array(name: str, value, allow_device: bool = False):
     """NumPy view of a host array-like; a CPU torch tensor (with grad, or bfloat16) is taken
     through ``detach()`` (and ``float()`` for bfloat16, which NumPy has no type for). A device
     array is copied to the host: only the small arguments (queries, rankings) come here; a
@@ -34,7 +34,9 @@ def _host_array(name: str, value):
     if isinstance(value, np.ndarray):
         return value
     if _arrays.is_device(value):
-        return _arrays.to_host(value)
+        if not allow_device:  # an O(N) argument: never copied to the host behind the caller's back
+            raise device_array_error(name)
+        return _arrays.to_host(value, name)
     if _arrays._is_torch(value):
         return _arrays.torch_to_numpy(value)
     if isinstance(value, (str, bytes)):
@@ -97,7 +99,7 @@ def as_corpus(name: str, corpus, backend: str | None = None):
         if backend is None or not _backends.on_device(backend):
             raise device_array_error(name, backend)
         try:
-            corpus = _arrays.device_view(corpus)
+            corpus = _arrays.device_view(corpus, name)
         except (ImportError, ValueError):
             raise
         except Exception as exc:  # e.g. a dtype CuPy has no type for (torch.bfloat16)
@@ -120,7 +122,7 @@ def as_corpus(name: str, corpus, backend: str | None = None):
 
 def as_queries(name: str, queries, d: int | None = None, dtype=np.float32) -> np.ndarray:
     """A C-contiguous copy of a query matrix in ``dtype``, checked for shape and values."""
-    arr = _host_array(name, queries)
+    arr = _host_array(name, queries, allow_device=True)
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array of shape (n, d), got {arr.ndim}-D shape "
                          f"{arr.shape}; reshape it (one row per query)")

@@ -36,7 +36,7 @@ from typing import List, TypedDict
 import numpy as np
 
 from ._defaults import NUDGE_N_GAMMAS, REFERENCE_EPS, VAL_BLOCK
-from . import _arrays, _validate
+from . import _arrays, _backends, _validate
 from .nudge import NudgeResult, _fit_m, _fit_n, _prepare, _result
 
 
@@ -75,8 +75,13 @@ class _Compat:
         #: The :class:`NudgeResult` of the last call (gamma, touched records, accuracy).
         self.result_: NudgeResult | None = None
 
-    def _prep(self, embeddings, train_set, val_set, *, unique_val):
-        return _prepare(embeddings, train_set, val_set, self.backend, np.float32,
+    def _prep(self, embeddings, train_set, val_set, nontrain_embeddings, *, unique_val):
+        backend = self.backend
+        extra = nontrain_embeddings[0] if isinstance(nontrain_embeddings, tuple) else nontrain_embeddings
+        if backend == "auto" and _arrays.is_device(extra) and not _arrays.is_device(embeddings):
+            # 'auto' follows a device array wherever it is: here the non-train rows.
+            backend = _backends.resolve("auto", device_input="nontrain_embeddings")
+        return _prepare(embeddings, train_set, val_set, backend, np.float32,
                         unique_train=False, unique_val=unique_val, skip_empty_val=False,
                         n_threads=self.n_threads, device_ok=True)
 
@@ -95,7 +100,7 @@ class NUDGEM(_Compat):
         """Returns the tuned embeddings (N, d) float32 (on the device for device
         ``embeddings``); score them by dot product."""
         val_batch_size = _validate.as_size("val_batch_size", val_batch_size, allow_none=False)
-        prep = self._prep(embeddings, train_set, val_set, unique_val=False)
+        prep = self._prep(embeddings, train_set, val_set, nontrain_embeddings, unique_val=False)
         extra = _nontrain(nontrain_embeddings, prep.corpus.shape[1], prep.backend_name)
         if gamma is None:
             res = _fit_m(prep, "left", REFERENCE_EPS, extra_corpus=extra, chunk_rows=None,
@@ -122,7 +127,7 @@ class NUDGEN(_Compat):
         ``embeddings``)."""
         val_batch_size = _validate.as_size("val_batch_size", val_batch_size, allow_none=False)
         val_k = _validate.as_size("val_k", val_k, allow_none=False)
-        prep = self._prep(embeddings, train_set, val_set, unique_val=True)
+        prep = self._prep(embeddings, train_set, val_set, nontrain_embeddings, unique_val=True)
         _validate.as_k("val_k", val_k, prep.corpus.shape[0])
         if (prep.val_csr.counts == 0).any():
             warnings.warn("val_set: a validation query has no answers; like nudge-ft every "

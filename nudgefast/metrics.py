@@ -42,7 +42,7 @@ def metrics(retrieved, queries: QuerySet, k: int = 10, *, backend="auto", per_qu
     id below -1 (``-1`` pads), or (with ``n_records``) an id or answer >= N is an error.
     """
     caller = retrieved
-    retrieved = _arrays.to_host(retrieved) if _arrays.is_device(retrieved) \
+    retrieved = _arrays.to_host(retrieved, "retrieved") if _arrays.is_device(retrieved) \
         else np.asarray(retrieved)
     if retrieved.ndim != 2 or retrieved.dtype.kind not in "iu":
         raise ValueError(f"retrieved: expected a 2-D integer array (n, k), got "

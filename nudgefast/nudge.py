@@ -102,7 +102,7 @@ def _out_array(out, shape, on_device):
            else f"allocate np.empty({shape}, np.float32)")
     arr = None
     if on_device == _arrays.is_device(out):
-        arr = _arrays.device_view(out) if on_device else out
+        arr = _arrays.device_view(out, "out") if on_device else out
     ok = arr is not None and (on_device or isinstance(arr, np.ndarray)) \
         and tuple(arr.shape) == shape and arr.dtype == np.float32 and arr.flags.c_contiguous \
         and (on_device or arr.flags.writeable)

@@ -127,7 +127,7 @@ class QuantizationRanges:
         """From ST's ``ranges`` array (2, d) (any float dtype; cast to float32 as ST does)."""
         if isinstance(ranges, cls):
             return ranges
-        arr = _validate._host_array(name, ranges)
+        arr = _validate._host_array(name, ranges, allow_device=True)  # (2, d): small
         if arr.ndim != 2 or arr.shape[0] != 2 or arr.dtype.kind not in "fiu":
             raise ValueError(f"{name}: expected a QuantizationRanges or ST's (2, d) array of "
                              f"[minima, maxima], got {arr.dtype} shape {tuple(arr.shape)}")

@@ -46,7 +46,7 @@ class QuerySet:
     _csr: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        emb = _validate._host_array("QuerySet.embeddings", self.embeddings)
+        emb = _validate._host_array("QuerySet.embeddings", self.embeddings, allow_device=True)
         if emb.ndim != 2:
             raise ValueError(f"QuerySet.embeddings: expected shape (n, d), got {emb.shape}")
         emb = np.array(emb, copy=True)

@@ -112,6 +112,7 @@ class FakeTensor:
 
     __module__ = "torch"
     is_cuda = True
+    device = "cuda:0"
 
     def __init__(self, host):
         self._host = host
@@ -148,7 +149,8 @@ fake_cupy = types.SimpleNamespace(
     # New device memory starts as NaN, so an element nobody writes shows.
     empty=lambda shape, dtype: FakeCupyArray(np.full(shape, np.nan, dtype=dtype)),
     ascontiguousarray=lambda a, dtype=None: FakeCupyArray(np.ascontiguousarray(a._host, dtype)))
-fake_torch = types.SimpleNamespace(from_dlpack=lambda a: FakeTensor(a._host))
+fake_torch = types.SimpleNamespace(from_dlpack=lambda a: FakeTensor(a._host),
+                                   as_tensor=lambda a, device=None: FakeTensor(np.array(a)))
 
 #: kind -> (the caller's type, the type results come back as)
 KINDS = {"cupy": (FakeCupyArray, FakeCupyArray), "cai": (CAIArray, FakeCupyArray),
