@@ -8,7 +8,9 @@
 PART: ``floors`` (dense fp16 GEMM rate, pinned host-to-device bandwidth), ``topk-cuda`` (one
 top-k pass over a device-resident fp16 corpus; torch ``mm`` + ``topk`` and CuPy ``matmul`` +
 ``argpartition`` as peers on the same data), ``fit-cuda`` (NudgeN / NudgeM fits on the device),
-``cpp`` (the same workloads on the cpp backend with every CPU core, at a smaller N).
+``cpp`` (the same workloads on the cpp backend with every CPU core, at a smaller N),
+``launch-sweep`` (the top-k pass under other launch tables, each checked first; last, if time
+is left).
 
 Corpora are generated on the device (seeded, in chunks) and never shipped; only ``cpp`` and dry
 mode generate on the host. Each figure is a record with its floor and the ratio to it; a figure
@@ -458,8 +460,76 @@ def part_cpp(b: Bench, s):
     return 0, ""
 
 
+#: Launch-table variants the sweep times (each must satisfy topk.cu's static_asserts and fit the
+#: 48 KiB of static shared memory; .ci/cuda_check.sh-style cubin builds of each were checked
+#: with nvcc on the CPU machine). The first is the shipped table.
+LAUNCH_VARIANTS = [
+    ("shipped", {}),
+    ("f16 warps along q: 4", {"F16_WARPS_Q": 4}),
+    ("f16 warps along q: 1", {"F16_WARPS_Q": 1}),
+    ("128 threads, QT 32", {"THREADS": 128, "QT": 32}),
+    ("2 blocks/SM (register cap 128)", {"MIN_BLOCKS": 2}),
+    ("no lo split (scores ~1e-4 off)", {"F16_SPLIT": 0}),
+]
+
+_SWEEP_CHILD = r"""
+import json, sys, time
+import numpy as np, cupy as cp
+from nudgefast._backends import cuda_backend as cb
+from nudgefast._backends import numpy_backend as ref
+from nudgefast.search import topk_pass
+cb.LAUNCH["TOPK"].update(json.loads(sys.argv[1]))
+n, d, n_q, k = int(sys.argv[2]), 384, 1000, 10
+rs = cp.random.RandomState(0)
+# Correctness first, on a small problem against the float64 reference: a fast wrong variant
+# must not win.
+xs = rs.standard_normal((20011, d), dtype=cp.float32).astype(cp.float16)
+qs = np.random.default_rng(1).standard_normal((97, d)).astype(np.float32)
+s_got, i_got = topk_pass(cb, qs, xs, k, progress=False)
+s_ref = np.full((97, k), -np.inf); i_ref = np.full((97, k), -1, np.int64)
+ref.topk_update(qs.astype(np.float64), xs.get().astype(np.float64), 0, np.zeros(0, np.int64), True, s_ref, i_ref)
+same = float((i_got == i_ref).mean()); err = float(np.abs(s_got - s_ref).max())
+x = cp.empty((n, d), cp.float16)
+for a in range(0, n, 1 << 20):
+    x[a:a + (1 << 20)] = rs.standard_normal((min(1 << 20, n - a), d), dtype=cp.float32).astype(cp.float16)
+q = np.random.default_rng(2).standard_normal((n_q, d)).astype(np.float32)
+topk_pass(cb, q, x, k, progress=False); cp.cuda.Device().synchronize()
+runs = []
+for _ in range(3):
+    t = time.perf_counter(); topk_pass(cb, q, x, k, progress=False); cp.cuda.Device().synchronize()
+    runs.append(time.perf_counter() - t)
+print(json.dumps({"runs": runs, "same_index": same, "max_score_err": err}))
+"""
+
+
+def part_launch_sweep(b: Bench, s):
+    """Top-k pass time per launch-table variant (a subprocess each: the table is read once per
+    process, at the first compile), each checked against the reference first. For the next
+    session's kernel work: which way the shipped table should move."""
+    skip = _skip_without_cuda(b, "launch sweep")
+    if skip:
+        return skip
+    n = _env_int("DC_N_SWEEP", 1e7)
+    floor_s, floor_what = topk_floor(b, n, 1000)
+    for label, change in LAUNCH_VARIANTS:
+        kw = dict(n=n, n_q=1000, k=10, floor_s=floor_s, floor_what=floor_what)
+
+        def run(change=change):
+            res = subprocess.run([sys.executable, "-c", _SWEEP_CHILD, json.dumps(change), str(n)],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "PYTHONPATH": os.environ.get("PKG_ROOT", str(ROOT))})
+            if res.returncode:
+                raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed")
+            got = json.loads(res.stdout.strip().splitlines()[-1])
+            note_ = (f"{json.dumps(change)}; vs reference (20011 rows, 97 queries): "
+                     f"{got['same_index']:.4f} of indices equal, max |score diff| {got['max_score_err']:.2g}")
+            return got["runs"], {"note_": note_}
+        b.attempt(f"launch sweep: {label}", "cuda (topk_pass, device corpus)", run, **kw)
+    return 0, ""
+
+
 PARTS = {"floors": part_floors, "topk-cuda": part_topk_cuda, "fit-cuda": part_fit_cuda,
-         "cpp": part_cpp}
+         "cpp": part_cpp, "launch-sweep": part_launch_sweep}
 
 
 def bench(part, out, dry):

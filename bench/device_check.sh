@@ -116,6 +116,7 @@ s_floors() { s_bench floors; }
 s_topk_cuda() { s_bench topk-cuda; }
 s_fit_cuda() { s_bench fit-cuda; }
 s_cpp() { s_bench cpp; }
+s_launch_sweep() { s_bench launch-sweep; }
 
 # compute-sanitizer over awkward-size CUDA tests (CuPy's kernel cache is warm from the tests).
 SAN_FILES="tests/test_cuda.py tests/ops/test_topk_update.py tests/ops/test_nudge_m_intervals.py
@@ -158,10 +159,10 @@ s_san() {  # $1: tool, $2: -k expression
 s_memcheck() { s_san memcheck "$SAN_K"; }
 s_racecheck() { s_san racecheck "$SAN_K_RACE"; }
 s_initcheck() { s_san initcheck "$SAN_K"; }
-export -f s_env s_build s_tests s_bench s_floors s_topk_cuda s_fit_cuda s_cpp s_san_probe s_san \
+export -f s_env s_build s_tests s_bench s_floors s_topk_cuda s_fit_cuda s_cpp s_launch_sweep s_san_probe s_san \
   s_memcheck s_racecheck s_initcheck
 
-# name, timeout (s), function. Sum of timeouts: 495; the budget clip keeps the whole <= BUDGET.
+# name, timeout (s), function. Sum of timeouts: 615 (the launch sweep runs only on what is left); the budget clip keeps the whole <= BUDGET.
 # Seen on an H100 (2026-11-26): env 9 s, build 22, tests 107, floors 4, topk-cuda > 50 (cut in
 # its CuPy peer at 10k queries), fit-cuda 13 (host corpus only), cpp 17, sanitizers 2-17 each.
 step env          15 s_env
@@ -175,6 +176,7 @@ step san-probe    15 s_san_probe
 step memcheck     30 s_memcheck
 step racecheck    30 s_racecheck
 step initcheck    20 s_initcheck
+step launch-sweep 120 s_launch_sweep
 touch "$OUT/.complete"
 report
 rm -f "$OUT/.complete"

@@ -6,6 +6,7 @@ classification, chunk caps, stopping at a bad row) run against a stub ``cupy`` m
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -170,3 +171,24 @@ def test_row_splits_cover_the_rows_and_fill_the_waves(backend, n_qtiles, m, slot
             assert cost <= other
     if n_qtiles == 16 and m == 1 << 22 and slots == 132:  # the H100 case of the first device run
         assert cost <= 1.01 * ideal
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_device_check_launch_variants_compile(backend):
+    """The device check's launch sweep (bench/device_check.py LAUNCH_VARIANTS) spends GPU time
+    on each variant: each must pass topk.cu's static_asserts and fit static shared memory, which
+    nvcc checks here without a GPU (a cubin for sm_90 with the runtime's -D options)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import device_check
+    finally:
+        sys.path.pop(0)
+    for label, change in device_check.LAUNCH_VARIANTS:
+        launch = {group: dict(table) for group, table in backend.LAUNCH.items()}
+        assert set(change) <= set(launch["TOPK"]), label
+        launch["TOPK"].update(change)
+        defines = [f"-DNF_{g}_{k}={int(v)}" for g, table in launch.items() for k, v in table.items()]
+        res = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", f"-I{ROOT / 'csrc' / 'cuda'}",
+                              *defines, "-o", os.devnull, str(ROOT / "csrc" / "cuda" / "topk.cu")],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, f"{label}: {res.stderr[-2000:]}"

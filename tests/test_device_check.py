@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["env", "build", "tests", "floors", "topk-cuda", "fit-cuda", "cpp", "san-probe",
-         "memcheck", "racecheck", "initcheck"]
+         "memcheck", "racecheck", "initcheck", "launch-sweep"]
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NUDGEFAST_DEVICE_CHECK") == "1",
@@ -41,7 +41,7 @@ def test_dry_run_records_every_step_and_writes_the_report(tmp_path):
     # A crash is 'failed' (or 'timeout'); dry mode must have none.
     assert res["failed_steps"] == [], log[-4000:]
     assert all(s in ("ok", "skipped") for s in statuses.values()), statuses
-    for name in ("topk-cuda", "fit-cuda", "san-probe", "memcheck", "racecheck", "initcheck"):
+    for name in ("topk-cuda", "fit-cuda", "san-probe", "memcheck", "racecheck", "initcheck", "launch-sweep"):
         assert statuses[name] == "skipped", name
     for name in ("env", "build", "tests", "floors", "cpp"):
         assert statuses[name] == "ok", name
