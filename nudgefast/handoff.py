@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import threading
+import uuid
 import zipfile
 from dataclasses import dataclass, field, fields
 
@@ -294,9 +296,19 @@ def _json_default(value):
 def _replace_atomically(path, write, *, by_name=False) -> None:
     """``write(file)`` (``write(name)`` with ``by_name``: for writers that open the file
     themselves, like ``faiss.write_index``) into a temporary file beside ``path``, fsync,
-    rename over ``path``: a reader sees the old file or the new one, never a torn one."""
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    rename over ``path``: a reader sees the old file or the new one, never a torn one. The
+    temporary name is unique (process, thread, random), so two saves of one path never write
+    the same temporary file; created exclusively, with the umask's permissions."""
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        raise ValueError(f"path: {target} is a folder; give a file name inside it")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise ValueError(f"path: the folder {parent} does not exist; create it first")
+    tmp = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:12]}"
     try:
+        with open(tmp, "xb"):  # claims the name; the writer below reopens it
+            pass
         if by_name:
             write(tmp)
         with open(tmp, "rb+" if by_name else "wb") as fh:

@@ -47,6 +47,8 @@ FEW_CALIBRATION_ROWS = 100
 def _as_precision(precision) -> str:
     if precision not in PRECISIONS:
         hint = "; keep float32 embeddings as they are" if precision == "float32" else ""
+        if isinstance(precision, str) and precision.lower() in PRECISIONS and not hint:
+            hint = f"; the names are lower case: {precision.lower()!r}"
         raise ValueError(f"precision: {precision!r} is not supported; use one of "
                          f"{', '.join(map(repr, PRECISIONS))}{hint}")
     return precision
@@ -108,6 +110,9 @@ class QuantizationRanges:
     def __setattr__(self, key, value):
         raise AttributeError("QuantizationRanges is read-only; build a new one")
 
+    def __reduce__(self):  # copy and pickle rebuild through __init__ (the slots are read-only)
+        return (QuantizationRanges, (self.min, self.max))
+
     @property
     def d(self) -> int:
         return self.min.size
@@ -163,7 +168,9 @@ class QuantizationRanges:
         :meth:`QuantizedCorpus.save` wrote. Bad files raise ValueError naming ``path``."""
         f, where = _read_npz(path, (RANGES_FORMAT, FORMAT), "quantization ranges", skip="codes")
         if "ranges_min" not in f:
-            raise ValueError(f"{where} holds {str(f['precision'])} codes, which have no ranges")
+            if str(f["format"]) == FORMAT and "precision" in f:
+                raise ValueError(f"{where} holds {str(f['precision'])} codes, which have no ranges")
+            raise ValueError(f"{where} is a damaged ranges file (no 'ranges_min'); save it again")
         try:
             return cls(f["ranges_min"], f["ranges_max"], name=where)
         except (KeyError, ValueError) as exc:
@@ -222,6 +229,15 @@ class QuantizedCorpus:
         elif ranges is not None:
             raise ValueError(f"ranges: {precision} codes have no ranges (the sign of each "
                              f"dimension is kept); leave it None")
+        if not scalar and d % 8 and codes.shape[0]:
+            # The pad bits (the low 8 - d % 8 bits of the last byte) are 0 in packbits' output,
+            # and binary's flip of the top bit leaves them so; set ones would count in every
+            # Hamming distance (codes of another d, or another bit order). One column is read.
+            pad = np.uint8((1 << (8 - d % 8)) - 1)
+            if np.any(codes[:, -1].view(np.uint8) & pad):
+                raise ValueError(f"codes: the pad bits of the last byte are set, which packed "
+                                 f"codes of d={d} never have; pass the d these codes were made "
+                                 f"from (np.packbits order, dimension 8j in the top bit)")
         self.codes, self.precision, self.d, self.ranges = codes, precision, d, ranges
 
     def __len__(self):
@@ -242,26 +258,31 @@ class QuantizedCorpus:
         if self.ranges is None:
             raise ValueError(f"precision: {self.precision} codes keep only signs and have no "
                              f"ranges to dequantize with; unpack them with np.unpackbits")
-        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype: must be float32 or float64, got {np.dtype(dtype)}")
+        try:
+            dt = None if dtype is None else np.dtype(dtype)  # np.dtype(None) would be float64
+        except TypeError as exc:
+            raise TypeError(f"dtype: must be float32 or float64, got {dtype!r}") from exc
+        if dt is None or dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype: must be float32 or float64, got {dtype!r}")
         codes = self.codes
         if rows is not None:
             idx = np.asarray(rows)
             if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+                hint = "; for a mask pass np.flatnonzero(mask)" if idx.dtype == bool else ""
                 raise ValueError(f"rows: expected 1-D integer row indices, got {idx.dtype} "
-                                 f"shape {idx.shape}")
-            if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
-                raise IndexError(f"rows: indices must be in [0, {len(self)}), got "
-                                 f"[{idx.min()}, {idx.max()}]")
+                                 f"shape {idx.shape}{hint}")
+            if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+                raise IndexError(f"rows: indices must be in [0, {len(self)}) (no negative "
+                                 f"indices: -1 pads candidate lists), got [{idx.min()}, {idx.max()}]")
             codes = codes[idx.astype(np.intp)]
         n = codes.shape[0]
         if out is None:
-            out = np.empty((n, self.d), dtype=dtype)
+            out = np.empty((n, self.d), dtype=dt)
         elif (not isinstance(out, np.ndarray) or out.shape != (n, self.d)
-              or out.dtype != np.dtype(dtype) or not out.flags.writeable):
-            raise ValueError(f"out: expected a writable {np.dtype(dtype)} array of shape "
-                             f"{(n, self.d)}, got {getattr(out, 'dtype', type(out).__name__)} "
-                             f"{getattr(out, 'shape', '')}")
+              or out.dtype != dt or not out.flags.writeable or np.may_share_memory(out, self.codes)):
+            raise ValueError(f"out: expected a writable {dt} array of shape {(n, self.d)}, "
+                             f"not sharing memory with the codes, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
         low, step = self.ranges.min, self.ranges.step
         size = _chunk_rows(chunk_rows, self.d)
         for lo in range(0, n, size):
@@ -324,7 +345,7 @@ def _read_npz(path, formats, what, skip=None):
         raise ValueError(f"{where} is an .npz file but not a nudgefast {what} (format "
                          f"{str(f.get('format'))!r}); read it with np.load")
     version = f.get("version")
-    if version is None or version.dtype.kind not in "iu":
+    if version is None or version.dtype.kind not in "iu" or version.ndim != 0:
         raise ValueError(f"{where} is a damaged {what} file (no integer 'version'); save it again")
     if int(version) > VERSION:
         raise ValueError(f"{where} was written by a newer nudgefast (format version "
@@ -369,7 +390,9 @@ def quantize(x, precision, ranges=None, calibration=None, *, out=None,
         itself (an extra pass over ``x``; ST's default, which it advises against; a single row
         is an error, as in ST).
     out: a writable (N, d) (binary: (N, ceil(d/8))) int8/uint8 array, e.g. a memmap, to write
-        the codes into; default a new array.
+        the codes into, not sharing memory with ``x``; default a new array. After an error (a
+        NaN/inf row found in a later chunk) what ``out`` holds is unspecified, as with
+        ``NudgeResult.apply``: checking first would read the corpus twice.
 
     Returns a :class:`QuantizedCorpus` (codes, precision, d, ranges); ``.save`` keeps the
     ranges with the codes. NaN/inf rows are an error (ST would give undefined codes).
@@ -386,6 +409,24 @@ def quantize(x, precision, ranges=None, calibration=None, *, out=None,
     if ranges is not None and calibration is not None:
         raise ValueError("calibration: give ranges or calibration embeddings, not both (ranges "
                          "win in ST); drop one")
+    # out= and the calibration's width are checked before any pass over the data.
+    width = _code_width(precision, d)
+    want = np.dtype(CODE_DTYPES[precision])
+    if out is not None and (not isinstance(out, np.ndarray) or out.shape != (n, width)
+                            or out.dtype != want or not out.flags.writeable):
+        raise ValueError(f"out: expected a writable {want} array of shape {(n, width)} for "
+                         f"{precision} codes, got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{getattr(out, 'shape', '')}")
+    if out is not None and np.may_share_memory(out, x):
+        raise ValueError("out: shares memory with x; the codes would overwrite rows not yet "
+                         "read: pass a separate array (or memmap)")
+    if calibration is not None and scalar:
+        cal_shape = getattr(calibration, "shape", None)
+        if cal_shape is not None and len(cal_shape) == 2 and cal_shape[1] != d:
+            raise ValueError(f"calibration: has d={cal_shape[1]} but x has d={d}; calibrate "
+                             f"with embeddings of the same model")
+    if out is None:
+        out = np.empty((n, width), dtype=want)
     if scalar:
         if ranges is not None:
             ranges = QuantizationRanges.from_array(ranges)
@@ -405,15 +446,6 @@ def quantize(x, precision, ranges=None, calibration=None, *, out=None,
                 log.warning("quantize: %s ranges from only %d rows of x; pass calibration "
                             "embeddings (or ranges) from more", precision, n)
             ranges = QuantizationRanges.from_calibration(x, chunk_rows=rows, name="x")
-    width = _code_width(precision, d)
-    want = np.dtype(CODE_DTYPES[precision])
-    if out is None:
-        out = np.empty((n, width), dtype=want)
-    elif (not isinstance(out, np.ndarray) or out.shape != (n, width) or out.dtype != want
-          or not out.flags.writeable):
-        raise ValueError(f"out: expected a writable {want} array of shape {(n, width)} for "
-                         f"{precision} codes, got {getattr(out, 'dtype', type(out).__name__)} "
-                         f"{getattr(out, 'shape', '')}")
     if scalar:
         low, step = ranges.min, ranges.step
     for lo in range(0, n, rows):
