@@ -95,13 +95,19 @@ def as_corpus(name: str, corpus, backend: str | None = None):
     device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack object).
     A device array for a CPU backend (or ``backend=None``: host arrays only) is a TypeError
     naming the fix."""
+    as_float32 = f"{name}.float()" if _arrays._is_torch(corpus) else f"{name}.astype(np.float32)"
     if _arrays.is_device(corpus):
         if backend is None or not _backends.on_device(backend):
             raise device_array_error(name, backend)
         try:
             corpus = _arrays.device_view(corpus, name)
-        except (ImportError, ValueError):
+        except ImportError:
             raise
+        except ValueError as exc:
+            if str(exc).startswith(f"{name}:"):
+                raise
+            raise ValueError(f"{name}: could not be read as a GPU array ({exc}); pass a float32 "
+                             f"or float16 CuPy array or torch CUDA tensor") from exc
         except Exception as exc:  # e.g. a dtype CuPy has no type for (torch.bfloat16)
             raise TypeError(f"{name}: could not be read as a GPU array ({type(exc).__name__}: "
                             f"{exc}); pass a float32 or float16 CuPy array or torch CUDA "
@@ -113,7 +119,7 @@ def as_corpus(name: str, corpus, backend: str | None = None):
                          f"shape {tuple(corpus.shape)}; reshape it to (N, d)")
     if corpus.dtype.type not in CORPUS_DTYPES:
         raise TypeError(f"{name}: dtype {corpus.dtype} is not supported; use float32 or float16 "
-                        f"(e.g. {name}.astype(np.float32))")
+                        f"(e.g. {as_float32})")
     if corpus.shape[0] == 0 or corpus.shape[1] == 0:
         raise ValueError(f"{name}: is empty (shape {tuple(corpus.shape)}); pass at least one "
                          f"record with d >= 1")

@@ -98,8 +98,12 @@ def _out_array(out, shape, on_device):
     lives (host, or device for a device corpus); returns the array to write (a CuPy view of a
     device ``out``)."""
     where = "device" if on_device else "host"
-    fix = (f"allocate cupy.empty({shape}, cupy.float32)" if on_device
-           else f"allocate np.empty({shape}, np.float32)")
+    if not on_device:
+        fix = f"allocate np.empty({shape}, np.float32)"
+    elif _arrays._is_torch(out):
+        fix = f"allocate torch.empty({shape}, dtype=torch.float32, device='cuda')"
+    else:
+        fix = f"allocate cupy.empty({shape}, cupy.float32)"
     arr = None
     if on_device == _arrays.is_device(out):
         arr = _arrays.device_view(out, "out") if on_device else out

@@ -183,3 +183,15 @@ def test_device_corpus_with_cpu_backend_in_apply_out_and_metrics(gpu, ds):
         res.apply(FakeCupyArray(x), out, backend="numpy")
     assert (out == 7.0).all()  # nothing written before the refusal
     np.testing.assert_array_equal(x, ds.corpus)
+
+
+def test_a_torch_corpus_of_another_dtype_is_told_to_call_float(gpu):
+    """The dtype hint speaks the caller's library: .float() for torch, astype for NumPy."""
+    q = np.ones((2, 4), np.float32)
+    with pytest.raises(TypeError, match=r"corpus: dtype int32 .*corpus\.float\(\)"):
+        search(q, FakeTensor(np.ones((5, 4), np.int32)), 1)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"corpus: dtype int32 .*corpus\.float\(\)"):
+        search(q, torch.ones((5, 4), dtype=torch.int32), 1, backend="numpy")
+    with pytest.raises(TypeError, match=r"corpus\.astype\(np\.float32\)"):
+        search(q, np.ones((5, 4), np.int32), 1, backend="numpy")
