@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -354,3 +355,29 @@ def test_backends_line_for_a_bad_isa_names_the_variable_not_a_reinstall():
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("cpp"))
     assert "NUDGEFAST_CPU_ISA=avx9" in line
     assert "reinstall" not in line and "pip install ." not in line, line
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("nm") is None or shutil.which("c++") is None,
+                    reason="needs cmake, nm and a C++ compiler")
+def test_cmake_guard_refuses_weak_symbols_outside_the_level(tmp_path):
+    """cmake/check_weak_symbols.cmake (run by CMakeLists.txt before linking, as setup.py checks
+    its own builds): an inline function emitted outside nudgefast::<level> by a level's object
+    fails the build; one inside the namespace passes."""
+    script = Path(nudgefast.__file__).resolve().parents[1] / "cmake" / "check_weak_symbols.cmake"
+    if not script.is_file():
+        pytest.skip("not a source checkout")
+    sources = {
+        "leak": "inline int twice(int x) { return 2 * x; }\nint use(int x) { return twice(x); }\n",
+        "own": "namespace nudgefast { namespace avx2 { inline int twice(int x) { return 2 * x; }\n"
+               "int use(int x) { return twice(x); } } }\n",
+    }
+    results = {}
+    for name, text in sources.items():
+        src, obj = tmp_path / f"{name}.cpp", tmp_path / f"{name}.o"
+        src.write_text(text)
+        subprocess.run(["c++", "-O0", "-c", str(src), "-o", str(obj)], check=True)
+        results[name] = subprocess.run(
+            ["cmake", f"-DNM={shutil.which('nm')}", "-DLEVEL=avx2", f"-DOBJECTS={obj}", "-P", str(script)],
+            capture_output=True, text=True)
+    assert results["leak"].returncode != 0 and "twice(int)" in results["leak"].stderr
+    assert results["own"].returncode == 0, results["own"].stderr
