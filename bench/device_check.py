@@ -489,9 +489,9 @@ s_got, i_got = topk_pass(cb, qs, xs, k, progress=False)
 s_ref = np.full((97, k), -np.inf); i_ref = np.full((97, k), -1, np.int64)
 ref.topk_update(qs.astype(np.float64), xs.get().astype(np.float64), 0, np.zeros(0, np.int64), True, s_ref, i_ref)
 same = float((i_got == i_ref).mean()); err = float(np.abs(s_got - s_ref).max())
-x = cp.empty((n, d), cp.float16)
-for a in range(0, n, 1 << 20):
-    x[a:a + (1 << 20)] = rs.standard_normal((min(1 << 20, n - a), d), dtype=cp.float32).astype(cp.float16)
+sys.path.insert(0, sys.argv[3])
+from device_check import device_corpus  # the corpus every top-k figure of the report uses
+x = device_corpus(n)
 q = np.random.default_rng(2).standard_normal((n_q, d)).astype(np.float32)
 topk_pass(cb, q, x, k, progress=False); cp.cuda.Device().synchronize()
 runs = []
@@ -515,7 +515,8 @@ def part_launch_sweep(b: Bench, s):
         kw = dict(n=n, n_q=1000, k=10, floor_s=floor_s, floor_what=floor_what)
 
         def run(change=change):
-            res = subprocess.run([sys.executable, "-c", _SWEEP_CHILD, json.dumps(change), str(n)],
+            res = subprocess.run([sys.executable, "-c", _SWEEP_CHILD, json.dumps(change), str(n),
+                                  str(ROOT / "bench")],
                                  capture_output=True, text=True, timeout=60,
                                  env={**os.environ, "PYTHONPATH": os.environ.get("PKG_ROOT", str(ROOT))})
             if res.returncode:

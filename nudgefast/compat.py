@@ -45,13 +45,17 @@ class QueriesAnswersDict(TypedDict):
     q_ans_indx: List[List[int]]
 
 
+def _nontrain_array(nontrain_embeddings):
+    """The array of ``nontrain_embeddings``: the reference README passes (array, None)."""
+    if isinstance(nontrain_embeddings, tuple):
+        return nontrain_embeddings[0]
+    return nontrain_embeddings
+
+
 def _nontrain(nontrain_embeddings, d, backend):
+    nontrain_embeddings = _nontrain_array(nontrain_embeddings)
     if nontrain_embeddings is None:
         return None
-    if isinstance(nontrain_embeddings, tuple):  # the reference README passes (array, None)
-        nontrain_embeddings = nontrain_embeddings[0]
-        if nontrain_embeddings is None:
-            return None
     arr = _validate.as_corpus("nontrain_embeddings", nontrain_embeddings, backend=backend)
     if arr.shape[1] != d:
         raise ValueError(f"nontrain_embeddings: has d={arr.shape[1]} but embeddings has d={d}")
@@ -77,7 +81,7 @@ class _Compat:
 
     def _prep(self, embeddings, train_set, val_set, nontrain_embeddings, *, unique_val):
         backend = self.backend
-        extra = nontrain_embeddings[0] if isinstance(nontrain_embeddings, tuple) else nontrain_embeddings
+        extra = _nontrain_array(nontrain_embeddings)
         if backend == "auto" and _arrays.is_device(extra) and not _arrays.is_device(embeddings):
             # 'auto' follows a device array wherever it is: here the non-train rows.
             backend = _backends.resolve("auto", device_input="nontrain_embeddings")

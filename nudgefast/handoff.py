@@ -229,29 +229,7 @@ class Delta:
         """Read a delta written by :meth:`save`. A missing, truncated or damaged file, a
         ``.npz`` that is not a delta, or one from a newer nudgefast raises ValueError naming
         ``path``."""
-        where = f"path: {os.fspath(path)!r}"
-        if not os.path.isfile(path):
-            raise ValueError(f"{where} does not exist or is not a file; give the file Delta.save wrote")
-        try:
-            data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
-            with data:
-                f = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{where} is not a readable delta file ({type(exc).__name__}: "
-                             f"{exc}); it is truncated or damaged: save the delta again") from exc
-        if "format" not in f or str(f["format"]) != FORMAT:
-            raise ValueError(f"{where} is an .npz file but not a nudgefast delta (format "
-                             f"{str(f.get('format'))!r}, expected {FORMAT!r}); read it with "
-                             f"np.load")
-        version = f.get("version")
-        if version is None or version.dtype.kind not in "iu":
-            raise ValueError(f"{where} is a damaged delta file (no integer 'version'); save the "
-                             f"delta again")
-        if int(version) > VERSION:
-            raise ValueError(f"{where} was written by a newer nudgefast (delta format version "
-                             f"{int(version)}, this one reads up to {VERSION}); upgrade nudgefast")
+        f, where = _read_npz(path, (FORMAT,), "delta", VERSION)
         try:
             return cls(str(f["variant"]), float(f["gamma"]), f["indices"], f["vectors"],
                        f["tuned"], f["new"], f["deleted"], int(f["n_records"]),
@@ -291,6 +269,37 @@ def _json_default(value):
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     raise TypeError(f"summary: {type(value).__name__} is not JSON serialisable")
+
+
+def _read_npz(path, formats, what, newest, skip=None):
+    """The members of a versioned nudgefast .npz (all but ``skip``) whose ``format`` is one of
+    ``formats`` and whose ``version`` is at most ``newest``, and the ``path: ...`` prefix of
+    errors about it. A missing, truncated or damaged file, another .npz, or one from a newer
+    nudgefast raises ValueError naming ``path``. Shared by every file nudgefast saves as .npz
+    (deltas, quantized corpora and their ranges)."""
+    where = f"path: {os.fspath(path)!r}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{where} does not exist or is not a file; give the file the "
+                         f"{what} was saved to")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with data:
+            f = {name: data[name] for name in data.files if name != skip}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{where} is not a readable {what} file ({type(exc).__name__}: {exc}); "
+                         f"it is truncated or damaged: save it again") from exc
+    if "format" not in f or str(f["format"]) not in formats:
+        raise ValueError(f"{where} is an .npz file but not a nudgefast {what} (format "
+                         f"{str(f.get('format'))!r}); read it with np.load")
+    version = f.get("version")
+    if version is None or version.dtype.kind not in "iu" or version.ndim != 0:
+        raise ValueError(f"{where} is a damaged {what} file (no integer 'version'); save it again")
+    if int(version) > newest:
+        raise ValueError(f"{where} was written by a newer nudgefast (format version "
+                         f"{int(version)}, this one reads up to {newest}); upgrade nudgefast")
+    return f, where
 
 
 def _replace_atomically(path, write, *, by_name=False) -> None:

@@ -24,14 +24,13 @@ scores a coded row as ``q . x = (q * step) . u + q . min``.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import zipfile
 
 import numpy as np
 
 from . import _defaults, _validate
-from .handoff import _replace_atomically
+from .handoff import _read_npz, _replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,8 @@ class QuantizationRanges:
     def load(cls, path) -> QuantizationRanges:
         """Read ranges written by :meth:`save`, or the ranges inside a file
         :meth:`QuantizedCorpus.save` wrote. Bad files raise ValueError naming ``path``."""
-        f, where = _read_npz(path, (RANGES_FORMAT, FORMAT), "quantization ranges", skip="codes")
+        f, where = _read_npz(path, (RANGES_FORMAT, FORMAT), "quantization ranges", VERSION,
+                             skip="codes")
         if "ranges_min" not in f:
             if str(f["format"]) == FORMAT and "precision" in f:
                 raise ValueError(f"{where} holds {str(f['precision'])} codes, which have no ranges")
@@ -313,7 +313,7 @@ class QuantizedCorpus:
         raises ValueError naming ``path``."""
         if mmap_mode not in (None, "r", "r+", "c"):
             raise ValueError(f"mmap_mode: must be None, 'r', 'r+' or 'c', got {mmap_mode!r}")
-        f, where = _read_npz(path, (FORMAT,), "quantized corpus",
+        f, where = _read_npz(path, (FORMAT,), "quantized corpus", VERSION,
                              skip="codes" if mmap_mode else None)
         try:
             codes = _npz_memmap(path, "codes", mmap_mode) if mmap_mode else f["codes"]
@@ -323,34 +323,6 @@ class QuantizedCorpus:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where} is a damaged quantized corpus file (missing or bad "
                              f"{exc}); save it again") from exc
-
-
-def _read_npz(path, formats, what, skip=None):
-    """The members of a versioned nudgefast .npz (all but ``skip``), checked for format and
-    version; errors name ``path``."""
-    where = f"path: {os.fspath(path)!r}"
-    if not os.path.isfile(path):
-        raise ValueError(f"{where} does not exist or is not a file; give the file the "
-                         f"{what} was saved to")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array, not an .npz archive")
-        with data:
-            f = {name: data[name] for name in data.files if name != skip}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{where} is not a readable {what} file ({type(exc).__name__}: {exc}); "
-                         f"it is truncated or damaged: save it again") from exc
-    if "format" not in f or str(f["format"]) not in formats:
-        raise ValueError(f"{where} is an .npz file but not a nudgefast {what} (format "
-                         f"{str(f.get('format'))!r}); read it with np.load")
-    version = f.get("version")
-    if version is None or version.dtype.kind not in "iu" or version.ndim != 0:
-        raise ValueError(f"{where} is a damaged {what} file (no integer 'version'); save it again")
-    if int(version) > VERSION:
-        raise ValueError(f"{where} was written by a newer nudgefast (format version "
-                         f"{int(version)}, this one reads up to {VERSION}); upgrade nudgefast")
-    return f, where
 
 
 def _npz_memmap(path, name, mode):

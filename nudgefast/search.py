@@ -51,22 +51,29 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
     ``exclude``: sorted global record indices that are not candidates (the touched records).
     Rows are numbered from ``row_offset``. Returns ``(scores, indices)``.
     """
-    if getattr(backend, "STREAMS_CORPUS", False):
-        # A backend that moves data itself (the GPU: pinned buffers, two streams, chunk size
-        # from free memory) streams the corpus in one call; same contract as the loop below.
-        # The progress bar stays here, one for every backend.
-        bar = _progress_bar(progress, corpus.shape[0], desc)
-        try:
+    bar = _progress_bar(progress, corpus.shape[0], desc)  # one bar, for every backend
+    try:
+        if getattr(backend, "STREAMS_CORPUS", False):
+            # A backend that moves data itself (the GPU: pinned buffers, two streams, chunk
+            # size from free memory) streams the corpus in one call, reporting rows to the bar;
+            # same contract as the loop.
             scores, index, bad = backend.topk_stream(
                 queries, corpus, k, exclude=exclude, normalize=normalize, chunk_rows=chunk_rows,
                 n_threads=n_threads, progress=None if bar is None else bar.update,
                 row_offset=row_offset, state=state)
-        finally:
-            if bar is not None:
-                bar.close()
-        if bad >= 0:
-            raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
-        return scores, index
+            if bad >= 0:
+                raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
+            return scores, index
+        return _topk_loop(backend, queries, corpus, k, exclude, normalize, chunk_rows, n_threads,
+                          row_offset, state, name, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _topk_loop(backend, queries, corpus, k, exclude, normalize, chunk_rows, n_threads, row_offset,
+               state, name, bar):
+    """topk_pass for a backend without its own streaming: chunks through ``topk_update``."""
     n_q = queries.shape[0]
     n_rows, d = corpus.shape
     if state is None:
@@ -75,25 +82,20 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
     best_scores, best_index = state
     exclude = np.zeros(0, np.int64) if exclude is None else exclude
     step = chunk_rows or chunk_rows_for(n_q, d, corpus.dtype.itemsize)
-    bar = _progress_bar(progress, n_rows, desc)
-    try:
-        for start in range(0, n_rows, step):
-            stop = min(start + step, n_rows)
-            chunk = corpus[start:stop]
-            if not chunk.flags.c_contiguous:
-                chunk = np.ascontiguousarray(chunk)  # a strided view: copy this chunk only
-            g0, g1 = row_offset + start, row_offset + stop
-            lo, hi = np.searchsorted(exclude, [g0, g1])
-            local = exclude[lo:hi] - g0
-            bad = backend.topk_update(queries, chunk, g0, local, normalize, best_scores,
-                                      best_index, n_threads=n_threads)
-            if bad >= 0:
-                raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
-            if bar is not None:
-                bar.update(stop - start)
-    finally:
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        chunk = corpus[start:stop]
+        if not chunk.flags.c_contiguous:
+            chunk = np.ascontiguousarray(chunk)  # a strided view: copy this chunk only
+        g0, g1 = row_offset + start, row_offset + stop
+        lo, hi = np.searchsorted(exclude, [g0, g1])
+        local = exclude[lo:hi] - g0
+        bad = backend.topk_update(queries, chunk, g0, local, normalize, best_scores,
+                                  best_index, n_threads=n_threads)
+        if bad >= 0:
+            raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
         if bar is not None:
-            bar.close()
+            bar.update(stop - start)
     return best_scores, best_index
 
 
