@@ -20,6 +20,28 @@ Op contract (identical signatures in every backend; every op also takes a keywor
     the first row whose norm is not finite (or zero when ``normalize``), else ``-1``; such rows
     are never candidates.
 
+``qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low, step, normalize,
+best_scores, best_index) -> int``
+    ``topk_update`` over int8/uint8 codes with integer queries. ``codes`` (m, d) int8
+    (``signed``: the value is ``u = code + 128``) or uint8 (``u = code``), C-contiguous rows;
+    ``qcodes`` (n_q, d) int8 in [-127, 127], ``qscale``/``qoffset`` (n_q,) float32. The score of
+    row ``r`` for query ``i`` is ``qscale[i] * sum_j qcodes[i, j] * u[r, j] + qoffset[i]``: the
+    sum exact in int32 (|qcodes| <= 127 and u <= 255, so no overflow for d < 66,000), then in
+    the state's float dtype (compiled backends: float32, one fused multiply-add allowed). With
+    ``normalize`` it is divided by the norm of the dequantized row ``low + step * u``
+    (``low``/``step`` (d,) float32; the norm accumulated in float64 here, compiled backends may
+    accumulate in float32). The search layer builds ``qcodes`` from ``q * step`` rounded per
+    query and ``qoffset = q . low``, so the score approximates ``q . dequantized row``. Returns
+    the global index of the first row of zero norm when ``normalize``, else ``-1`` (codes are
+    always finite); such rows are never candidates. Merge and tie rule as ``topk_update``.
+
+``qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_index) -> int``
+    ``topk_update`` over packed binary codes: ``codes`` (m, w) and ``qbits`` (n_q, w) uint8 or
+    int8 (read as bytes; binary's flipped top bit cancels in the XOR), C-contiguous rows. The
+    score is ``n_bits - 2 * popcount(qbits[i] ^ codes[r])``, the dot product of the two +-1 sign
+    vectors (pad bits are 0 on both sides): a smaller Hamming distance is a higher score, exact
+    in float32 (n_bits <= 2**24). Always returns ``-1``. Merge and tie rule as ``topk_update``.
+
 ``nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps) -> (low, high, feasible)``
     Per validation pair ``p`` (query ``i = pair_query[p]``, answer ``x``): the closed interval
     of gamma >= 0 on which ``x`` is top-1. ``S``, ``G`` (n_b, t) are ``v . e_j`` and
@@ -97,9 +119,17 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
     m = chunk.shape[0]
     if m == 0:
         return -1
-    k = best_scores.shape[1]
     scores, bad = _chunk_scores(queries, chunk, normalize)
     first_bad = int(np.flatnonzero(bad)[0]) + row_offset if bad.any() else -1
+    _merge_chunk(scores, bad, row_offset, exclude, best_scores, best_index)
+    return first_bad
+
+
+def _merge_chunk(scores, bad, row_offset, exclude, best_scores, best_index):
+    """Merge a chunk's (n_q, m) ``scores`` (rows ``bad`` or in ``exclude`` are no candidates)
+    into the running top-k, keeping (score desc, index asc)."""
+    m = scores.shape[1]
+    k = best_scores.shape[1]
     drop = bad.copy()
     drop[exclude] = True
     scores = scores.astype(best_scores.dtype, copy=False)
@@ -127,7 +157,56 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
     best_scores[...] = np.take_along_axis(all_s, top, axis=1)
     best_index[...] = np.take_along_axis(all_i, top, axis=1)
     best_index[np.isneginf(best_scores)] = -1
+
+
+def _dequantized_norms(codes, signed, low, step):
+    """|low + step * u| per row (u = code + 128 when ``signed``), accumulated in float64."""
+    u = codes.astype(np.float64)
+    if signed:
+        u += 128
+    x = low.astype(np.float64) + step.astype(np.float64) * u
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
+
+
+def qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low, step, normalize,
+               best_scores, best_index, *, n_threads=None):
+    m = codes.shape[0]
+    if m == 0:
+        return -1
+    u = codes.astype(np.int64)
+    if signed:
+        u += 128
+    acc = qcodes.astype(np.int64) @ u.T  # exact: the kernels' int32 sums cannot overflow
+    dt = best_scores.dtype
+    scores = acc.astype(dt) * qscale.astype(dt)[:, None] + qoffset.astype(dt)[:, None]
+    bad = np.zeros(m, dtype=bool)
+    if normalize:
+        norms = _dequantized_norms(codes, signed, low, step)
+        bad = norms == 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = scores / norms.astype(dt)[None, :]
+    first_bad = int(np.flatnonzero(bad)[0]) + row_offset if bad.any() else -1
+    _merge_chunk(scores, bad, row_offset, exclude, best_scores, best_index)
     return first_bad
+
+
+_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)
+
+
+def qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_index, *,
+                  n_threads=None):
+    m = codes.shape[0]
+    if m == 0:
+        return -1
+    q = np.asarray(qbits).view(np.uint8)
+    c = np.asarray(codes).view(np.uint8)
+    # (n_q, m) distances, one byte column at a time: no (n_q, m, w) temporary.
+    dist = np.zeros((q.shape[0], m), dtype=np.int64)
+    for j in range(q.shape[1]):
+        dist += _POPCOUNT[q[:, j, None] ^ c[None, :, j]]
+    scores = (n_bits - 2 * dist).astype(best_scores.dtype)
+    _merge_chunk(scores, np.zeros(m, dtype=bool), row_offset, exclude, best_scores, best_index)
+    return -1
 
 
 def nudge_m_intervals(S, G, pair_query, pair_pos, s_x, g_x, u_score, eps, *, n_threads=None):
