@@ -97,8 +97,9 @@ def to_host(x, name: str = "array") -> np.ndarray:
 
 
 def is_host(arr) -> bool:
-    """Whether a validated array (see ``_validate.as_corpus``) is a host NumPy array / memmap."""
-    return isinstance(arr, np.ndarray)
+    """Whether a validated array (see ``_validate.as_corpus``) is a host NumPy array / memmap,
+    or a host view that reads as one (``HOST_ROWS``: a quantized corpus's dequantizing rows)."""
+    return isinstance(arr, np.ndarray) or getattr(arr, "HOST_ROWS", False)
 
 
 def xp(arr):

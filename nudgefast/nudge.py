@@ -49,6 +49,10 @@ class NudgeResult:
     val_accuracy: np.ndarray
     n_records: int
     timings: dict = field(default_factory=dict)
+    #: Fitted on a :class:`~nudgefast.QuantizedCorpus`: its precision, and ``vectors``
+    #: re-quantized with the corpus's ranges ((t, d) or (t, ceil(d/8)) codes; None otherwise).
+    precision: str | None = None
+    codes: np.ndarray | None = None
 
     def apply(self, corpus, out=None, *, chunk_rows=None, backend="auto",
               n_threads=None) -> np.ndarray:
@@ -63,7 +67,15 @@ class NudgeResult:
         ``out``; it never crosses to the host. A row with NaN/inf or of norm zero raises, as in
         ``fit`` (what ``out`` holds then is unspecified; ``corpus`` is unchanged unless it is
         ``out``).
+
+        A :class:`~nudgefast.QuantizedCorpus` gives a QuantizedCorpus (same precision and
+        ranges) whose touched rows hold ``vectors`` quantized with its ranges; ``out``: a
+        codes array of the same shape and dtype to write into (``corpus.codes`` itself tunes
+        it in place), else a new one. The other rows' codes are copied in chunks.
         """
+        from .quantize import QuantizedCorpus
+        if isinstance(corpus, QuantizedCorpus):
+            return self._apply_codes(corpus, out, chunk_rows)
         caller = corpus
         on_device = _arrays.is_device(corpus)
         backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
@@ -83,6 +95,31 @@ class NudgeResult:
         normalize_pass(impl, corpus, target, chunk_rows=chunk_rows, n_threads=n_threads)
         _arrays.put_rows(target, self.indices, self.vectors)
         return out if out is not None else _arrays.like(target, caller)
+
+    def _apply_codes(self, qc, out, chunk_rows):
+        from .quantize import QuantizedCorpus, _chunk_rows, quantize
+        if len(qc) != self.n_records or qc.d != self.vectors.shape[1]:
+            raise ValueError(f"corpus: a quantized corpus of ({len(qc)}, {qc.d}) differs from "
+                             f"the fitted corpus ({self.n_records}, {self.vectors.shape[1]}); "
+                             f"apply the result to the corpus it was fitted on")
+        codes = qc.codes
+        if out is None:
+            target = np.empty(codes.shape, codes.dtype)
+        elif (not isinstance(out, np.ndarray) or out.shape != codes.shape
+              or out.dtype != codes.dtype or not out.flags.writeable):
+            raise ValueError(f"out: expected a writable {codes.dtype} array of shape "
+                             f"{codes.shape} (the codes), got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} "
+                             f"{tuple(getattr(out, 'shape', ()))}; pass None or corpus.codes")
+        else:
+            target = out
+        tuned = quantize(self.vectors, qc.precision, qc.ranges).codes
+        if target is not codes:
+            step = _chunk_rows(chunk_rows, codes.shape[1])
+            for lo in range(0, codes.shape[0], step):
+                target[lo:lo + step] = codes[lo:lo + step]
+        target[self.indices] = tuned
+        return QuantizedCorpus(target, qc.precision, qc.d, qc.ranges)
 
     def __repr__(self) -> str:
         best = float(np.nanmax(self.val_accuracy)) if self.val_accuracy.size else float("nan")
@@ -133,16 +170,27 @@ class _Prepared:
     base: np.ndarray  # (t, d) float64 normalised base rows e_j
     timings: dict
     backend_name: str = ""  # the resolved backend (its name)
+    quantized: object = None  # the QuantizedCorpus behind ``corpus`` (a DequantizedRows view)
 
 
 def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
-             n_threads, device_ok=False) -> _Prepared:
+             n_threads, device_ok=False, quantized_ok=False) -> _Prepared:
     """Validated inputs, the query gradients and the touched base rows. ``device_ok``: a
     device corpus is read in place by the GPU backend (``prep.corpus`` is then a CuPy view);
-    without it (callers that need host rows) a device corpus is an error."""
-    on_device = device_ok and _arrays.is_device(corpus)
+    without it (callers that need host rows) a device corpus is an error. ``quantized_ok``: a
+    :class:`QuantizedCorpus` is read through its dequantized rows (``prep.corpus`` is then a
+    ``DequantizedRows`` view: the pass streams the codes, the touched rows are dequantized)."""
+    from ._quantized import DequantizedRows
+    from .quantize import QuantizedCorpus
+    qc = corpus if isinstance(corpus, QuantizedCorpus) else None
+    if qc is not None and not quantized_ok:
+        raise TypeError("corpus: a QuantizedCorpus is searched and fitted by search / NudgeN / "
+                        "NudgeM; here pass float rows (corpus.dequantize(), or the float "
+                        "corpus the codes came from)")
+    on_device = device_ok and qc is None and _arrays.is_device(corpus)
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
-    corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
+    corpus = (DequantizedRows(qc) if qc is not None else
+              _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None))
     n, d = corpus.shape
     impl = _backends.get(backend)
     train, train_q = as_queryset("train", train, d, dtype)
@@ -180,7 +228,7 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     timings["query_gradient"] = time.perf_counter() - t0
     log.info("NUDGE: N=%d d=%d, %d train pairs touch t=%d records, %d validation queries",
              n, d, records.size, touched.size, val_q.shape[0])
-    return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings, backend)
+    return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings, backend, qc)
 
 
 def query_gradients(impl, queries, pair_query, pair_record, *, n_threads=None):
@@ -319,9 +367,15 @@ def exact_scores(queries, index, rows_of, block=VAL_BLOCK):
 def _result(variant, prep, gamma, alpha, beta, gammas, acc, n_threads):
     t0 = time.perf_counter()
     vectors = prep.backend.project(prep.base, prep.grad, alpha, beta, n_threads=n_threads)
+    precision = codes = None
+    if prep.quantized is not None:
+        from .quantize import quantize
+        qc = prep.quantized
+        precision, codes = qc.precision, quantize(vectors, qc.precision, qc.ranges).codes
     prep.timings["project"] = time.perf_counter() - t0
     return NudgeResult(variant, float(gamma), prep.touched, vectors, np.asarray(gammas, float),
-                       np.asarray(acc, float), prep.corpus.shape[0], prep.timings)
+                       np.asarray(acc, float), prep.corpus.shape[0], prep.timings, precision,
+                       codes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -509,7 +563,7 @@ class _Nudge:
 
     def _prepare(self, corpus, train, val, **kw):
         return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
-                        device_ok=True, **kw)
+                        device_ok=True, quantized_ok=True, **kw)
 
 
 class NudgeN(_Nudge):

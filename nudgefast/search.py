@@ -45,15 +45,18 @@ def _progress_bar(progress, total, desc, unit="rows"):
 
 def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chunk_rows=None,
               n_threads=None, progress=None, row_offset=0, state=None, name="corpus",
-              desc="top-k"):
+              desc="top-k", scorer=None):
     """Stream ``corpus`` once, merging it into the running top-k ``state`` (created when None).
 
     ``exclude``: sorted global record indices that are not candidates (the touched records).
-    Rows are numbered from ``row_offset``. Returns ``(scores, indices)``.
+    Rows are numbered from ``row_offset``. ``scorer``: a quantized corpus's per-chunk update
+    (``_quantized.Scorer``; ``corpus`` is then its codes) instead of the float
+    ``topk_update``. Returns ``(scores, indices)``.
     """
     bar = _progress_bar(progress, corpus.shape[0], desc)  # one bar, for every backend
     try:
-        if getattr(backend, "STREAMS_CORPUS", False):
+        if getattr(backend, "STREAMS_CORPUS", False) and scorer is None \
+                and not getattr(corpus, "HOST_ROWS", False):
             # A backend that moves data itself (the GPU: pinned buffers, two streams, chunk
             # size from free memory) streams the corpus in one call, reporting rows to the bar;
             # same contract as the loop.
@@ -64,16 +67,21 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
             if bad >= 0:
                 raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
             return scores, index
-        return _topk_loop(backend, queries, corpus, k, exclude, normalize, chunk_rows, n_threads,
+        if scorer is None:
+            def scorer(chunk, g0, local, best_scores, best_index, n_threads):
+                return backend.topk_update(queries, chunk, g0, local, normalize, best_scores,
+                                           best_index, n_threads=n_threads)
+        return _topk_loop(scorer, queries, corpus, k, exclude, normalize, chunk_rows, n_threads,
                           row_offset, state, name, bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _topk_loop(backend, queries, corpus, k, exclude, normalize, chunk_rows, n_threads, row_offset,
+def _topk_loop(scorer, queries, corpus, k, exclude, normalize, chunk_rows, n_threads, row_offset,
                state, name, bar):
-    """topk_pass for a backend without its own streaming: chunks through ``topk_update``."""
+    """topk_pass for a backend without its own streaming: chunks through ``scorer`` (the
+    backend's ``topk_update``, or a quantized corpus's op)."""
     n_q = queries.shape[0]
     n_rows, d = corpus.shape
     if state is None:
@@ -90,10 +98,10 @@ def _topk_loop(backend, queries, corpus, k, exclude, normalize, chunk_rows, n_th
         g0, g1 = row_offset + start, row_offset + stop
         lo, hi = np.searchsorted(exclude, [g0, g1])
         local = exclude[lo:hi] - g0
-        bad = backend.topk_update(queries, chunk, g0, local, normalize, best_scores,
-                                  best_index, n_threads=n_threads)
+        bad = scorer(chunk, g0, local, best_scores, best_index, n_threads)
         if bad >= 0:
-            raise _validate.corpus_row_error(name, corpus, bad - row_offset, normalize)
+            raise _validate.corpus_row_error(name, getattr(scorer, "rows", corpus),
+                                             bad - row_offset, normalize)
         if bar is not None:
             bar.update(stop - start)
     return best_scores, best_index
@@ -132,24 +140,53 @@ def merge_candidates(scores, indices, cand_scores, cand_indices, k):
 
 
 def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", chunk_rows=None,
-           n_threads=None, progress=None, query_block=4096) -> SearchResult:
+           n_threads=None, progress=None, query_block=4096, query_precision=None,
+           rescore_multiplier=None, rescore_corpus=None) -> SearchResult:
     """Top-``k`` records for each query over ``corpus``, or over the tuned corpus ``delta``
     describes, without materialising a tuned copy.
 
     queries: (n_q, d) float array (a device array is copied to the host: it is small).
     corpus: (N, d) float32/float16 array or ``np.memmap``, or a device array (CuPy, torch CUDA
     tensor, anything with ``__cuda_array_interface__`` or DLPack), which the GPU backend reads
-    in place (``backend="auto"`` picks it; a CPU backend raises). delta: a
-    :class:`NudgeResult`; its touched records are scored by dot product with their tuned
-    vectors, every other record by cosine (the tuned corpus is the normalised base plus the
-    delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a delta.
+    in place (``backend="auto"`` picks it; a CPU backend raises); or a
+    :class:`~nudgefast.QuantizedCorpus` (host codes, a memmap included), searched on its codes.
+    delta: a :class:`NudgeResult`; its touched records are scored by dot product with their
+    tuned vectors, every other record by cosine (the tuned corpus is the normalised base plus
+    the delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a
+    delta.
+
+    Quantized corpora (see :mod:`nudgefast._quantized` for the exact scores):
+    query_precision: int8/uint8 codes: ``"float32"`` (default; exact dequantized scores) or
+    ``"int8"`` (an integer inner product per row: faster, scores approximate); binary codes:
+    ``"binary"`` (default; Hamming distance of the query's signs, score ``d - 2 * Hamming``)
+    or ``"float32"`` (exact cosine of the float query with the +-1 sign vectors).
+    rescore_multiplier: ``r``: the pass keeps ``k * r`` candidates (at most N), which are
+    ranked again by the exact float64 score of the float query against their dequantized rows
+    (binary: their sign vectors), or their rows of ``rescore_corpus`` (the float (N, d) corpus
+    the codes came from, e.g. a memmap; only those rows are read) when given.
+    Sentence-Transformers rescores int8 candidates against the raw codes (no ranges) and binary
+    ones against 0/1 bits; the dequantized rows are the values the codes stand for (its 0/1
+    rescoring ranks binary candidates as our sign vectors do: q . bits = (q . signs + sum q)/2).
+
     Returns a :class:`SearchResult` with float32 scores and int64 indices, in the caller's
     array library (see :class:`SearchResult`).
     """
-    caller = corpus if _arrays.is_device(corpus) else queries
+    from . import _quantized
+    from .quantize import QuantizedCorpus
+
+    quantized = isinstance(corpus, QuantizedCorpus)
+    if not quantized and (query_precision is not None or rescore_multiplier is not None
+                          or rescore_corpus is not None):
+        arg = ("query_precision" if query_precision is not None else "rescore_multiplier"
+               if rescore_multiplier is not None else "rescore_corpus")
+        raise ValueError(f"{arg}: applies to a quantized corpus (nudgefast.quantize / "
+                         f"QuantizedCorpus) only; leave it None for a float corpus")
+    caller = corpus if not quantized and _arrays.is_device(corpus) else queries
     backend = _backends.resolve(
-        backend, device_input="corpus" if _arrays.is_device(corpus) else None)
-    corpus = _validate.as_corpus("corpus", corpus, backend=backend)
+        backend, device_input="corpus" if not quantized and _arrays.is_device(corpus) else None)
+    qc = corpus if quantized else None
+    corpus = (_quantized.DequantizedRows(qc) if quantized
+              else _validate.as_corpus("corpus", corpus, backend=backend))
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)
@@ -158,6 +195,9 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     query_block = _validate.as_size("query_block", query_block, allow_none=False)
     if metric not in ("cosine", "dot"):
         raise ValueError(f"metric: must be 'cosine' or 'dot', got {metric!r}")
+    if quantized:
+        query_precision, multiplier, rescore_corpus = _quantized.as_quantized_options(
+            qc, query_precision, rescore_multiplier, rescore_corpus, k)
     impl = _backends.get(backend)
     exclude = None
     if delta is not None:
@@ -169,8 +209,28 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
             raise ValueError("metric: the tuned corpus scores untouched records by cosine; "
                              "leave metric='cosine' when passing delta")
         exclude = delta.indices
-    scores, index = topk_pass(impl, q, corpus, k, exclude=exclude, normalize=metric == "cosine",
-                              chunk_rows=chunk_rows, n_threads=n_threads, progress=progress)
+        if quantized and query_precision == "binary" and multiplier is None:
+            raise ValueError("rescore_multiplier: the tuned records score by cosine, the binary "
+                             "pass by Hamming distance; rescore the candidates (e.g. "
+                             "rescore_multiplier=4) or pass query_precision='float32'")
+    normalize = metric == "cosine"
+    if not quantized:
+        scores, index = topk_pass(impl, q, corpus, k, exclude=exclude, normalize=normalize,
+                                  chunk_rows=chunk_rows, n_threads=n_threads, progress=progress)
+    else:
+        width = k if multiplier is None else min(n, k * multiplier)
+        if query_precision == "float32":
+            scores, index = topk_pass(impl, q, corpus, width, exclude=exclude,
+                                      normalize=normalize, chunk_rows=chunk_rows,
+                                      n_threads=n_threads, progress=progress)
+        else:
+            scorer = _quantized.Scorer(impl, qc, q, query_precision, normalize)
+            scores, index = topk_pass(impl, q, qc.codes, width, exclude=exclude,
+                                      normalize=normalize, chunk_rows=chunk_rows,
+                                      n_threads=n_threads, progress=progress, scorer=scorer)
+        if multiplier is not None:
+            scores, index = _quantized.rescore(q, index, _quantized.rescore_rows(
+                qc, rescore_corpus), normalize, k)
     if delta is not None and len(delta.indices):
         vec = delta.vectors.astype(np.float64)
         out_s = np.empty_like(scores)

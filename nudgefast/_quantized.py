@@ -1,0 +1,188 @@
+"""Search and NUDGE over a :class:`~nudgefast.quantize.QuantizedCorpus`: the passes over codes,
+the query preparation each kind of pass needs, and rescoring.
+
+Three ways to score a coded row, all streamed in row chunks of the codes (a memmap is read,
+never copied whole; memory O(chunk + n_q k)):
+
+- ``"float32"`` (int8/uint8, the default; and every fit): exact dequantized scores. Each chunk
+  is dequantized to float32 (``min + step * u``, two float32 roundings; within one ulp of
+  :meth:`QuantizedCorpus.dequantize`) and goes through the backend's float ``topk_update``:
+  ``search(q, codes)`` ranks exactly as a float search over the dequantized corpus. Binary codes
+  read as their +-1 sign vectors this way. As fast as a float32 pass (which is compute-bound at
+  many queries), with 4-32x less to read.
+- ``"int8"`` (int8/uint8 codes, when asked): the backend's ``qtopk_int8``, one integer inner
+  product per (query, row): the query's weights ``q * step`` are rounded to int8 with one scale
+  per query, so the score is ``q . dequantized row`` up to that rounding (|error| <= scale/2 *
+  sum(u)); VNNI on the CPU, ``dp4a`` on the GPU. Rescoring makes the final order exact.
+- ``"binary"`` (binary/ubinary codes): the backend's ``qtopk_hamming`` with the query's signs
+  packed the same way: score ``d - 2 * Hamming``, the dot product of the +-1 sign vectors.
+
+Rescoring (``rescore_multiplier=r``) takes each query's top ``k * r`` from the pass and ranks
+them again by the exact float64 score of the float query against each candidate's dequantized
+row (int8/uint8), its +-1 sign vector (binary), or its row in a float ``rescore_corpus``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate
+from .quantize import QuantizedCorpus
+
+SCALAR = ("int8", "uint8")
+#: The passes each precision offers, the default first.
+QUERY_PRECISIONS = {"int8": ("float32", "int8"), "uint8": ("float32", "int8"),
+                    "binary": ("binary", "float32"), "ubinary": ("binary", "float32")}
+
+
+class DequantizedRows:
+    """A read-only (N, d) float32 view of a quantized corpus: a slice or a list of rows
+    dequantizes those rows only (``min + step * u`` in float32; binary: the +-1 sign of each
+    dimension). The float kernels and the fit read it like a host array (``HOST_ROWS``)."""
+
+    HOST_ROWS = True
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, qc: QuantizedCorpus):
+        self.qc = qc
+        self.shape = (len(qc), qc.d)
+        if qc.ranges is not None:
+            self._low, self._step = qc.ranges.min, qc.ranges.step
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        codes = self.qc.codes[key]
+        if codes.ndim == 1:
+            return self.rows(codes[None, :])[0]
+        return self.rows(codes)
+
+    def rows(self, codes) -> np.ndarray:
+        """Float32 rows of ``codes`` (m, width), C-contiguous."""
+        if self.qc.precision in SCALAR:
+            x = codes.astype(np.float32)
+            if self.qc.precision == "int8":
+                x += np.float32(128)
+            x *= self._step
+            x += self._low
+            return x
+        packed = np.ascontiguousarray(codes).view(np.uint8)
+        if self.qc.precision == "binary":
+            packed = packed ^ np.uint8(0x80)  # binary = ubinary with the top bit flipped
+        bits = np.unpackbits(packed, axis=1, count=self.shape[1])
+        x = bits.astype(np.float32)
+        x *= 2
+        x -= 1
+        return x
+
+
+def as_quantized_options(qc: QuantizedCorpus, query_precision, rescore_multiplier,
+                         rescore_corpus, k):
+    """Checked ``(query_precision, multiplier, rescore_corpus)`` for a search over ``qc``."""
+    allowed = QUERY_PRECISIONS[qc.precision]
+    if query_precision is None:
+        query_precision = allowed[0]
+    if query_precision not in allowed:
+        raise ValueError(f"query_precision: {qc.precision} codes are searched with "
+                         f"{' or '.join(map(repr, allowed))} queries, got {query_precision!r}")
+    r = _validate.as_size("rescore_multiplier", rescore_multiplier)
+    if rescore_corpus is not None:
+        rescore_corpus = _validate.as_corpus("rescore_corpus", rescore_corpus)
+        if rescore_corpus.shape != (len(qc), qc.d):
+            raise ValueError(f"rescore_corpus: shape {tuple(rescore_corpus.shape)} differs from "
+                             f"the quantized corpus ({len(qc)}, {qc.d}); pass the float rows "
+                             f"the codes were quantized from")
+        if r is None:
+            raise ValueError("rescore_corpus: is only read to rescore candidates; pass "
+                             "rescore_multiplier (e.g. 4) too")
+    return query_precision, r, rescore_corpus
+
+
+class Scorer:
+    """One pass's per-chunk update over codes (``"int8"`` or ``"binary"`` passes): the
+    queries prepared once, the backend op called per chunk."""
+
+    def __init__(self, backend, qc: QuantizedCorpus, queries, query_precision, normalize):
+        self.backend, self.qc, self.normalize = backend, qc, normalize
+        self.rows = DequantizedRows(qc)  # what an error message reads a flagged row from
+        q64 = np.asarray(queries, np.float64)
+        if query_precision == "binary":
+            self.qbits = np.packbits(q64 > 0, axis=1)
+            if qc.precision == "binary":
+                self.qbits ^= np.uint8(0x80)  # the codes' convention (it cancels in the XOR)
+        else:
+            low = qc.ranges.min.astype(np.float64)
+            step = qc.ranges.step.astype(np.float64)
+            self.qcodes, self.qscale = quantize_query_weights(q64 * step)
+            self.qoffset = (q64 @ low).astype(np.float32)
+            self.low, self.step = qc.ranges.min, qc.ranges.step
+        self.query_precision = query_precision
+
+    def __call__(self, chunk, row_offset, exclude, best_scores, best_index, n_threads):
+        if self.query_precision == "binary":
+            return self.backend.qtopk_hamming(self.qbits, chunk, row_offset, exclude, self.qc.d,
+                                              best_scores, best_index, n_threads=n_threads)
+        return self.backend.qtopk_int8(self.qcodes, self.qscale, self.qoffset, chunk, row_offset,
+                                       exclude, self.qc.precision == "int8", self.low, self.step,
+                                       self.normalize, best_scores, best_index,
+                                       n_threads=n_threads)
+
+    def for_rows(self, rows):
+        """This scorer for the queries ``rows`` only (a rescan of some queries)."""
+        other = object.__new__(Scorer)
+        other.__dict__.update(self.__dict__)
+        for name in ("qbits", "qcodes", "qscale", "qoffset"):
+            if name in self.__dict__:
+                setattr(other, name, np.ascontiguousarray(self.__dict__[name][rows]))
+        return other
+
+
+def quantize_query_weights(w):
+    """int8 codes and float32 scales of the rows of ``w`` (float64 (n_q, d)): ``w ~ scale *
+    codes``, codes in [-127, 127], the largest |w| of a row mapped to 127 (a zero row: codes 0,
+    scale 1)."""
+    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(codes), scale.astype(np.float32)
+
+
+def rescore(queries, index, rows_of, normalize, k):
+    """Each query's candidates ``index`` (n_q, m; -1 pads) ranked by their exact float64
+    scores against ``rows_of(rows) -> float64 (len(rows), d)``: cosine with ``normalize``
+    (a zero row scores -inf: never a result), else dot. Returns ``(scores, index)`` (n_q, k)
+    sorted by (score desc, index asc), ``-inf`` / ``-1`` where fewer candidates."""
+    from .search import rank_rows
+
+    scores = np.full(index.shape, -np.inf)
+    qi, ki = np.nonzero(index >= 0)
+    if qi.size:
+        rows, inv = np.unique(index[qi, ki], return_inverse=True)
+        vec = rows_of(rows)
+        if normalize:
+            norms = np.linalg.norm(vec, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                vec = vec / norms[:, None]
+            vec[norms == 0] = np.nan
+        q = np.asarray(queries, np.float64)
+        # Blocks of candidates keep the gathered (pairs, d) operands small.
+        step = max(1, (32 << 20) // (16 * max(1, q.shape[1])))
+        for s in range(0, qi.size, step):
+            a, b = qi[s:s + step], inv[s:s + step]
+            scores[a, ki[s:s + step]] = np.einsum("ij,ij->i", q[a], vec[b])
+        scores[np.isnan(scores)] = -np.inf
+    out_s, out_i = rank_rows(scores, np.where(np.isneginf(scores), -1, index), k)
+    out_i[np.isneginf(out_s)] = -1
+    return out_s, out_i
+
+
+def rescore_rows(qc: QuantizedCorpus, rescore_corpus):
+    """``rows_of`` for :func:`rescore`: rows of the float corpus when given, else the
+    dequantized rows in float64 (binary: the +-1 signs)."""
+    if rescore_corpus is not None:
+        return lambda rows: np.asarray(rescore_corpus[rows], dtype=np.float64)
+    if qc.precision in SCALAR:
+        return lambda rows: qc.dequantize(rows, dtype=np.float64)
+    view = DequantizedRows(qc)
+    return lambda rows: view[rows].astype(np.float64)
