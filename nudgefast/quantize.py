@@ -310,7 +310,10 @@ class QuantizedCorpus:
     def load(cls, path, mmap_mode=None) -> QuantizedCorpus:
         """Read a file :meth:`save` wrote. ``mmap_mode="r"`` (or ``"r+"``, ``"c"``) maps the
         codes from the file instead of reading them. A missing, damaged, foreign or newer file
-        raises ValueError naming ``path``."""
+        raises ValueError naming ``path``. Writing through an ``"r+"`` map (``apply(qc,
+        out=qc.codes)``) leaves the archive's CRC of the codes stale: load it again with a
+        ``mmap_mode`` (which does not read the CRC) or ``save`` it; a corpus tuned in place is
+        best kept as a ``.npy`` memmap of the codes."""
         if mmap_mode not in (None, "r", "r+", "c"):
             raise ValueError(f"mmap_mode: must be None, 'r', 'r+' or 'c', got {mmap_mode!r}")
         f, where = _read_npz(path, (FORMAT,), "quantized corpus", VERSION,
