@@ -164,9 +164,12 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     ranked again by the exact float64 score of the float query against their dequantized rows
     (binary: their sign vectors), or their rows of ``rescore_corpus`` (the float (N, d) corpus
     the codes came from, e.g. a memmap; only those rows are read) when given.
-    Sentence-Transformers rescores int8 candidates against the raw codes (no ranges) and binary
-    ones against 0/1 bits; the dequantized rows are the values the codes stand for (its 0/1
-    rescoring ranks binary candidates as our sign vectors do: q . bits = (q . signs + sum q)/2).
+    Where Sentence-Transformers differs: its int8 pass ranks by the raw code inner product
+    (queries quantized with the corpus's ranges, the per-dimension steps ignored), ours by
+    ``(q * step) . u`` plus the per-query offset, which is the dequantized score. Its
+    rescoring (6.2.0, read here) dequantizes uint8 candidates as ours does, and scores binary
+    candidates against their 0/1 bits, which ranks them as our +-1 sign vectors do
+    (``q . bits = (q . signs + sum(q)) / 2``).
 
     Returns a :class:`SearchResult` with float32 scores and int64 indices, in the caller's
     array library (see :class:`SearchResult`).
