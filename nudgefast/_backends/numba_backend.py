@@ -25,6 +25,16 @@ Differences from the NumPy reference, all within float32 rounding: scores are al
 in float32 (float64 queries are rounded to float32), the dot product is accumulated in a
 different order (SIMD partial sums), and with ``normalize`` the score is multiplied by the
 float32 reciprocal of the norm instead of divided by the float32 norm.
+
+``qtopk_int8`` and ``qtopk_hamming`` share that work split, reservoirs and merge
+(``_run_topk``); only the tiles differ. int8: each sub-block of codes is copied to a buffer
+of u (signed codes: ``code ^ 0x80``), the 6 x 2 tile sums ``qcodes * u`` exactly (d <= 512:
+float32 buffers through ``_tile``, every partial sum an integer below 2**24; else uint8 and
+int32 sums; past 2**16 columns int32 segments added in int64), then
+``float32(acc) * qscale + qoffset``, with
+``normalize`` times the float32 reciprocal of the dequantized row's float64 norm. Hamming:
+rows packed into uint64 words (zero padded), popcount of the XOR, ``n_bits - 2 * popcount``
+exact in float32.
 """
 from __future__ import annotations
 
@@ -32,9 +42,10 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
-from numba.core import types
-from numba.extending import overload
+from numba.core import cgutils, types
+from numba.extending import intrinsic, overload
 
 NAME = "numba"
 
@@ -416,7 +427,7 @@ def _topk_worker(w, q, chunk, kind, exclude, normalize, n_row_groups, q_block, k
     nq = q.shape[0]  # padded to a multiple of _QT with zero queries
     n_blocks = (m + _BLOCK - 1) // _BLOCK
     per_group = (n_blocks + n_row_groups - 1) // n_row_groups
-    n_qblocks = (nq + q_block - 1) // q_block
+    n_qblocks = max(1, (nq + q_block - 1) // q_block)  # no queries: one block, rows still checked
     g = w // n_qblocks
     qb = w - g * n_qblocks
     q0 = qb * q_block
@@ -566,6 +577,48 @@ def _topk_merge(res, cnt, row_offset, best_scores, best_index):
         _merge_query(res, cnt, row_offset, best_scores, best_index, q)
 
 
+def _run_topk(kernel, args, m, n_q, nq_pad, row_offset, best_scores, best_index, n_threads):
+    """Run a top-k ``kernel(*args, n_row_groups, q_block, k, res, cnt, thr_s, thr_k,
+    first_bad)`` over a chunk of ``m`` rows and ``nq_pad`` (a multiple of ``_QT``) queries, the
+    first ``n_q`` real, then merge its reservoirs into the caller's state. Shared by
+    ``topk_update``, ``qtopk_int8`` and ``qtopk_hamming``: same work split, same reservoirs,
+    same merge. Returns the global index of the first bad row the workers saw, else -1."""
+    k = best_scores.shape[1]
+    with _threads(n_threads) as nt:
+        n_blocks = (m + _BLOCK - 1) // _BLOCK
+        # Reservoir capacity: room for k kept + max(k, 64) admitted between two selections,
+        # never more than the rows a group can admit.
+        cap = min(k + max(k, 64), n_blocks * _BLOCK) if k else 0
+        state_bytes = max(1, nq_pad * cap * 8)
+        # Row groups: several per thread for load balance, bounded by the state memory.
+        n_groups = max(1, min(n_blocks, 4 * nt, _STATE_BUDGET // state_bytes))
+        cap = min(cap, -(-n_blocks // n_groups) * _BLOCK)
+        # When the state is too large for a group per thread, workers split the queries too.
+        n_qsplit = max(1, min(nq_pad // _QT, -(-nt // n_groups)))
+        q_block = -(-(nq_pad // _QT) // n_qsplit) * _QT if nq_pad else _QT
+        n_qblocks = max(1, -(-nq_pad // q_block)) if nq_pad else 1
+        res = np.empty((n_groups, nq_pad, cap), dtype=np.uint64)
+        cnt = np.zeros((n_groups, nq_pad), dtype=np.int64)
+        thr_k = np.full((n_groups, nq_pad), np.iinfo(np.uint64).max, dtype=np.uint64)
+        # Admission starts at the caller's k-th best score: a row scoring below it cannot
+        # enter. The test is s >= gate, so a float64 state rounded to nearest float32 is safe:
+        # a float32 s above the float64 k-th is >= that k-th rounded to nearest. Padding
+        # queries admit nothing.
+        thr_s = np.full((n_groups, nq_pad), np.inf, dtype=np.float32)
+        if k and n_q:
+            thr_s[:, :n_q] = best_scores[:, k - 1]
+        first_bad = np.full(n_groups * n_qblocks, -1, dtype=np.int64)
+        previous_chunk = numba.set_parallel_chunksize(1)
+        try:
+            kernel(*args, n_groups, q_block, k, res, cnt, thr_s, thr_k, first_bad)
+            if k > 0 and n_q > 0:
+                _topk_merge(res, cnt, np.int64(row_offset), best_scores, best_index)
+        finally:
+            numba.set_parallel_chunksize(previous_chunk)
+    found = first_bad[first_bad >= 0]
+    return int(found.min()) + int(row_offset) if found.size else -1
+
+
 def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, best_index, *, n_threads=None):
     """Merge corpus rows ``chunk`` (global rows ``row_offset + r``) into the running top-k.
 
@@ -604,40 +657,440 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
     q[:n_q] = queries
     exclude = _ro(exclude)
 
-    with _threads(n_threads) as nt:
-        n_blocks = (m + _BLOCK - 1) // _BLOCK
-        # Reservoir capacity: room for k kept + max(k, 64) admitted between two selections,
-        # never more than the rows a group can admit.
-        cap = min(k + max(k, 64), n_blocks * _BLOCK) if k else 0
-        state_bytes = max(1, nq_pad * cap * 8)
-        # Row groups: several per thread for load balance, bounded by the state memory.
-        n_groups = max(1, min(n_blocks, 4 * nt, _STATE_BUDGET // state_bytes))
-        cap = min(cap, -(-n_blocks // n_groups) * _BLOCK)
-        # When the state is too large for a group per thread, workers split the queries too.
-        n_qsplit = max(1, min(nq_pad // _QT, -(-nt // n_groups)))
-        q_block = -(-(nq_pad // _QT) // n_qsplit) * _QT if nq_pad else _QT
-        n_qblocks = max(1, -(-nq_pad // q_block)) if nq_pad else 1
-        res = np.empty((n_groups, nq_pad, cap), dtype=np.uint64)
-        cnt = np.zeros((n_groups, nq_pad), dtype=np.int64)
-        thr_k = np.full((n_groups, nq_pad), np.iinfo(np.uint64).max, dtype=np.uint64)
-        # Admission starts at the caller's k-th best score: a row scoring below it cannot
-        # enter. The test is s >= gate, so a float64 state rounded to nearest float32 is safe:
-        # a float32 s above the float64 k-th is >= that k-th rounded to nearest. Padding
-        # queries admit nothing.
-        thr_s = np.full((n_groups, nq_pad), np.inf, dtype=np.float32)
-        if k and n_q:
-            thr_s[:, :n_q] = best_scores[:, k - 1]
-        first_bad = np.full(n_groups * n_qblocks, -1, dtype=np.int64)
-        previous_chunk = numba.set_parallel_chunksize(1)
-        try:
-            _topk_kernel(q, chunk, kind, exclude, bool(normalize), n_groups, q_block, k,
-                         res, cnt, thr_s, thr_k, first_bad)
-            if k > 0 and n_q > 0:
-                _topk_merge(res, cnt, np.int64(row_offset), best_scores, best_index)
-        finally:
-            numba.set_parallel_chunksize(previous_chunk)
-    found = first_bad[first_bad >= 0]
-    return int(found.min()) + int(row_offset) if found.size else -1
+    return _run_topk(_topk_kernel, (q, chunk, kind, exclude, bool(normalize)), m, n_q, nq_pad,
+                     row_offset, best_scores, best_index, n_threads)
+
+
+# --------------------------------------------------------------------------- qtopk_int8, _hamming
+#
+# topk_update over quantized corpora, with its work split, reservoirs and merge (_run_topk):
+# only the scoring differs. Integer sums are exact whatever their order, so no fast-math flag
+# is needed for them, and the float32 epilogue is plain IEEE arithmetic (no contraction): a
+# (query, row) pair's score is the same bit pattern wherever the row sits.
+
+# Exact integer sums of qtopk_int8 (|q| <= 127, u <= 255, so |q u| <= 32385), by d:
+# - d <= _FSEG: u and the query codes as float32 (exact), through topk_update's float32 tile.
+#   Every partial sum, in any order, is an integer of magnitude <= 512 * 32385 < 2**24, so
+#   each float32 product, addition or fused multiply-add is exact and the fast-math
+#   reassociation (SIMD partial sums) changes nothing; the fastest path.
+# - d <= _ISEG: int32 accumulators, at most 2**16 * 32385 < 2**31.
+# - beyond: int32 sums over segments of _ISEG columns, added in int64 (slow: Numba does not
+#   vectorise the inner loop of the segment loop; such d are not embeddings).
+_FSEG = 512
+_ISEG = 1 << 16
+
+
+@intrinsic
+def _popcount64(typingctx, x):
+    """The number of set bits of a uint64 (LLVM ctpop: one popcnt instruction, or a vector
+    popcount where the loop vectorises)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        return builder.call(fn, args)
+
+    return types.uint64(types.uint64), codegen
+
+
+def _make_itile(acc_t, fastmath):
+    """A 6 x 2 tile of dot products over columns c0:c1 (q int8, b uint8) accumulated in
+    ``acc_t``; see _ISEG for when it is exact."""
+
+    @njit(fastmath=fastmath, **_jit)
+    def tile(q, i0, b, r0, c0, c1):
+        s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = acc_t(0)
+        for c in range(c0, c1):
+            a0 = acc_t(q[i0, c])
+            a1 = acc_t(q[i0 + 1, c])
+            a2 = acc_t(q[i0 + 2, c])
+            a3 = acc_t(q[i0 + 3, c])
+            a4 = acc_t(q[i0 + 4, c])
+            a5 = acc_t(q[i0 + 5, c])
+            b0 = acc_t(b[r0, c])
+            b1 = acc_t(b[r0 + 1, c])
+            s00 += a0 * b0
+            s01 += a0 * b1
+            s10 += a1 * b0
+            s11 += a1 * b1
+            s20 += a2 * b0
+            s21 += a2 * b1
+            s30 += a3 * b0
+            s31 += a3 * b1
+            s40 += a4 * b0
+            s41 += a4 * b1
+            s50 += a5 * b0
+            s51 += a5 * b1
+        return s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51
+
+    return tile
+
+
+_itile_i32 = _make_itile(np.int32, False)
+
+
+@njit(**_jit)
+def _itile(q, i0, b, r0, d, out):
+    """The exact 6 x 2 integer sums over all d columns (d > _FSEG), rounded to float32."""
+    if d <= _ISEG:
+        s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51 = _itile_i32(q, i0, b, r0, 0, d)
+        out[0, 0], out[0, 1], out[1, 0], out[1, 1] = s00, s01, s10, s11
+        out[2, 0], out[2, 1], out[3, 0], out[3, 1] = s20, s21, s30, s31
+        out[4, 0], out[4, 1], out[5, 0], out[5, 1] = s40, s41, s50, s51
+    else:
+        _itile_long(q, i0, b, r0, d, out)
+
+
+@njit(**_jit)
+def _itile_long(q, i0, b, r0, d, out):
+    x00 = x01 = x10 = x11 = x20 = x21 = x30 = x31 = x40 = x41 = x50 = x51 = np.int64(0)
+    for c0 in range(0, d, _ISEG):
+        s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51 = _itile_i32(
+            q, i0, b, r0, c0, min(c0 + _ISEG, d))
+        x00 += s00
+        x01 += s01
+        x10 += s10
+        x11 += s11
+        x20 += s20
+        x21 += s21
+        x30 += s30
+        x31 += s31
+        x40 += s40
+        x41 += s41
+        x50 += s50
+        x51 += s51
+    # int64 -> float32: one correctly rounded conversion, as the int32 and float32 paths.
+    out[0, 0], out[0, 1], out[1, 0], out[1, 1] = x00, x01, x10, x11
+    out[2, 0], out[2, 1], out[3, 0], out[3, 1] = x20, x21, x30, x31
+    out[4, 0], out[4, 1], out[5, 0], out[5, 1] = x40, x41, x50, x51
+
+
+@njit(fastmath=_FAST, **_jit)
+def _dequantized_norm2(buf, r, low, step):
+    """|low + step * u|^2 of buffer row r in float64 (low/step widened from float32: step * u
+    is exact, so a contracted multiply-add gives the same x). Every term is >= 0 and none
+    underflows to 0 or overflows, so the sum is 0 exactly when every x is: reassociation
+    cannot change which rows are bad."""
+    acc = 0.0
+    for c in range(buf.shape[1]):
+        x = low[c] + step[c] * np.float64(buf[r, c])
+        acc += x * x
+    return acc
+
+
+@njit(**_jit)
+def _exclude_rows(exclude, r0, nr, bias):
+    """bias[r - r0] = -inf for the excluded rows r of block r0:r0 + nr."""
+    e = np.searchsorted(exclude, r0)
+    while e < exclude.shape[0] and exclude[e] < r0 + nr:
+        bias[exclude[e] - r0] = -np.inf
+        e += 1
+
+
+@njit(**_jit)
+def _load_codes(chunk, r0, nr, flip, buf):
+    """buf[r] = u of chunk row r0 + r (signed: code ^ 0x80 = code + 128), as buf's dtype."""
+    d = chunk.shape[1]
+    for r in range(nr):
+        for c in range(d):
+            buf[r, c] = chunk[r0 + r, c] ^ flip
+
+
+@njit(**_jit)
+def _qint8_worker(w, q, qf, qscale, qoffset, chunk, signed, low, step, exclude, normalize,
+                  n_row_groups, q_block, k, res, cnt, thr_s, thr_k, first_bad):
+    """Work item w = (row group g, query block qb), as ``_topk_worker``: each sub-block of
+    codes is copied to a buffer as u (float32 for d <= _FSEG, else uint8), its dequantized
+    norms taken in float64, and 6 x 2 exact tiles (``qf`` float32 or ``q`` int8 queries, see
+    _FSEG) scored as ``(float32(acc) * qscale + qoffset) * (1/|x|) + bias``."""
+    m, d = chunk.shape
+    nq = qscale.shape[0]
+    n_blocks = (m + _BLOCK - 1) // _BLOCK
+    per_group = (n_blocks + n_row_groups - 1) // n_row_groups
+    n_qblocks = max(1, (nq + q_block - 1) // q_block)  # no queries: one block, rows still checked
+    g = w // n_qblocks
+    qb = w - g * n_qblocks
+    q0 = qb * q_block
+    q1 = min(q0 + q_block, nq)
+    flip = np.uint8(0x80) if signed else np.uint8(0)
+    fast = d <= _FSEG
+    fbuf = np.zeros((_BLOCK + _RT, d if fast else 0), dtype=np.float32)
+    buf = np.zeros((_BLOCK + _RT, 0 if fast else d), dtype=np.uint8)
+    scale = np.empty(_BLOCK + _RT, dtype=np.float32)
+    bias = np.empty(_BLOCK + _RT, dtype=np.float32)
+    acc = np.empty((_QT, _RT), dtype=np.float32)
+    tile = np.empty((_QT, _RT), dtype=np.float32)
+    fb = -1
+    for blk in range(g * per_group, min((g + 1) * per_group, n_blocks)):
+        r0 = blk * _BLOCK
+        nr = min(_BLOCK, m - r0)
+        if fast:
+            _load_codes(chunk, r0, nr, flip, fbuf)
+        else:
+            _load_codes(chunk, r0, nr, flip, buf)
+        for r in range(nr):
+            bias[r] = np.float32(0.0)
+            scale[r] = np.float32(1.0)
+            if normalize:
+                n2 = (_dequantized_norm2(fbuf, r, low, step) if fast
+                      else _dequantized_norm2(buf, r, low, step))
+                if n2 == 0.0:
+                    if fb < 0:
+                        fb = r0 + r
+                    bias[r] = -np.inf
+                else:
+                    scale[r] = np.float32(1.0 / np.sqrt(n2))
+        nr_pad = (nr + _RT - 1) // _RT * _RT
+        for r in range(nr, nr_pad):
+            for c in range(fbuf.shape[1]):
+                fbuf[r, c] = 0
+            for c in range(buf.shape[1]):
+                buf[r, c] = 0
+            bias[r] = -np.inf
+            scale[r] = 1.0
+        _exclude_rows(exclude, r0, nr, bias)
+        if k == 0:
+            continue
+        for i0 in range(q0, q1, _QT):
+            for rr in range(0, nr_pad, _RT):
+                if fast:
+                    (s00, s01, s10, s11, s20, s21,
+                     s30, s31, s40, s41, s50, s51) = _tile(qf, i0, fbuf, rr, d)
+                    acc[0, 0], acc[0, 1], acc[1, 0], acc[1, 1] = s00, s01, s10, s11
+                    acc[2, 0], acc[2, 1], acc[3, 0], acc[3, 1] = s20, s21, s30, s31
+                    acc[4, 0], acc[4, 1], acc[5, 0], acc[5, 1] = s40, s41, s50, s51
+                else:
+                    _itile(q, i0, buf, rr, d, acc)
+                hit = False
+                for a in range(_QT):
+                    qs = qscale[i0 + a]
+                    qo = qoffset[i0 + a]
+                    t = thr_s[g, i0 + a]
+                    for b in range(_RT):
+                        v = (acc[a, b] * qs + qo) * scale[rr + b] + bias[rr + b]
+                        tile[a, b] = v
+                        hit |= v >= t
+                if hit:
+                    _admit_tile(tile, res, cnt, thr_s, thr_k, g, i0, k, r0 + rr)
+    first_bad[w] = fb
+
+
+@njit(parallel=True, **_jit)
+def _qint8_kernel(q, qf, qscale, qoffset, chunk, signed, low, step, exclude, normalize,
+                  n_row_groups, q_block, k, res, cnt, thr_s, thr_k, first_bad):
+    for w in prange(first_bad.shape[0]):
+        _qint8_worker(w, q, qf, qscale, qoffset, chunk, signed, low, step, exclude, normalize,
+                      n_row_groups, q_block, k, res, cnt, thr_s, thr_k, first_bad)
+
+
+@njit(**_jit)
+def _htile(q, i0, b, r0, nw):
+    """6 x 2 popcounts of q ^ b over nw uint64 words."""
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = np.uint64(0)
+    for c in range(nw):
+        b0 = b[r0, c]
+        b1 = b[r0 + 1, c]
+        a = q[i0, c]
+        s00 += _popcount64(a ^ b0)
+        s01 += _popcount64(a ^ b1)
+        a = q[i0 + 1, c]
+        s10 += _popcount64(a ^ b0)
+        s11 += _popcount64(a ^ b1)
+        a = q[i0 + 2, c]
+        s20 += _popcount64(a ^ b0)
+        s21 += _popcount64(a ^ b1)
+        a = q[i0 + 3, c]
+        s30 += _popcount64(a ^ b0)
+        s31 += _popcount64(a ^ b1)
+        a = q[i0 + 4, c]
+        s40 += _popcount64(a ^ b0)
+        s41 += _popcount64(a ^ b1)
+        a = q[i0 + 5, c]
+        s50 += _popcount64(a ^ b0)
+        s51 += _popcount64(a ^ b1)
+    return s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51
+
+
+@njit(**_jit)
+def _pack_row(src, dst):
+    """Bytes src (w,) into little-endian uint64 words dst (ceil(w / 8),), zero padded: the same
+    packing on both sides of the XOR, so the byte order inside a word does not matter."""
+    for j in range(dst.shape[0]):
+        dst[j] = 0
+    for j in range(src.shape[0]):
+        dst[j >> 3] |= np.uint64(src[j]) << np.uint64(8 * (j & 7))
+
+
+@njit(**_jit)
+def _qham_worker(w, q, chunk, n_bits, exclude, n_row_groups, q_block, k,
+                 res, cnt, thr_s, thr_k, first_bad):
+    """Work item w = (row group g, query block qb), as ``_topk_worker``: each sub-block of
+    codes is packed into uint64 words, then 6 x 2 tiles of popcounts scored as
+    ``float32(n_bits - 2 * popcount) + bias`` (exact)."""
+    m = chunk.shape[0]
+    nq, nw = q.shape
+    n_blocks = (m + _BLOCK - 1) // _BLOCK
+    per_group = (n_blocks + n_row_groups - 1) // n_row_groups
+    n_qblocks = max(1, (nq + q_block - 1) // q_block)  # no queries: one block, rows still checked
+    g = w // n_qblocks
+    qb = w - g * n_qblocks
+    q0 = qb * q_block
+    q1 = min(q0 + q_block, nq)
+    buf = np.zeros((_BLOCK + _RT, nw), dtype=np.uint64)
+    bias = np.empty(_BLOCK + _RT, dtype=np.float32)
+    tile = np.empty((_QT, _RT), dtype=np.float32)
+    nb = np.int64(n_bits)
+    for blk in range(g * per_group, min((g + 1) * per_group, n_blocks)):
+        r0 = blk * _BLOCK
+        nr = min(_BLOCK, m - r0)
+        for r in range(nr):
+            _pack_row(chunk[r0 + r], buf[r])
+            bias[r] = np.float32(0.0)
+        nr_pad = (nr + _RT - 1) // _RT * _RT
+        for r in range(nr, nr_pad):
+            for c in range(nw):
+                buf[r, c] = 0
+            bias[r] = -np.inf
+        _exclude_rows(exclude, r0, nr, bias)
+        if k == 0:
+            continue
+        for i0 in range(q0, q1, _QT):
+            for rr in range(0, nr_pad, _RT):
+                p = _htile(q, i0, buf, rr, nw)
+                hit = False
+                for a in range(_QT):
+                    t = thr_s[g, i0 + a]
+                    for b in range(_RT):
+                        v = np.float32(nb - 2 * np.int64(p[a * _RT + b])) + bias[rr + b]
+                        tile[a, b] = v
+                        hit |= v >= t
+                if hit:
+                    _admit_tile(tile, res, cnt, thr_s, thr_k, g, i0, k, r0 + rr)
+    first_bad[w] = -1
+
+
+@njit(parallel=True, **_jit)
+def _qham_kernel(q, chunk, n_bits, exclude, n_row_groups, q_block, k,
+                 res, cnt, thr_s, thr_k, first_bad):
+    for w in prange(first_bad.shape[0]):
+        _qham_worker(w, q, chunk, n_bits, exclude, n_row_groups, q_block, k,
+                     res, cnt, thr_s, thr_k, first_bad)
+
+
+def _codes_view(codes, name):
+    """(m, w) codes as a read-only C-contiguous uint8 view (no copy for contiguous rows, a
+    read-only memmap slice included); int8 and uint8 share the bytes."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"{name}: expected a 2-d int8 or uint8 array, got {codes.dtype} "
+                         f"with shape {codes.shape}")
+    if not codes.flags.c_contiguous:
+        codes = np.ascontiguousarray(codes)
+    v = codes.view(np.uint8)
+    v.flags.writeable = False
+    return v
+
+
+def _check_state(n_q, best_scores, best_index):
+    if (best_scores.ndim != 2 or best_scores.shape[0] != n_q
+            or best_index.shape != best_scores.shape):
+        raise ValueError(f"best_scores {best_scores.shape} and best_index {best_index.shape} must "
+                         f"both be (n_q, k) with n_q = {n_q}")
+
+
+def _exclude(exclude):
+    return _ro(np.empty(0, np.int64) if exclude is None else exclude, np.int64)
+
+
+def _in_pieces(m, exclude, row_offset, call):
+    """Feed a chunk longer than the rank keys' 32-bit row field in pieces:
+    ``call(lo, hi, local_exclude, offset)`` per piece; the first bad row of all."""
+    first = -1
+    for s in range(0, m, _MAX_CHUNK_ROWS):
+        lo, hi = np.searchsorted(exclude, [s, s + _MAX_CHUNK_ROWS])
+        bad = call(s, min(s + _MAX_CHUNK_ROWS, m), exclude[lo:hi] - s, row_offset + s)
+        if first < 0:
+            first = bad
+    return first
+
+
+def qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low, step, normalize,
+               best_scores, best_index, *, n_threads=None):
+    """``topk_update`` over int8/uint8 codes with int8 queries (see numpy_backend).
+
+    qcodes (n_q, d) int8 in [-127, 127], qscale/qoffset (n_q,) float32, codes (m, d) int8
+    (``signed``: u = code + 128) or uint8 (u = code), read in place (a read-only memmap slice
+    is fine), low/step (d,) float32, exclude sorted int64 local rows, best_scores (n_q, k)
+    float32 (or float64) and best_index (n_q, k) int64 updated in place. Scores are exact
+    integer sums then ``float32(acc) * qscale + qoffset``, with ``normalize`` times the float32
+    reciprocal of the dequantized row's float64 norm. Returns the global index of the first
+    zero-norm row when ``normalize``, else -1.
+    """
+    codes = _codes_view(codes, "codes")
+    m, d = codes.shape
+    if m == 0:
+        return -1
+    exclude = _exclude(exclude)
+    if m > _MAX_CHUNK_ROWS:
+        return _in_pieces(m, exclude, row_offset, lambda lo, hi, ex, off: qtopk_int8(
+            qcodes, qscale, qoffset, codes[lo:hi], off, ex, signed, low, step, normalize,
+            best_scores, best_index, n_threads=n_threads))
+    qcodes = np.asarray(qcodes)
+    n_q, k = best_scores.shape
+    if qcodes.ndim != 2 or qcodes.shape != (n_q, d):
+        raise ValueError(f"qcodes: expected shape ({n_q}, {d}) (n_q from the state, d from the "
+                         f"codes), got {qcodes.shape}")
+    _check_state(n_q, best_scores, best_index)
+    nq_pad = (n_q + _QT - 1) // _QT * _QT
+    q = np.zeros((nq_pad, d), dtype=np.int8)
+    q[:n_q] = qcodes
+    # The float32 path's queries (exact), the int path's int8; the other is empty.
+    qf = q.astype(np.float32) if d <= _FSEG else np.zeros((0, 0), np.float32)
+    if d <= _FSEG:
+        q = np.zeros((0, 0), np.int8)
+    qs = np.zeros(nq_pad, dtype=np.float32)
+    qs[:n_q] = qscale
+    qo = np.zeros(nq_pad, dtype=np.float32)
+    qo[:n_q] = qoffset
+    if normalize:
+        low64 = _ro(np.broadcast_to(np.asarray(low, np.float32), (d,)), np.float64)
+        step64 = _ro(np.broadcast_to(np.asarray(step, np.float32), (d,)), np.float64)
+    else:
+        low64 = step64 = _ro(np.zeros(d, np.float64))  # read-only too: one specialisation
+    return _run_topk(_qint8_kernel, (q, qf, qs, qo, codes, bool(signed), low64, step64, exclude,
+                                     bool(normalize)),
+                     m, n_q, nq_pad, row_offset, best_scores, best_index, n_threads)
+
+
+def qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_index, *,
+                  n_threads=None):
+    """``topk_update`` over packed binary codes (see numpy_backend): qbits (n_q, w) and codes
+    (m, w) uint8 or int8 (read as bytes; codes in place), score ``n_bits - 2 * popcount(qbits
+    ^ codes)``, exact in float32. Always returns -1."""
+    codes = _codes_view(codes, "codes")
+    m, w = codes.shape
+    if m == 0:
+        return -1
+    exclude = _exclude(exclude)
+    if m > _MAX_CHUNK_ROWS:
+        return _in_pieces(m, exclude, row_offset, lambda lo, hi, ex, off: qtopk_hamming(
+            qbits, codes[lo:hi], off, ex, n_bits, best_scores, best_index, n_threads=n_threads))
+    qb = _codes_view(qbits, "qbits")
+    n_q, k = best_scores.shape
+    if qb.shape != (n_q, w):
+        raise ValueError(f"qbits: expected shape ({n_q}, {w}) (n_q from the state, w from the "
+                         f"codes), got {qb.shape}")
+    _check_state(n_q, best_scores, best_index)
+    nq_pad = (n_q + _QT - 1) // _QT * _QT
+    nw = max(1, (w + 7) // 8)
+    packed = np.zeros((nq_pad, nw * 8), dtype=np.uint8)
+    packed[:n_q, :w] = qb
+    # Little-endian words, as _pack_row builds the codes' words.
+    q = packed.view("<u8").astype(np.uint64)
+    return _run_topk(_qham_kernel, (q, codes, np.int64(n_bits), exclude),
+                     m, n_q, nq_pad, row_offset, best_scores, best_index, n_threads)
 
 
 # --------------------------------------------------------------------------- nudge_m_intervals

@@ -209,6 +209,11 @@ def test_bad_rows_reported_when_nothing_is_kept(backend, topk, n_q, k, request):
     x = np.ones((5, 8), np.float32)
     x[3] = 0.0
     assert topk(np.ones((n_q, 8), np.float32), x, 10, NO_EXCLUDE, True, *empty_state(n_q, k)) == 13
+    # Past the first group of rows a worker takes (numba missed this without queries).
+    x = np.ones((1237, 8), np.float32)
+    x[412] = 0.0
+    assert topk(np.ones((n_q, 8), np.float32), x, 10, NO_EXCLUDE, True,
+                *empty_state(n_q, k)) == 422
 
 
 def test_float64_state_and_queries(topk):
