@@ -560,6 +560,11 @@ def _read_steps(out):
     return steps
 
 
+#: The test files that only a GPU runs (tests/<name>.py; they skip without one): the report tallies
+#: each, so a device check that skipped them shows it.
+GPU_TEST_FILES = ("test_cuda", "test_cuda_qtopk")
+
+
 def _junit(out):
     path = out / "junit.xml"
     if not path.exists():
@@ -586,6 +591,24 @@ def _junit(out):
     tot["skip_reasons"] = skip_reasons
     tot["cuda_cases"] = sum(1 for s in suites for c in s.iter("testcase")
                             if "cuda" in (c.get("name", "") + c.get("classname", "")))
+    # The GPU-only files, tallied apiece: a file whose cases all skipped did not check anything.
+    per_file = {}
+    for suite in suites:
+        for case in suite.iter("testcase"):
+            # A collected case: classname tests.test_x; a whole module skipped at collection:
+            # classname "" and name tests.test_x.
+            module = (case.get("classname") or case.get("name") or "").split(".")[-1]
+            if module not in GPU_TEST_FILES:
+                continue
+            t = per_file.setdefault(module, {"run": 0, "passed": 0, "failed": 0, "skipped": 0})
+            t["run"] += 1
+            if case.find("failure") is not None or case.find("error") is not None:
+                t["failed"] += 1
+            elif case.find("skipped") is not None:
+                t["skipped"] += 1
+            else:
+                t["passed"] += 1
+    tot["gpu_files"] = per_file
     return tot
 
 
@@ -629,6 +652,8 @@ def report(out, dry):
         else:
             L.append(f"{tests['tests']} tests, {tests['failures']} failures, {tests['errors']} errors, "
                      f"{tests['skipped']} skipped; {tests['cuda_cases']} cases name cuda")
+            L += [f"- tests/{name}.py: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                  for name, t in sorted(tests.get("gpu_files", {}).items())]
             L += [f"- FAILED {n}" for n in tests["failed_tests"][:40]]
             L += [f"- skipped x{c}: {r}" for r, c in sorted(tests["skip_reasons"].items(),
                                                             key=lambda x: -x[1])[:12]]

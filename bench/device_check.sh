@@ -96,9 +96,11 @@ s_build() {
 s_tests() {
   local args=(-p no:cacheprovider -q -rs --junitxml="$OUT/junit.xml" -o junit_family=xunit2)
   if [[ $DRY == 1 ]]; then
-    "$PY" -P -m pytest tests/test_cuda.py tests/ops/test_project.py "${args[@]}"
+    "$PY" -P -m pytest tests/test_cuda.py tests/test_cuda_qtopk.py tests/ops/test_project.py "${args[@]}"
   else
-    # xdist (in the device image) spreads the CPU-heavy cases over the cores; the GPU is shared.
+    # Every test file, so the GPU-only ones run (test_cuda.py, test_cuda_qtopk.py, the cuda
+    # cases of tests/ops/). xdist (in the device image) spreads the CPU-heavy cases over the
+    # cores; the GPU is shared.
     if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "${DC_TEST_WORKERS:-8}"); fi
     "$PY" -P -m pytest tests "${args[@]}"
   fi
@@ -119,10 +121,12 @@ s_cpp() { s_bench cpp; }
 s_launch_sweep() { s_bench launch-sweep; }
 
 # compute-sanitizer over awkward-size CUDA tests (CuPy's kernel cache is warm from the tests).
-SAN_FILES="tests/test_cuda.py tests/ops/test_topk_update.py tests/ops/test_nudge_m_intervals.py
+# tests/test_cuda_qtopk.py: only its test_qtopk_small_for_sanitizers cases (both kinds, both
+# selection paths; its other tests would match "matches_reference" and take minutes there).
+SAN_FILES="tests/test_cuda.py tests/test_cuda_qtopk.py tests/ops/test_topk_update.py tests/ops/test_nudge_m_intervals.py
  tests/ops/test_nudge_n_sweep.py tests/ops/test_query_gradient.py tests/ops/test_project.py"
-SAN_K="cuda and ((fused_and_two_phase and nq150 and (k17 or k257)) or continues_state or repeated_exclude or exact_duplicates or (matches_reference and not test_topk_update))"
-SAN_K_RACE="(fused_and_two_phase and nq150 and (k17 or k257)) or continues_state"
+SAN_K="cuda and ((fused_and_two_phase and nq150 and (k17 or k257)) or continues_state or repeated_exclude or exact_duplicates or (matches_reference and not test_topk_update and not qtopk) or qtopk_small)"
+SAN_K_RACE="(fused_and_two_phase and nq150 and (k17 or k257)) or continues_state or qtopk_small"
 export SAN_FILES SAN_K SAN_K_RACE
 s_san_probe() {
   if [[ $DRY == 1 ]]; then echo "dry: no GPU" > "$DC_NOTE"; exit 77; fi
@@ -162,12 +166,12 @@ s_initcheck() { s_san initcheck "$SAN_K"; }
 export -f s_env s_build s_tests s_bench s_floors s_topk_cuda s_fit_cuda s_cpp s_launch_sweep s_san_probe s_san \
   s_memcheck s_racecheck s_initcheck
 
-# name, timeout (s), function. Sum of timeouts: 615 (the launch sweep runs only on what is left); the budget clip keeps the whole <= BUDGET.
+# name, timeout (s), function. Sum of timeouts: 635 (the launch sweep runs only on what is left); the budget clip keeps the whole <= BUDGET.
 # Seen on an H100 (2026-11-26): env 9 s, build 22, tests 107, floors 4, topk-cuda > 50 (cut in
 # its CuPy peer at 10k queries), fit-cuda 13 (host corpus only), cpp 17, sanitizers 2-17 each.
 step env          15 s_env
 step build        40 s_build
-step tests       150 s_tests
+step tests       170 s_tests  # 150 before tests/test_cuda_qtopk.py (~10-20 s more)
 step floors       20 s_floors
 step topk-cuda    80 s_topk_cuda
 step fit-cuda     55 s_fit_cuda

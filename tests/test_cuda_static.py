@@ -5,7 +5,10 @@ classification, chunk caps, stopping at a bad row) run against a stub ``cupy`` m
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import importlib.util
+import inspect
 import os
 import shutil
 import subprocess
@@ -75,7 +78,8 @@ def test_cuda_check_script_passes():
                          cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cuda_check: passed" in res.stdout
-    for kernel in ("topk_select_f32", "topk_select_f16_vec", "topk_keys_f16", "query_gradient_f64"):
+    for kernel in ("topk_select_f32", "topk_select_f16_vec", "topk_keys_f16", "query_gradient_f64",
+                   "qtopk_int8_scores", "qtopk_hamming_scores", "qtopk_select"):
         assert kernel in res.stdout
 
 
@@ -192,3 +196,119 @@ def test_device_check_launch_variants_compile(backend):
                               *defines, "-o", os.devnull, str(ROOT / "csrc" / "cuda" / "topk.cu")],
                              capture_output=True, text=True)
         assert res.returncode == 0, f"{label}: {res.stderr[-2000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# NVRTC (the compiler CuPy's RawModule uses at run time), without nvcc: every csrc/cuda/*.cu as
+# the runtime hands it over (headers pasted by _source, the LAUNCH table's -D options). The
+# nvidia-cuda-nvrtc wheel provides libnvrtc; NUDGEFAST_REQUIRE_NVRTC=1 fails instead of skipping.
+
+def _find_nvrtc():
+    candidates = []
+    for site in sys.path:
+        for sub in ("cuda_nvrtc", "cu12", "cu13"):
+            candidates += sorted(glob.glob(os.path.join(site, "nvidia", sub, "lib", "libnvrtc.so*")))
+    for root in filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")):
+        candidates += sorted(glob.glob(os.path.join(root, "lib64", "libnvrtc.so*")))
+    for path in candidates:
+        if "builtins" in path or ".alt." in path:
+            continue
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+_NVRTC = _find_nvrtc()
+
+
+def _nvrtc_ptx(lib, name, source, options, arch="compute_90"):
+    """(ptx, None) on success, (None, log) on a compile error."""
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) == 0
+    try:
+        opts = [o.encode() for o in (*options, f"--gpu-architecture={arch}")]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        assert lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)) == 0
+        log = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetProgramLog(prog, log) == 0
+        if rc:
+            return None, log.value.decode(errors="replace") or f"NVRTC error {rc}"
+        assert lib.nvrtcGetPTXSize(prog, ctypes.byref(size)) == 0
+        ptx = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetPTX(prog, ptx) == 0
+        return ptx.value.decode(errors="replace"), None
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _require_nvrtc():
+    if _NVRTC is None:
+        if os.environ.get("NUDGEFAST_REQUIRE_NVRTC") == "1":
+            pytest.fail("NUDGEFAST_REQUIRE_NVRTC=1 but no libnvrtc found (pip install nvidia-cuda-nvrtc-cu12)")
+        pytest.skip("no libnvrtc (pip install nvidia-cuda-nvrtc-cu12)")
+    return _NVRTC
+
+
+@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")))
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_every_kernel_source_compiles_with_nvrtc(backend, source, arch):
+    lib = _require_nvrtc()
+    ptx, log = _nvrtc_ptx(lib, source, backend._source(source), backend._options(), arch)
+    assert log is None, f"{source} ({arch}):\n{log}"
+    assert ".entry" in ptx
+
+
+def test_qtopk_kernels_compile_with_nvrtc_and_use_dp4a_and_popc(backend):
+    """The entry points cuda_backend launches exist, the int8 scores use the mixed-sign dp4a
+    (signed query bytes x unsigned corpus bytes) and the Hamming scores a 32-bit popcount."""
+    lib = _require_nvrtc()
+    ptx, log = _nvrtc_ptx(lib, "qtopk.cu", backend._source("qtopk.cu"), backend._options())
+    assert log is None, log
+    entries = {}
+    for name in ("qtopk_int8_scores", "qtopk_hamming_scores", "qtopk_int8_norms", "qtopk_select", "qtopk_keys"):
+        assert f".entry {name}(" in ptx, name
+        start = ptx.index(f".entry {name}(")
+        nxt = ptx.find(".entry ", start + 1)
+        entries[name] = ptx[start:nxt if nxt > 0 else len(ptx)]
+    assert "dp4a.s32.u32" in entries["qtopk_int8_scores"]
+    assert "popc.b32" in entries["qtopk_hamming_scores"]
+    # No FMA contraction in the int8 epilogue: the score is the reference's float32 roundings.
+    assert "mul.rn.f32" in entries["qtopk_int8_scores"] and "add.rn.f32" in entries["qtopk_int8_scores"]
+    assert "fma.rn.f32" not in entries["qtopk_int8_scores"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantized top-k ops' host-side policy (no device needed)
+
+def test_qtopk_signatures_are_the_contracts(backend):
+    from nudgefast._backends import numpy_backend as ref
+    for name in ("qtopk_int8", "qtopk_hamming"):
+        assert inspect.signature(getattr(backend, name)) == inspect.signature(getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("n_qblocks", [1, 3, 250, 10**6])
+@pytest.mark.parametrize("rows", [1, 5, 31, 32, 33, 255, 1237, 100_000, 1 << 30])
+@pytest.mark.parametrize("sms", [1, 132])
+def test_qtopk_select_splits_cover_the_rows(backend, n_qblocks, rows, sms):
+    splits, per = backend._qtopk_splits(n_qblocks, rows, sms)
+    assert 1 <= splits <= 65535 and per % 32 == 0
+    assert (splits - 1) * per < rows <= splits * per  # every row in exactly one split, none empty
+    assert splits == 1 or per >= 256
+
+
+def test_qtopk_rows_per_launch_fit_the_budget(backend):
+    # The stub reports 1 GiB free: a quarter of it for the scores (and keys) of the launch block.
+    budget = backend.STREAM["free_fraction"] * (1 << 30)
+    kmax = backend.LAUNCH["QTOPK"]["KMAX"]
+    for n_q, ncols, k, m in [(1000, 384, 10, 10**7), (1000, 48, kmax + 1, 10**7), (1, 4096, 1, 10**9),
+                             (7, 37, 5, 100)]:
+        rows = backend._qtopk_rows(n_q, ncols, k, m)
+        assert 1 <= rows <= min(m, 1 << 30)
+        per_row = n_q * 4 + ncols + 8 + (n_q * 24 if k > kmax else 0)
+        assert rows == m or rows <= max(backend.STREAM["min_chunk_rows"], budget // per_row)
+    assert backend._qtopk_rows(7, 37, 5, 100) == 100
+    qt, rt = backend._qtopk_tile()
+    assert qt == 4 * backend.LAUNCH["QTOPK"]["THREADS"] // 16 and rt == 64

@@ -47,13 +47,17 @@ def test_dry_run_records_every_step_and_writes_the_report(tmp_path):
         assert statuses[name] == "ok", name
     assert res["dry"] is True and res["complete"] is True
     assert res["tests"]["tests"] > 0 and res["tests"]["failures"] == 0
+    # The dry run's subset includes the GPU-only files; without a GPU they skip, and say so.
+    gpu_files = res["tests"]["gpu_files"]
+    assert set(gpu_files) == {"test_cuda", "test_cuda_qtopk"}, gpu_files
+    assert all(t["skipped"] >= 1 and t["failed"] == 0 for t in gpu_files.values()), gpu_files
     figs = res["figures"]
     ok = [f for f in figs if f["status"] == "ok"]
     assert {f["who"].split(" (")[0] for f in ok} >= {"cpp", "torch CPU mm+topk"}
     assert all(f["median_s"] > 0 and f["record_queries_per_s"] > 0 for f in ok if f["n"])
     assert not [f for f in figs if f["status"].startswith("failed")], figs
     report = (out / "report.md").read_text()
-    for heading in ("## Summary", "## Tests", "## Figures", "no step failed"):
+    for heading in ("## Summary", "## Tests", "## Figures", "no step failed", "tests/test_cuda_qtopk.py: "):
         assert heading in report
     for name in STEPS:
         assert f"| {name} |" in report
@@ -72,3 +76,32 @@ def test_report_marks_a_crashed_step_failed(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["failed_steps"] == ["tests"]
     assert "**failed steps: tests**" in (tmp_path / "report.md").read_text()
+
+
+def test_report_tallies_the_gpu_test_files(tmp_path):
+    """The report says per GPU-only file how many cases passed, failed and skipped (a device
+    check that skipped tests/test_cuda_qtopk.py checked nothing of it), from collected cases
+    and from a module skipped whole at collection."""
+    (tmp_path / "steps.tsv").write_text("tests\tfailed\t1\t3\t170\texit 1\n")
+    (tmp_path / "junit.xml").write_text(
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" '
+        'failures="1" skipped="2" tests="5">'
+        '<testcase classname="tests.test_cuda_qtopk" name="test_a[1]"/>'
+        '<testcase classname="tests.test_cuda_qtopk" name="test_a[2]"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_cuda_qtopk" name="test_b"><skipped message="s"/></testcase>'
+        '<testcase classname="" name="tests.test_cuda"><skipped message="collection skipped"/></testcase>'
+        '<testcase classname="tests.ops.test_project" name="test_c"/>'
+        '</testsuite></testsuites>')
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import device_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    device_check.report(tmp_path, dry=False)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["tests"]["gpu_files"] == {
+        "test_cuda_qtopk": {"run": 3, "passed": 1, "failed": 1, "skipped": 1},
+        "test_cuda": {"run": 1, "passed": 0, "failed": 0, "skipped": 1}}
+    report = (tmp_path / "report.md").read_text()
+    assert "- tests/test_cuda_qtopk.py: 1 passed, 1 failed, 1 skipped" in report
+    assert "- tests/test_cuda.py: 0 passed, 0 failed, 1 skipped" in report

@@ -28,6 +28,11 @@ Corpus pass (``topk_stream``):
   never reach global memory); larger k: the two-phase path (one sort key per (query, row) in
   global memory, a device sort, then the same merge).
 
+Quantized corpora (``qtopk_int8``, ``qtopk_hamming``; csrc/cuda/qtopk.cu): per chunk, an integer
+score matrix (int8: mixed-sign ``dp4a``; binary: ``popc`` of XORed 32-bit words) converted to the
+reference's float32 scores, then selected into the running top-k with the float path's lists,
+merges and state (``_TopkPass``); see the section at the end of this file.
+
 Precision: float32 corpora are scored with FP32 FMA; float16 corpora on tensor cores (sm_80+)
 with float32 accumulation, each query split into float16 hi + lo parts so the product keeps
 float32-level accuracy (``F16_SPLIT``; 0 halves the tensor work and costs ~1e-4 in the scores).
@@ -100,6 +105,10 @@ LAUNCH = {
     "PROJECT": {"THREADS": 256},
     "DOT64": {"THREADS": 256},
     "METRICS": {"THREADS": 128},
+    # Top-k over quantized codes (qtopk.cu): score blocks of THREADS threads, QT = THREADS / 4
+    # queries x 64 rows, d in slices of KW 32-bit words; qtopk_select: SEL_WARPS warps (one query
+    # each) and k <= KMAX (larger k: sort keys); qtopk_int8_norms: NORM_THREADS (a warp per row).
+    "QTOPK": {"THREADS": 256, "KW": 16, "SEL_WARPS": 4, "KMAX": 1024, "NORM_THREADS": 256},
 }
 
 #: Corpus-pass policy: chunks of a host corpus take at most ``max_chunk_bytes`` (each of the two
@@ -116,7 +125,7 @@ _NO_BAD_ROW = np.uint64(np.iinfo(np.uint64).max)
 #: cudaErrorMemoryAllocation: what a failed cudaHostAlloc (pinned buffers) or cudaMalloc outside
 #: CuPy's pool raises as ``CUDARuntimeError``; not sticky, so the context stays usable.
 _CUDA_ERROR_MEMORY_ALLOCATION = 2
-_KERNEL_ERRORS = {1: "k outside 1..KMAX reached the fused top-k kernel",
+_KERNEL_ERRORS = {1: "k outside 1..KMAX reached the fused top-k (or qtopk_select) kernel",
                   2: "a kernel got less dynamic shared memory than it needs"}
 
 
@@ -881,3 +890,179 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
     best_scores[...] = scores
     best_index[...] = index
     return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k over quantized codes (qtopk.cu): qtopk_int8 and qtopk_hamming.
+#
+# Per launch block of corpus rows (as many as the memory budget allows, usually the whole chunk):
+# upload the block's codes when they are on the host, the int8 norms (normalize), the candidate
+# flags (bad and excluded rows: 0), the (n_q, rows) float32 score matrix (-inf for non-candidates),
+# then the selection into the running top-k, whose state, floor, merges and first bad row are
+# _TopkPass's (the float top-k's, so the tie rule and the empty slots are the same code).
+# Selection: qtopk_select (k <= LAUNCH["QTOPK"]["KMAX"]; per-(query, split) lists in shared memory,
+# merged by topk_merge_pairs) or, for larger k, sort keys + a CuPy sort + topk_keys_decode.
+# Non-normalized int8 scores and Hamming scores are bit-identical to the reference's float32 path
+# (same roundings, no FMA); normalized int8 scores differ only where the float64 norm's summation
+# order moves its float32 rounding (rare, one ulp).
+
+_QTOPK_TX = 16  # qtopk.cu: TX, the threads along the rows of a score block (RT = 4 * TX rows)
+
+
+def _qtopk_tile() -> tuple[int, int]:
+    """(QT, RT): queries and rows of one qtopk score block (qtopk.cu derives the same)."""
+    return 4 * (LAUNCH["QTOPK"]["THREADS"] // _QTOPK_TX), 4 * _QTOPK_TX
+
+
+def _qtopk_rows(n_q: int, ncols: int, k: int, m: int) -> int:
+    """Rows per launch block: the (n_q, rows) float32 scores, the codes (when uploaded) and, for
+    k > KMAX, the sort keys with the sort's scratch, within ``free_fraction`` of free memory.
+    Launch rows are int32 in qtopk_select and uint32 in the sort keys: at most 2^30."""
+    per_row = n_q * 4 + ncols + 8
+    if k > LAUNCH["QTOPK"]["KMAX"]:
+        per_row += n_q * 8 * 3
+    rows = int(_free_device_bytes() * STREAM["free_fraction"]) // per_row
+    return int(max(1, min(m, 1 << 30, max(STREAM["min_chunk_rows"], rows))))
+
+
+def _qtopk_splits(n_qblocks: int, rows: int, sms: int) -> tuple[int, int]:
+    """(n_splits, rows_per_split) of qtopk_select over ``rows``: about 8 blocks per SM in all,
+    splits of whole 32-row steps and at least 256 rows (fewer lists to merge), at most 65535."""
+    want = max(1, -(-8 * sms // max(1, n_qblocks)))
+    n = max(1, min(want, 65535, -(-rows // 256)))
+    per = _round_up(-(-rows // n), 32)
+    return -(-rows // per), per
+
+
+def _query_words(qbytes: np.ndarray):
+    """(n_q, ncols) query bytes as (n_q, ceil(ncols / 4)) little-endian uint32 words on the
+    device, zero-padded (a pad byte times anything adds 0; XOR with a zero pad byte gives 0)."""
+    n_q, ncols = qbytes.shape
+    n_words = -(-ncols // 4)
+    buf = np.zeros((n_q, max(1, n_words) * 4), dtype=np.uint8)
+    buf[:, :ncols] = qbytes
+    return cp.asarray(buf.view("<u4")), n_words
+
+
+def _codes_block(dev, host, s: int, e: int):
+    """Rows s:e of the codes as a C-contiguous uint8 device array (uploaded from the host)."""
+    blk = cp.ascontiguousarray(dev[s:e]) if dev is not None else cp.asarray(np.ascontiguousarray(host[s:e]))
+    return blk if blk.dtype == cp.uint8 else blk.view(cp.uint8)
+
+
+def _qtopk_select(run: _TopkPass, scores, nb: int, row0: int) -> None:
+    """Merges the (n_q, nb) score matrix (launch row r = global row row0 + r) into run's state."""
+    n_q, k = run.n_q, run.k
+    t = LAUNCH["QTOPK"]
+    if k <= t["KMAX"]:
+        warps = t["SEL_WARPS"]
+        smem = warps * k * 8
+        kernel = _kernel("qtopk.cu", "qtopk_select")
+        _with_dynamic_smem(kernel, smem)
+        n_qblocks = -(-n_q // warps)
+        n_splits, per = _qtopk_splits(n_qblocks, nb, _device_props()["sms"])
+        out_s = cp.empty((n_splits, n_q, k), dtype=cp.float32)
+        out_i = cp.empty((n_splits, n_q, k), dtype=cp.int64)
+        floor_s, floor_i = run._floor()
+        kernel((n_qblocks, n_splits), (warps * 32,),
+               (scores, _i64(n_q), _i64(nb), _i64(nb), _i64(per), _i64(row0), floor_s, floor_i, _i64(k),
+                out_s, out_i, run.error),
+               shared_mem=smem)
+        lists_s, lists_i = run._merge_lists(out_s, out_i)
+    else:
+        keys = cp.empty((n_q, nb), dtype=cp.uint64)
+        _kernel("qtopk.cu", "qtopk_keys")((_blocks(n_q * nb, 256),), (256,), (scores, _i64(n_q), _i64(nb), keys))
+        keys.sort(axis=1)  # the tie rule is the keys' ascending order
+        lists_s = cp.empty((n_q, k), dtype=cp.float32)
+        lists_i = cp.empty((n_q, k), dtype=cp.int64)
+        threads = LAUNCH["MERGE"]["THREADS"]
+        _kernel("topk.cu", "topk_keys_decode")(
+            (_blocks(n_q * k, threads),), (threads,),
+            (keys, _i64(n_q), _i64(nb), _i64(min(k, nb)), _i64(k), _i64(row0), lists_s, lists_i))
+        del keys
+    run._merge_state(lists_s, lists_i)
+
+
+def _qtopk_pass(kind: str, qw, n_words: int, codes, row_offset, exclude, best_scores, best_index, *,
+                qscale=None, qoffset=None, signed=False, low=None, step=None, normalize=False, n_bits=0) -> int:
+    n_q, k = best_scores.shape
+    dev = _as_device_array(codes)
+    host = codes if dev is None else None
+    m, ncols = (dev if dev is not None else host).shape
+    row_offset = int(row_offset)
+    ex = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(-1)
+    ex = np.sort(ex[(ex >= 0) & (ex < m)])
+    run = _TopkPass(np.zeros((n_q, 0), np.float32), k, False, (best_scores, best_index), np.zeros(0, np.int64))
+    t = LAUNCH["QTOPK"]
+    _, rt = _qtopk_tile()
+    n_qtiles = -(-n_q // _qtopk_tile()[0])
+    score_kernel = _kernel("qtopk.cu", f"qtopk_{kind}_scores")
+    placeholder = cp.zeros(1, dtype=cp.float32)
+    qscale_d = _dev(qscale, np.float32) if kind == "int8" else placeholder
+    qoffset_d = _dev(qoffset, np.float32) if kind == "int8" else placeholder
+    if normalize:
+        low_d, step_d = _dev(low, np.float32), _dev(step, np.float32)
+    flip = np.uint32(0x80808080 if kind == "int8" and signed else 0)
+    rows = _qtopk_rows(n_q, ncols, k, m)
+    for s in range(0, m, rows):
+        e = min(m, s + rows)
+        nb = e - s
+        x = _codes_block(dev, host, s, e)
+        ok = cp.ones(nb, dtype=cp.uint8)
+        div = placeholder
+        if normalize:
+            div = cp.empty(nb, dtype=cp.float32)
+            threads = t["NORM_THREADS"]
+            _kernel("qtopk.cu", "qtopk_int8_norms")(
+                (_blocks(nb * 32, threads),), (threads,),
+                (x, _i64(nb), _i64(ncols), _i64(bool(signed)), low_d, step_d, _i64(row_offset + s), div, ok,
+                 run.first_bad))
+        lo, hi = (int(v) for v in np.searchsorted(ex, [s, e]))
+        if hi > lo:
+            ok[cp.asarray(ex[lo:hi] - s)] = 0
+        scores = cp.empty((n_q, nb), dtype=cp.float32)
+        word_loads = ncols % 4 == 0 and x.data.ptr % 4 == 0
+        score_kernel((-(-nb // rt), min(n_qtiles, 65535)), (t["THREADS"],),
+                     (qw, _i64(n_q), _i64(n_words), x, _i64(nb), _i64(ncols), flip, _i64(word_loads),
+                      qscale_d, qoffset_d, div, _i64(bool(normalize)), _i64(n_bits), ok, scores, _i64(nb)))
+        del x
+        _qtopk_select(run, scores, nb, row_offset + s)
+        del scores
+    out_s, out_i, bad = run.result()
+    best_scores[...] = out_s
+    best_index[...] = out_i
+    return bad
+
+
+def _host_codes(codes):
+    dev = _as_device_array(codes)
+    return dev.get() if dev is not None else np.asarray(codes)
+
+
+def qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low, step, normalize,
+               best_scores, best_index, *, n_threads=None):
+    m = codes.shape[0]
+    if m == 0:
+        return -1
+    n_q, k = best_scores.shape
+    if n_q == 0 or k == 0:  # no state to update; the first bad row is still the answer
+        if not normalize:
+            return -1
+        from . import numpy_backend
+        bad = np.flatnonzero(numpy_backend._dequantized_norms(_host_codes(codes), bool(signed), low, step) == 0)
+        return int(bad[0]) + int(row_offset) if bad.size else -1
+    qw, n_words = _query_words(np.ascontiguousarray(qcodes, dtype=np.int8).view(np.uint8))
+    return _qtopk_pass("int8", qw, n_words, codes, row_offset, exclude, best_scores, best_index,
+                       qscale=qscale, qoffset=qoffset, signed=bool(signed), low=low, step=step,
+                       normalize=bool(normalize))
+
+
+def qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_index, *,
+                  n_threads=None):
+    m = codes.shape[0]
+    n_q, k = best_scores.shape
+    if m == 0 or n_q == 0 or k == 0:
+        return -1
+    qw, n_words = _query_words(np.ascontiguousarray(qbits).view(np.uint8))
+    return _qtopk_pass("hamming", qw, n_words, codes, row_offset, exclude, best_scores, best_index,
+                       n_bits=int(n_bits))

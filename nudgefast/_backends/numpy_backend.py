@@ -131,7 +131,8 @@ def _merge_chunk(scores, bad, row_offset, exclude, best_scores, best_index):
     m = scores.shape[1]
     k = best_scores.shape[1]
     drop = bad.copy()
-    drop[exclude] = True
+    if exclude is not None:  # None: nothing excluded (drop[None] would index every row)
+        drop[exclude] = True
     scores = scores.astype(best_scores.dtype, copy=False)
     scores[:, drop] = -np.inf
     kk = min(k, m)
