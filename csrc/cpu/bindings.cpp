@@ -258,6 +258,100 @@ int64_t py_topk_update(const py::array& queries, const py::array& chunk, const p
     return topk_update(q, n_q, d, data, type, m, row_stride, row_offset, ex, n_ex, normalize, bs, bi, k, threads);
 }
 
+// A chunk of codes: int8 or uint8 (read as bytes), `cols` columns, each row contiguous, rows a
+// positive stride apart (a column slice, a read-only np.memmap: never copied). Returns the row
+// stride in bytes.
+int64_t code_rows(const py::array& codes, const char* name, int64_t cols) {
+    check_ndim(codes, name, 2);
+    check_dim(codes, name, 1, cols);
+    if (!(has_dtype(codes, 'i', 1) || has_dtype(codes, 'u', 1))) fail_type(name, "int8 or uint8", codes);
+    const int64_t m = codes.shape(0);
+    const int64_t stride0 = codes.strides(0), stride1 = codes.strides(1);
+    if (m > 0 && ((cols > 1 && stride1 != 1) || (m > 1 && stride0 <= 0)))
+        throw py::type_error(std::string("nudgefast._cpu: ") + name +
+                             " rows must be contiguous with a positive row stride (pass np.ascontiguousarray(" +
+                             name + "))");
+    return m > 1 ? stride0 : cols;
+}
+
+// exclude and row_offset as topk_update checks them.
+int64_t check_exclude_offset(const int64_t* ex, int64_t n_ex, int64_t m, const py::object& row_offset_arg,
+                             const char* chunk_name) {
+    check_ascending(ex, n_ex, "exclude", "pass np.unique(exclude)");
+    check_range(ex, n_ex, 0, m, "exclude", std::string("the rows of ") + chunk_name,
+                "exclude holds chunk-local rows: subtract row_offset from global record indices");
+    const int64_t row_offset = int_arg(row_offset_arg, "row_offset");
+    if (row_offset < 0 || row_offset > std::numeric_limits<int64_t>::max() - m)
+        fail_value("row_offset must be >= 0 (the global index of chunk row 0) with row_offset + len(" +
+                   std::string(chunk_name) + ") in int64, got " + std::to_string(row_offset));
+    return row_offset;
+}
+
+int64_t py_qtopk_int8(const py::array& qcodes, const py::array& qscale, const py::array& qoffset,
+                      const py::array& codes, const py::object& row_offset_arg, const py::array& exclude,
+                      bool signed_codes, const py::array& low, const py::array& step, bool normalize,
+                      py::array& best_scores, py::array& best_index, const py::object& n_threads) {
+    const int8_t* q = in<int8_t>(qcodes, "qcodes", 2);
+    const int64_t n_q = qcodes.shape(0), d = qcodes.shape(1);
+    const float* qs = in<float>(qscale, "qscale", 1);
+    const float* qo = in<float>(qoffset, "qoffset", 1);
+    check_dim(qscale, "qscale", 0, n_q);
+    check_dim(qoffset, "qoffset", 0, n_q);
+    const float* lo = in<float>(low, "low", 1);
+    const float* st = in<float>(step, "step", 1);
+    if (normalize) {
+        check_dim(low, "low", 0, d);
+        check_dim(step, "step", 0, d);
+    }
+    float* bs = inout<float>(best_scores, "best_scores", 2);
+    int64_t* bi = inout<int64_t>(best_index, "best_index", 2);
+    check_dim(best_scores, "best_scores", 0, n_q);
+    check_dim(best_index, "best_index", 0, n_q);
+    check_dim(best_index, "best_index", 1, best_scores.shape(1));
+    const int64_t k = best_scores.shape(1);
+    const int64_t* ex = in<int64_t>(exclude, "exclude", 1);
+    const int64_t row_stride = code_rows(codes, "codes", d);
+    const int64_t m = codes.shape(0);
+    // The int32 sums are exact while 127 * 255 * d < 2^31.
+    if (d > 66000) fail_value("codes have d = " + std::to_string(d) + " dimensions; qtopk_int8 takes at most 66000 "
+                              "(the int32 sums of 127 * 255 per dimension must not overflow)");
+    const int64_t row_offset = check_exclude_offset(ex, exclude.shape(0), m, row_offset_arg, "codes");
+    const int threads = threads_arg(n_threads);
+    const uint8_t* data = static_cast<const uint8_t*>(codes.data());
+    py::gil_scoped_release nogil;
+    return qtopk_int8(q, qs, qo, n_q, d, data, m, row_stride, row_offset, ex, exclude.shape(0), signed_codes, lo, st,
+                      normalize, bs, bi, k, threads);
+}
+
+int64_t py_qtopk_hamming(const py::array& qbits, const py::array& codes, const py::object& row_offset_arg,
+                         const py::array& exclude, const py::object& n_bits_arg, py::array& best_scores,
+                         py::array& best_index, const py::object& n_threads) {
+    check_ndim(qbits, "qbits", 2);
+    if (!(has_dtype(qbits, 'i', 1) || has_dtype(qbits, 'u', 1)) || !(qbits.flags() & py::array::c_style))
+        fail_type("qbits", "int8 or uint8", qbits);
+    const int64_t n_q = qbits.shape(0), w = qbits.shape(1);
+    float* bs = inout<float>(best_scores, "best_scores", 2);
+    int64_t* bi = inout<int64_t>(best_index, "best_index", 2);
+    check_dim(best_scores, "best_scores", 0, n_q);
+    check_dim(best_index, "best_index", 0, n_q);
+    check_dim(best_index, "best_index", 1, best_scores.shape(1));
+    const int64_t k = best_scores.shape(1);
+    const int64_t* ex = in<int64_t>(exclude, "exclude", 1);
+    const int64_t row_stride = code_rows(codes, "codes", w);
+    const int64_t m = codes.shape(0);
+    const int64_t row_offset = check_exclude_offset(ex, exclude.shape(0), m, row_offset_arg, "codes");
+    const int64_t n_bits = int_arg(n_bits_arg, "n_bits");
+    if (n_bits < 0 || n_bits > (int64_t{1} << 24))
+        fail_value("n_bits must be in [0, 2**24] (scores n_bits - 2 * distance are exact in float32), got " +
+                   std::to_string(n_bits));
+    const int threads = threads_arg(n_threads);
+    const uint8_t* q = static_cast<const uint8_t*>(qbits.data());
+    const uint8_t* data = static_cast<const uint8_t*>(codes.data());
+    py::gil_scoped_release nogil;
+    return qtopk_hamming(q, n_q, w, data, m, row_stride, row_offset, ex, exclude.shape(0), n_bits, bs, bi, k,
+                         threads);
+}
+
 py::tuple py_nudge_m_intervals(const py::array& S, const py::array& G, const py::array& pair_query,
                                const py::array& s_x, const py::array& g_x, const py::array& u_score, double eps,
                                const py::object& n_threads, const py::object& out) {
@@ -495,6 +589,26 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("topk_update", &py_topk_update, py::arg("queries"), py::arg("chunk"), py::arg("row_offset"),
           py::arg("exclude"), py::arg("normalize"), py::arg("best_scores"), py::arg("best_index"), threads,
           "Merge a float16/32/64 corpus chunk into the float32 top-k state in place; returns the first bad row or -1.");
+    m.def("qtopk_int8", &py_qtopk_int8, py::arg("qcodes"), py::arg("qscale"), py::arg("qoffset"), py::arg("codes"),
+          py::arg("row_offset"), py::arg("exclude"), py::arg("signed"), py::arg("low"), py::arg("step"),
+          py::arg("normalize"), py::arg("best_scores"), py::arg("best_index"), threads,
+          "Merge an int8/uint8 code chunk (int8 queries, exact int32 sums) into the float32 top-k state in place; "
+          "returns the first zero-norm row (normalize) or -1.");
+    m.def("qtopk_hamming", &py_qtopk_hamming, py::arg("qbits"), py::arg("codes"), py::arg("row_offset"),
+          py::arg("exclude"), py::arg("n_bits"), py::arg("best_scores"), py::arg("best_index"), threads,
+          "Merge a packed-bit code chunk into the float32 top-k state in place (score n_bits - 2 * Hamming); "
+          "returns -1.");
+    m.def("qtopk_paths", [] {
+              py::dict d;
+              d["int8"] = qtopk_int8_kernel().name;
+              d["hamming"] = qtopk_hamming_kernel().name;
+              return d;
+          },
+          "The kernels qtopk_int8 / qtopk_hamming run at the active level: the level's name, or "
+          "avx512-vnni / avx512-vpopcntdq where the CPU has the feature.");
+    m.def("set_qtopk_subpaths", [](bool allowed) { set_qtopk_subpaths(allowed); }, py::arg("allowed"),
+          "Allow (default) or forbid the avx512 level's AVX512-VNNI / VPOPCNTDQ sub-paths of qtopk_int8 / "
+          "qtopk_hamming (tests run the plain avx512 kernels with it; do not call it while an op runs).");
     m.def("nudge_m_intervals", &py_nudge_m_intervals, py::arg("S"), py::arg("G"), py::arg("pair_query"),
           py::arg("s_x"), py::arg("g_x"), py::arg("u_score"), py::arg("eps"), threads, out,
           "(low, high, feasible) per validation pair; out=(low, high, feasible) buffers optional.");

@@ -52,6 +52,11 @@
 // many intrinsics, which -Wmaybe-uninitialized then reports at every call.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+// The avx512 level's feature sub-paths (AVX512-VNNI, AVX512-VPOPCNTDQ; dispatch.hpp's
+// QTopkKernel) are compiled with function target attributes, which GCC >= 9 and Clang >= 8 take.
+#if (defined(__clang__) && __clang_major__ >= 8) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 9)
+#define NUDGEFAST_AVX512_SUBPATHS 1
+#endif
 #endif
 
 namespace nudgefast {
@@ -365,6 +370,18 @@ inline double load_row_norm(const T* src, int64_t d, float* dst) {
     return std::sqrt(squared_norm(dst, d));
 }
 
+// qtopk_hamming's admission test in integers: score = n_bits - 2 * dist ranks at or above
+// `thresh` exactly when dist <= the returned value (-1: no distance can; both sides exact in
+// double). An empty slot (-inf) admits everything.
+inline int64_t hamming_max_dist(float thresh, int64_t n_bits) {
+    constexpr int64_t kAll = int64_t{1} << 60;
+    if (!(thresh > -std::numeric_limits<float>::infinity())) return kAll;
+    const double v = std::floor((static_cast<double>(n_bits) - static_cast<double>(thresh)) / 2.0);
+    if (v < 0.0) return -1;
+    if (v >= static_cast<double>(kAll)) return kAll;
+    return static_cast<int64_t>(v);
+}
+
 }  // inline namespace NUDGEFAST_LEVEL
 
 // ---------------------------------------------------------------------------------------------
@@ -378,6 +395,17 @@ void query_gradient(const T* queries, int64_t d, const int64_t* order, const int
 int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* chunk, ChunkType chunk_type,
                     int64_t m, int64_t row_stride, int64_t row_offset, const int64_t* exclude, int64_t n_exclude,
                     bool normalize, float* best_scores, int64_t* best_index, int64_t k, int n_threads);
+
+// Quantized corpora (csrc/cpu/qtopk.cpp). codes: m rows of d (int8) or w (hamming) bytes,
+// row_stride bytes apart; queries C-contiguous. low/step: d float32 values.
+int64_t qtopk_int8(const int8_t* qcodes, const float* qscale, const float* qoffset, int64_t n_q, int64_t d,
+                   const uint8_t* codes, int64_t m, int64_t row_stride, int64_t row_offset, const int64_t* exclude,
+                   int64_t n_exclude, bool signed_codes, const float* low, const float* step, bool normalize,
+                   float* best_scores, int64_t* best_index, int64_t k, int n_threads);
+
+int64_t qtopk_hamming(const uint8_t* qbits, int64_t n_q, int64_t w, const uint8_t* codes, int64_t m,
+                      int64_t row_stride, int64_t row_offset, const int64_t* exclude, int64_t n_exclude,
+                      int64_t n_bits, float* best_scores, int64_t* best_index, int64_t k, int n_threads);
 
 void nudge_m_intervals(const double* S, const double* G, int64_t t, const int64_t* pair_query, const double* s_x,
                        const double* g_x, const double* u_score, int64_t n_pairs, double eps, double* low,

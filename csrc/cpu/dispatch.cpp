@@ -206,6 +206,25 @@ Isa kernel_isa() { return compiled_table(active_isa())->level; }
 
 const KernelTable& kernels() { return *compiled_table(active_isa()); }
 
+namespace {
+std::atomic<bool> g_subpaths{true};
+}
+
+void set_qtopk_subpaths(bool allowed) { g_subpaths.store(allowed, std::memory_order_release); }
+
+const QTopkKernel& qtopk_int8_kernel() {
+    const KernelTable& t = kernels();
+    const bool sub = g_subpaths.load(std::memory_order_acquire);
+    return sub && t.qtopk_int8_vnni && cpu_features().avx512_vnni ? *t.qtopk_int8_vnni : *t.qtopk_int8;
+}
+
+const QTopkKernel& qtopk_hamming_kernel() {
+    const KernelTable& t = kernels();
+    const bool sub = g_subpaths.load(std::memory_order_acquire);
+    return sub && t.qtopk_hamming_vpopcnt && cpu_features().avx512_vpopcntdq ? *t.qtopk_hamming_vpopcnt
+                                                                              : *t.qtopk_hamming;
+}
+
 void init_isa() {
     const char* env = std::getenv(kIsaEnv);
     const Isa level = (env && *env) ? parse_level(env, kIsaEnv) : best_isa();

@@ -108,6 +108,50 @@ struct SweepKernel {
                      double* out);
 };
 
+// qtopk_int8 / qtopk_hamming: top-k over quantized corpora (driver csrc/cpu/qtopk.cpp, inner loops
+// csrc/cpu/kernels/qtopk.cpp). Both score integer sums (exact on every level) and share one
+// problem/scratch layout; `d` is the dimension count for int8 codes and the bytes per row (w) for
+// packed bits.
+struct QTopkProblem {
+    const void* queries;        // the kernel's packed layout (QTopkKernel::pack_queries)
+    int64_t n_q, n_qt, d, k;    // n_qt: n_q rounded up to the kernel's query_tile
+    const uint8_t* codes;       // chunk rows, row_stride bytes apart (int8 codes read as bytes)
+    int64_t m, row_stride, row_offset;
+    const int64_t* exclude;     // sorted chunk-local rows
+    int64_t n_exclude;
+    // qtopk_int8 only
+    const float* qscale;        // n_q
+    const float* qoffset;       // n_q
+    bool signed_codes;          // u = code + 128 (the top bit flipped), else u = code
+    bool normalize;             // divide by |low + step * u| (float64, one order on every level)
+    const double* low;          // round_up(d, 8) values, zero past d
+    const double* step;
+    // qtopk_hamming only
+    int64_t n_bits;
+};
+
+struct QTopkScratch {
+    float* scores;      // (n_q, k) heaps, worst on top
+    int64_t* index;
+    float* thresh;      // n_q: score of the worst kept entry
+    int64_t* max_dist;  // n_q (hamming): the largest Hamming distance that can still be admitted
+    void* tile;         // tile_bytes(d), 64-byte aligned: the packed record tile
+    float* divisor;     // record_tile: the float32 norm (1 without normalize)
+    int64_t first_bad;  // smallest bad row id seen, or -1
+};
+
+struct QTopkKernel {
+    const char* name;     // the path, as reported by nudgefast._cpu.qtopk_paths()
+    int64_t query_tile;   // queries per register tile (n_qt is padded to a multiple)
+    int64_t record_tile;  // records per register tile (blocks are multiples of it)
+    // Bytes of the packed queries, and the packing ((n_q, d) int8 qcodes or (n_q, w) bytes).
+    int64_t (*query_bytes)(int64_t n_qt, int64_t d);
+    void (*pack_queries)(const void* queries, int64_t n_q, int64_t n_qt, int64_t d, void* out);
+    int64_t (*tile_bytes)(int64_t d);
+    // Merges chunk rows [begin, end) into the thread's heaps (begin a multiple of record_tile).
+    void (*block)(const QTopkProblem& p, QTopkScratch& s, int64_t begin, int64_t end);
+};
+
 // Pointers, not copies: each level's table is then a constant, initialised before any code runs.
 struct KernelTable {
     Isa level;  // the level these kernels were compiled for
@@ -115,6 +159,13 @@ struct KernelTable {
     const NormalizeKernel* normalize;
     const Dot64Kernel* dot64;
     const SweepKernel* sweep;
+    const QTopkKernel* qtopk_int8;
+    const QTopkKernel* qtopk_hamming;
+    // Sub-paths of a level that need one more CPU feature (null where the level has none): int8
+    // dot products with AVX512-VNNI (vpdpbusd), popcounts with AVX512-VPOPCNTDQ. Picked at run time
+    // by qtopk_int8_kernel() / qtopk_hamming_kernel() when cpu_features() has the feature.
+    const QTopkKernel* qtopk_int8_vnni;
+    const QTopkKernel* qtopk_hamming_vpopcnt;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -130,6 +181,12 @@ Isa active_isa();
 // The level of the kernels that run for active_isa() (avx512 for amx: no AMX kernel yet).
 Isa kernel_isa();
 const KernelTable& kernels();
+// The quantized top-k kernels of the active level, with its feature sub-path where the CPU has it.
+const QTopkKernel& qtopk_int8_kernel();
+const QTopkKernel& qtopk_hamming_kernel();
+// Allows (the default) or forbids the feature sub-paths, so that tests can run the avx512 level's
+// plain kernels on a CPU that has the features (not thread-safe against running kernels).
+void set_qtopk_subpaths(bool allowed);
 // Reads NUDGEFAST_CPU_ISA; throws std::invalid_argument naming the variable and the allowed
 // values when it is unknown or above what this CPU supports.
 void init_isa();

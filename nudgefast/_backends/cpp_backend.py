@@ -13,7 +13,11 @@ checks what never reaches it (``pair_pos``) and that index arrays hold integers.
 
 The kernels' inner loops exist once per instruction-set level (baseline, avx2, avx512); the
 compiled module picks the best this CPU supports at import, or the one ``NUDGEFAST_CPU_ISA``
-names (``describe()`` says which).
+names (``describe()`` says which). ``qtopk_int8`` / ``qtopk_hamming`` (quantized corpora: exact
+integer sums) also have sub-paths of the avx512 level, AVX512-VNNI (``vpdpbusd``) and
+AVX512-VPOPCNTDQ, used when the CPU has the feature (``_cpu.qtopk_paths()``, ``describe()``);
+their int8/uint8 code chunks are never copied when rows are contiguous (a read-only
+``np.memmap`` slice included).
 """
 from __future__ import annotations
 
@@ -43,9 +47,11 @@ def describe() -> str:
     else:
         amx_note = f"{'/'.join(amx)} available, no AMX kernel yet: the avx512 kernels run"
     forced = f", forced by {_cpu.ISA_ENV}" if os.environ.get(_cpu.ISA_ENV) else ""
+    paths = _cpu.qtopk_paths()
     return (f"path: {kernel}{forced} (levels here: {', '.join(_cpu.isa_levels())}"
             f"{'; also ' + ', '.join(extras) if extras else ''}; {amx_note})"
-            + (f"; level {isa}" if isa != kernel else ""))
+            + (f"; level {isa}" if isa != kernel else "")
+            + f"; quantized top-k: int8 {paths['int8']}, hamming {paths['hamming']}")
 
 
 def _f64(a):
@@ -97,6 +103,62 @@ def topk_update(queries, chunk, row_offset, exclude, normalize, best_scores, bes
         best_scores[...] = scores
     if not direct_i:
         best_index[...] = index
+    return int(first_bad)
+
+
+def _state(best_scores, best_index):
+    """The float32 / int64 state the kernels update in place: the caller's arrays, or copies
+    written back by ``_write_back``."""
+    direct = (best_scores.dtype == np.float32 and best_scores.flags.c_contiguous and best_scores.flags.writeable)
+    direct_i = (best_index.dtype == np.int64 and best_index.flags.c_contiguous and best_index.flags.writeable)
+    scores = best_scores if direct else np.ascontiguousarray(best_scores, dtype=np.float32)
+    index = best_index if direct_i else np.ascontiguousarray(best_index, dtype=np.int64)
+    return scores, index
+
+
+def _write_back(best_scores, best_index, scores, index):
+    if scores is not best_scores:
+        best_scores[...] = scores
+    if index is not best_index:
+        best_index[...] = index
+
+
+def _codes_view(codes):
+    """int8/uint8 codes as the kernels take them: rows contiguous, any positive row stride (a
+    read-only np.memmap slice included) without a copy; a strided view of bytes as one copy."""
+    codes = np.asarray(codes)
+    if codes.dtype in (np.int8, np.uint8) and codes.ndim == 2 and (
+            codes.size == 0 or ((codes.shape[1] <= 1 or codes.strides[1] == 1)
+                                and (codes.shape[0] <= 1 or codes.strides[0] > 0))):
+        return codes
+    if codes.dtype.itemsize == 1 and codes.dtype.kind in "iub":
+        return np.ascontiguousarray(codes).view(np.uint8)
+    return codes  # another dtype: the compiled module refuses it (TypeError naming codes)
+
+
+def qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low, step, normalize,
+               best_scores, best_index, *, n_threads=None):
+    q = np.ascontiguousarray(qcodes, dtype=np.int8)
+    d = q.shape[1] if q.ndim == 2 else 0
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    lo = np.zeros(d, np.float32) if low is None else f32(low)
+    st = np.zeros(d, np.float32) if step is None else f32(step)
+    ex = np.empty(0, dtype=np.int64) if exclude is None else _i64(exclude, "exclude")
+    scores, index = _state(best_scores, best_index)
+    first_bad = _cpu.qtopk_int8(q, f32(qscale), f32(qoffset), _codes_view(codes), int(row_offset), ex, bool(signed),
+                                lo, st, bool(normalize), scores, index, n_threads)
+    _write_back(best_scores, best_index, scores, index)
+    return int(first_bad)
+
+
+def qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_index, *, n_threads=None):
+    q = np.asarray(qbits)
+    q = q.view(np.uint8) if q.dtype == np.int8 and q.flags.c_contiguous else np.ascontiguousarray(q, np.uint8)
+    ex = np.empty(0, dtype=np.int64) if exclude is None else _i64(exclude, "exclude")
+    scores, index = _state(best_scores, best_index)
+    first_bad = _cpu.qtopk_hamming(q, _codes_view(codes), int(row_offset), ex, int(n_bits), scores, index,
+                                   n_threads)
+    _write_back(best_scores, best_index, scores, index)
     return int(first_bad)
 
 
