@@ -8,8 +8,8 @@ NDCG on the shared real data, then NUDGE-N fitted on float, int8 and binary code
 Peers: FAISS ``IndexFlatIP`` (float32), ``IndexScalarQuantizer(QT_8bit)`` (its own int8 codes,
 trained on the same calibration rows) and ``IndexBinaryFlat`` (our ubinary codes);
 Sentence-Transformers' ``semantic_search_faiss`` (uint8 codes in an IndexFlatIP, ubinary in an
-IndexBinaryFlat) and ``semantic_search_usearch`` (int8 / ubinary) on the same codes, when
-installed. Every timing is the median of ``--repeat`` runs after one warm-up, on this machine's
+IndexBinaryFlat) and usearch's exact search (int8 / ubinary, queries quantized as ST's
+``semantic_search_usearch`` does) on the same codes, when installed. Every timing is the median of ``--repeat`` runs after one warm-up, on this machine's
 cores; ratios are within this run.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def faiss_binary(codes, d, queries, k):
 
 
 def st_faiss(codes, precision, ranges, queries, k, rescore):
-    from sentence_transformers.quantization import semantic_search_faiss
+    from sentence_transformers.util.quantization import semantic_search_faiss
     _, _, index = semantic_search_faiss(queries[:1], corpus_embeddings=np.asarray(codes),
                                         corpus_precision=precision, top_k=k, ranges=ranges,
                                         rescore=False, output_index=True)
@@ -97,18 +97,19 @@ def st_faiss(codes, precision, ranges, queries, k, rescore):
     return run
 
 
-def st_usearch(codes, precision, ranges, queries, k, rescore):
-    from sentence_transformers.quantization import semantic_search_usearch
-    _, _, index = semantic_search_usearch(queries[:1], corpus_embeddings=np.asarray(codes),
-                                          corpus_precision=precision, top_k=k, ranges=ranges,
-                                          rescore=False, output_index=True)
-
-    def run():
-        hits, _ = semantic_search_usearch(queries, corpus_index=index, corpus_precision=precision,
-                                          top_k=k, ranges=ranges, rescore=rescore is not None,
-                                          rescore_multiplier=rescore or 1, exact=True)
-        return np.array([[h["corpus_id"] for h in row] for row in hits])
-    return run
+def usearch_exact(codes, precision, ranges, queries, k):
+    """usearch's exact (brute-force) search over the same codes, the queries quantized as
+    Sentence-Transformers' ``semantic_search_usearch`` quantizes them (its index would also
+    build an HNSW graph, which an exact pass does not need)."""
+    from usearch.index import MetricKind, search
+    if precision == "int8":
+        q = nf.quantize(queries, "int8", ranges).codes
+        metric = MetricKind.IP
+    else:
+        q = np.packbits(queries > 0, axis=1)
+        metric = MetricKind.Hamming
+    data = np.asarray(codes).view(np.int8 if precision == "int8" else np.uint8)
+    return lambda: search(data, q, k, metric, exact=True, threads=os.cpu_count()).keys
 
 
 # ---- speed ---------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ def speed(rows, d, n_q, k, repeat, folder):
                            rescore_corpus=x).indices),
     ]
     if _faiss() is not None:
-        runs += [("float32", "FAISS IndexFlatIP", benchmark.faiss_search(x, q, k)),
+        flat = benchmark.faiss_search(x, q, k)
+        runs += [("float32", "FAISS IndexFlatIP", lambda: flat()[1]),
                  ("int8", "FAISS SQ8 (QT_8bit)", faiss_sq8(x, cal, q, k)),
                  ("binary", "FAISS IndexBinaryFlat", faiss_binary(ub.codes, d, q, k))]
         try:
@@ -151,10 +153,9 @@ def speed(rows, d, n_q, k, repeat, folder):
             log.warning("sentence-transformers peer skipped: %s", exc)
     try:
         import usearch  # noqa: F401
-        runs += [("int8", "ST semantic_search_usearch",
-                  st_usearch(i8.codes, "int8", i8.ranges.to_array(), q, k, None)),
-                 ("binary", "ST semantic_search_usearch",
-                  st_usearch(ub.codes, "ubinary", None, q, k, None))]
+        runs += [("int8", "usearch exact (ST's int8 queries)",
+                  usearch_exact(i8.codes, "int8", i8.ranges, q, k)),
+                 ("binary", "usearch exact", usearch_exact(ub.codes, "ubinary", None, q, k))]
     except ImportError as exc:
         log.warning("usearch peer skipped: %s", exc)
     out, want = [], None
@@ -203,13 +204,13 @@ def accuracy(path, k=10):
         want = got if want is None else want
         m = nf.metrics(got, ds.test, k)
         rows.append({"dataset": ds.name, "what": name, "recall_vs_float32": _recall(got, want),
-                     "ndcg@10": m["ndcg"], "recall@10": m["recall"]})
+                     "ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"]})
     if _faiss() is not None:
         got = faiss_sq8(x, cal, q, k)()
         m = nf.metrics(got, ds.test, k)
         rows.append({"dataset": ds.name, "what": "int8, FAISS SQ8 (QT_8bit)",
-                     "recall_vs_float32": _recall(got, want), "ndcg@10": m["ndcg"],
-                     "recall@10": m["recall"]})
+                     "recall_vs_float32": _recall(got, want), "ndcg@10": m["ndcg@10"],
+                     "recall@10": m["recall@10"]})
     return rows
 
 
@@ -227,8 +228,8 @@ def nudge_accuracy(path, k=10):
         res = nf.NudgeN().fit(corpus, ds.train, ds.dev)
         fit_s = time.perf_counter() - t0
         tuned = nf.metrics(np.asarray(nf.search(q, corpus, k, res, **kw).indices), ds.test, k)
-        rows.append({"dataset": ds.name, "corpus": name, "ndcg@10": base["ndcg"],
-                     "ndcg@10 NUDGE-N": tuned["ndcg"], "gamma": res.gamma, "fit_s": fit_s})
+        rows.append({"dataset": ds.name, "corpus": name, "ndcg@10": base["ndcg@10"],
+                     "ndcg@10 NUDGE-N": tuned["ndcg@10"], "gamma": res.gamma, "fit_s": fit_s})
     return rows
 
 

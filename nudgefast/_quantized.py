@@ -43,9 +43,10 @@ class DequantizedRows:
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, qc: QuantizedCorpus):
+    def __init__(self, qc: QuantizedCorpus, backend=None):
         self.qc = qc
         self.shape = (len(qc), qc.d)
+        self.backend = backend  # whose dequantize_rows reads int8/uint8 slices (None: NumPy)
         if qc.ranges is not None:
             self._low, self._step = qc.ranges.min, qc.ranges.step
 
@@ -60,6 +61,11 @@ class DequantizedRows:
 
     def rows(self, codes) -> np.ndarray:
         """Float32 rows of ``codes`` (m, width), C-contiguous."""
+        if self.qc.precision in SCALAR and self.backend is not None:
+            out = np.empty(codes.shape, np.float32)
+            self.backend.dequantize_rows(np.ascontiguousarray(codes),
+                                         self.qc.precision == "int8", self._low, self._step, out)
+            return out
         if self.qc.precision in SCALAR:
             x = codes.astype(np.float32)
             if self.qc.precision == "int8":

@@ -189,7 +189,7 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
                         "corpus the codes came from)")
     on_device = device_ok and qc is None and _arrays.is_device(corpus)
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
-    corpus = (DequantizedRows(qc) if qc is not None else
+    corpus = (DequantizedRows(qc, _backends.get(backend)) if qc is not None else
               _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None))
     n, d = corpus.shape
     impl = _backends.get(backend)

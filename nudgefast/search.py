@@ -188,7 +188,7 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     backend = _backends.resolve(
         backend, device_input="corpus" if not quantized and _arrays.is_device(corpus) else None)
     qc = corpus if quantized else None
-    corpus = (_quantized.DequantizedRows(qc) if quantized
+    corpus = (_quantized.DequantizedRows(qc, _backends.get(backend)) if quantized
               else _validate.as_corpus("corpus", corpus, backend=backend))
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)

@@ -323,6 +323,23 @@ int64_t py_qtopk_int8(const py::array& qcodes, const py::array& qscale, const py
                       normalize, bs, bi, k, threads);
 }
 
+void py_dequantize_rows(const py::array& codes, bool signed_codes, const py::array& low, const py::array& step,
+                        py::array& out, const py::object& n_threads) {
+    const float* lo = in<float>(low, "low", 1);
+    const int64_t d = low.shape(0);
+    const float* st = in<float>(step, "step", 1);
+    check_dim(step, "step", 0, d);
+    const int64_t row_stride = code_rows(codes, "codes", d);
+    const int64_t m = codes.shape(0);
+    float* o = inout<float>(out, "out", 2);
+    check_dim(out, "out", 0, m);
+    check_dim(out, "out", 1, d);
+    const int threads = threads_arg(n_threads);
+    const uint8_t* data = static_cast<const uint8_t*>(codes.data());
+    py::gil_scoped_release nogil;
+    dequantize_rows(data, m, d, row_stride, signed_codes, lo, st, o, threads);
+}
+
 int64_t py_qtopk_hamming(const py::array& qbits, const py::array& codes, const py::object& row_offset_arg,
                          const py::array& exclude, const py::object& n_bits_arg, py::array& best_scores,
                          py::array& best_index, const py::object& n_threads) {
@@ -598,6 +615,10 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("exclude"), py::arg("n_bits"), py::arg("best_scores"), py::arg("best_index"), threads,
           "Merge a packed-bit code chunk into the float32 top-k state in place (score n_bits - 2 * Hamming); "
           "returns -1.");
+    m.def("dequantize_rows", &py_dequantize_rows, py::arg("codes"), py::arg("signed"), py::arg("low"),
+          py::arg("step"), py::arg("out"), threads,
+          "out = low + step * u in float32 (u = code + 128 for int8 codes), the rounding of NumPy's float32 "
+          "expression.");
     m.def("qtopk_paths", [] {
               py::dict d;
               d["int8"] = qtopk_int8_kernel().name;

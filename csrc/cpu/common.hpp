@@ -425,6 +425,10 @@ void project(const TE* E, const TC* C, const double* alpha, const double* beta, 
 void metrics(const int64_t* retrieved, int64_t n, int64_t width, const int64_t* ans_ptr, const int64_t* ans_index,
              const double* ans_rel, int64_t k, double* out, int n_threads);
 
+// codes: m rows of d int8/uint8 bytes, row_stride bytes apart; out (m, d) float32 C-contiguous.
+void dequantize_rows(const uint8_t* codes, int64_t m, int64_t d, int64_t row_stride, bool is_signed,
+                     const float* low, const float* step, float* out, int n_threads);
+
 // T = float or Half; chunk and out are (m, d) C-contiguous. Returns the first row whose norm is
 // not finite or is zero (its out row is left as it was), else -1.
 template <typename T>

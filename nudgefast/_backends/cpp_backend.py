@@ -211,3 +211,8 @@ def normalize_rows(chunk, out, *, n_threads=None):
 def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
     return _cpu.metrics(_i64(retrieved, "retrieved"), _i64(ans_ptr, "ans_ptr"), _i64(ans_index, "ans_index"),
                         _f64(ans_rel), int(k), n_threads)
+
+
+def dequantize_rows(codes, signed, low, step, out, *, n_threads=None):
+    _cpu.dequantize_rows(codes, bool(signed), np.ascontiguousarray(low, np.float32),
+                         np.ascontiguousarray(step, np.float32), out, n_threads)

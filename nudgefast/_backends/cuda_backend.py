@@ -1066,3 +1066,10 @@ def qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_i
     qw, n_words = _query_words(np.ascontiguousarray(qbits).view(np.uint8))
     return _qtopk_pass("hamming", qw, n_words, codes, row_offset, exclude, best_scores, best_index,
                        n_bits=int(n_bits))
+
+
+def dequantize_rows(codes, signed, low, step, out, *, n_threads=None):
+    # Host rows for the per-chunk float pass (a quantized corpus lives on the host); the
+    # reference's float32 arithmetic, so the rows are the same bits as on every backend.
+    from . import numpy_backend
+    numpy_backend.dequantize_rows(codes, signed, low, step, out)

@@ -1449,3 +1449,24 @@ def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
         with _threads(n_threads):
             _metrics_kernel(retrieved, ans_ptr, ans_index, ans_rel, int(k), out)
     return out
+
+
+@njit(parallel=True, **_jit)
+def _dequantize_rows(codes, flip, low, step, out):
+    for r in prange(codes.shape[0]):
+        for j in range(codes.shape[1]):
+            # No fastmath: the product and the sum round separately, as NumPy's expression.
+            out[r, j] = np.float32(np.uint8(codes[r, j]) ^ flip) * step[j] + low[j]
+
+
+def dequantize_rows(codes, signed, low, step, out, *, n_threads=None):
+    """``out = u * step + low`` in float32 (``u = code + 128``: the byte's top bit flipped, for
+    int8 codes), two roundings, the bits of the reference."""
+    codes = np.asarray(codes).view(np.uint8)
+    if codes.ndim != 2 or out.shape != codes.shape or out.dtype != np.float32:
+        raise ValueError(f"out: expected float32 of shape {codes.shape}, got {out.dtype} "
+                         f"{out.shape}")
+    with _threads(n_threads):
+        _dequantize_rows(codes, np.uint8(0x80 if signed else 0),
+                         np.ascontiguousarray(low, np.float32),
+                         np.ascontiguousarray(step, np.float32), out)

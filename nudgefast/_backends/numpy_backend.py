@@ -35,6 +35,12 @@ best_scores, best_index) -> int``
     the global index of the first row of zero norm when ``normalize``, else ``-1`` (codes are
     always finite); such rows are never candidates. Merge and tie rule as ``topk_update``.
 
+``dequantize_rows(codes, signed, low, step, out) -> None``
+    ``out[r] = u[r] * step + low`` in float32, two roundings (no fused multiply-add), for
+    ``codes`` (m, d) int8 (``signed``: ``u = code + 128``) or uint8 with contiguous rows,
+    ``low``/``step`` (d,) float32, ``out`` (m, d) float32 C-contiguous: the rows the exact pass
+    over a quantized corpus scores, bit for bit the same on every backend. Memory-bound.
+
 ``qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_index) -> int``
     ``topk_update`` over packed binary codes: ``codes`` (m, w) and ``qbits`` (n_q, w) uint8 or
     int8 (read as bytes; binary's flipped top bit cancels in the XOR), C-contiguous rows. The
@@ -189,6 +195,17 @@ def qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low,
     first_bad = int(np.flatnonzero(bad)[0]) + row_offset if bad.any() else -1
     _merge_chunk(scores, bad, row_offset, exclude, best_scores, best_index)
     return first_bad
+
+
+def dequantize_rows(codes, signed, low, step, out, *, n_threads=None):
+    step_rows = max(1, (8 << 20) // max(1, 4 * codes.shape[1]))
+    for s in range(0, codes.shape[0], step_rows):
+        x = out[s:s + step_rows]
+        x[...] = codes[s:s + step_rows]
+        if signed:
+            x += np.float32(128)
+        x *= step
+        x += low
 
 
 _POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)
