@@ -109,13 +109,17 @@ def usearch_exact(codes, precision, ranges, queries, k):
         q = np.packbits(queries > 0, axis=1)
         metric = MetricKind.Hamming
     data = np.asarray(codes).view(np.int8 if precision == "int8" else np.uint8)
-    return lambda: search(data, q, k, metric, exact=True, threads=os.cpu_count()).keys
+
+    def run():  # 100 queries a call: usearch's exact search holds a queries x N distance matrix
+        return np.vstack([search(data, q[s:s + 100], k, metric, exact=True,
+                                 threads=os.cpu_count()).keys for s in range(0, len(q), 100)])
+    return run
 
 
 # ---- speed ---------------------------------------------------------------------------------
 
 
-def speed(rows, d, n_q, k, repeat, folder):
+def speed(rows, d, n_q, k, repeat, folder, partial=None):
     t0 = time.perf_counter()
     work = benchmark.synthetic_workload(rows, d, n_train=1, n_val=n_q, memmap_dir=folder)
     x, q = work.corpus, np.ascontiguousarray(work.val.embeddings, np.float32)
@@ -124,53 +128,67 @@ def speed(rows, d, n_q, k, repeat, folder):
     i8 = _codes_memmap(x, "int8", cal, folder)
     ub = _codes_memmap(x, "ubinary", None, folder)
     log.info("speed: corpus and codes written in %.1f s", time.perf_counter() - t0)
+    # (what, who, factory): a factory builds its index only when its turn comes, and the
+    # index is dropped after it is timed, so at most one peer's copy of the corpus is held.
     runs = [
-        ("float32", "nudgefast cpp", lambda: nf.search(q, x, k, backend="cpp").indices),
+        ("float32", "nudgefast cpp", lambda: lambda: nf.search(q, x, k, backend="cpp").indices),
         ("int8, float32 queries (exact)", "nudgefast cpp",
-         lambda: nf.search(q, i8, k, backend="cpp").indices),
+         lambda: lambda: nf.search(q, i8, k, backend="cpp").indices),
         ("int8, int8 queries", "nudgefast cpp",
-         lambda: nf.search(q, i8, k, backend="cpp", query_precision="int8").indices),
+         lambda: lambda: nf.search(q, i8, k, backend="cpp", query_precision="int8").indices),
         ("int8, int8 queries, rescore x4", "nudgefast cpp",
-         lambda: nf.search(q, i8, k, backend="cpp", query_precision="int8",
-                           rescore_multiplier=4).indices),
-        ("binary", "nudgefast cpp", lambda: nf.search(q, ub, k, backend="cpp").indices),
+         lambda: lambda: nf.search(q, i8, k, backend="cpp", query_precision="int8",
+                                   rescore_multiplier=4).indices),
+        ("binary", "nudgefast cpp", lambda: lambda: nf.search(q, ub, k, backend="cpp").indices),
         ("binary, rescore x4 (float rows)", "nudgefast cpp",
-         lambda: nf.search(q, ub, k, backend="cpp", rescore_multiplier=4,
-                           rescore_corpus=x).indices),
+         lambda: lambda: nf.search(q, ub, k, backend="cpp", rescore_multiplier=4,
+                                   rescore_corpus=x).indices),
     ]
     if _faiss() is not None:
-        flat = benchmark.faiss_search(x, q, k)
-        runs += [("float32", "FAISS IndexFlatIP", lambda: flat()[1]),
-                 ("int8", "FAISS SQ8 (QT_8bit)", faiss_sq8(x, cal, q, k)),
-                 ("binary", "FAISS IndexBinaryFlat", faiss_binary(ub.codes, d, q, k))]
+        def flat():
+            fn = benchmark.faiss_search(x, q, k)
+            return lambda: fn()[1]
+        runs += [("float32", "FAISS IndexFlatIP", flat),
+                 ("int8", "FAISS SQ8 (QT_8bit)", lambda: faiss_sq8(x, cal, q, k)),
+                 ("binary", "FAISS IndexBinaryFlat", lambda: faiss_binary(ub.codes, d, q, k))]
         try:
+            import sentence_transformers  # noqa: F401
             runs += [("uint8 codes in a float index", "ST semantic_search_faiss",
-                      st_faiss(nf.quantize(x, "uint8", i8.ranges).codes,
-                               "uint8", i8.ranges.to_array(), q, k, None)),
+                      lambda: st_faiss(nf.quantize(x, "uint8", i8.ranges).codes, "uint8",
+                                       i8.ranges.to_array(), q, k, None)),
+                     ("uint8, rescore x4", "ST semantic_search_faiss",
+                      lambda: st_faiss(nf.quantize(x, "uint8", i8.ranges).codes, "uint8",
+                                       i8.ranges.to_array(), q, k, 4)),
                      ("binary", "ST semantic_search_faiss",
-                      st_faiss(ub.codes, "ubinary", None, q, k, None))]
+                      lambda: st_faiss(ub.codes, "ubinary", None, q, k, None))]
         except ImportError as exc:
             log.warning("sentence-transformers peer skipped: %s", exc)
     try:
         import usearch  # noqa: F401
         runs += [("int8", "usearch exact (ST's int8 queries)",
-                  usearch_exact(i8.codes, "int8", i8.ranges, q, k)),
-                 ("binary", "usearch exact", usearch_exact(ub.codes, "ubinary", None, q, k))]
+                  lambda: usearch_exact(i8.codes, "int8", i8.ranges, q, k)),
+                 ("binary", "usearch exact", lambda: usearch_exact(ub.codes, "ubinary", None, q, k))]
     except ImportError as exc:
         log.warning("usearch peer skipped: %s", exc)
     out, want = [], None
-    for what, who, fn in runs:
+    for what, who, factory in runs:
         log.info("speed: %s / %s", what, who)
         try:
+            fn = factory()
             t = benchmark.measure(fn, repeat=repeat, warmup=1)
         except Exception as exc:  # a peer that fails here is reported, not fatal
             out.append({"what": what, "who": who, "error": f"{type(exc).__name__}: {exc}"})
             continue
+        finally:
+            fn = None  # the peer's index goes before the next one is built
         got = np.asarray(t.result)
         if want is None:
             want = got
         out.append({"what": what, "who": who, "median_s": t.median, "min_s": t.spread[0],
                     "max_s": t.spread[1], "recall_vs_float32": _recall(got, want)})
+        t = None
+        if partial is not None:
+            partial.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -269,7 +287,8 @@ def main(argv=None):
     found = datasets.find(args.data) if args.data.is_dir() else []
     if "speed" not in skip:
         with tempfile.TemporaryDirectory(dir=os.environ.get("NUDGEFAST_BENCH_TMP")) as tmp:
-            result["speed"] = speed(args.rows, args.d, args.queries, args.k, args.repeat, tmp)
+            result["speed"] = speed(args.rows, args.d, args.queries, args.k, args.repeat, tmp,
+                                    args.out / "speed_partial.json")
     if "accuracy" not in skip:
         result["accuracy"] = [r for p in found for r in accuracy(p, args.k)]
     if "nudge" not in skip:

@@ -59,12 +59,24 @@ class DequantizedRows:
             return self.rows(codes[None, :])[0]
         return self.rows(codes)
 
-    def rows(self, codes) -> np.ndarray:
-        """Float32 rows of ``codes`` (m, width), C-contiguous."""
+    def chunk(self, start, stop) -> np.ndarray:
+        """Rows ``start:stop`` dequantized into this view's one reused buffer: valid until the
+        next call (the streaming pass consumes each chunk before reading the next)."""
+        codes = self.qc.codes[start:stop]
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape[0] < codes.shape[0]:
+            buf = self._buf = np.empty((codes.shape[0], self.shape[1]), np.float32)
+        return self.rows(codes, buf[:codes.shape[0]])
+
+    def rows(self, codes, out=None) -> np.ndarray:
+        """Float32 rows of ``codes`` (m, width), C-contiguous (into ``out`` when given)."""
         if self.qc.precision in SCALAR and self.backend is not None:
-            out = np.empty(codes.shape, np.float32)
+            out = np.empty(codes.shape, np.float32) if out is None else out
             self.backend.dequantize_rows(np.ascontiguousarray(codes),
                                          self.qc.precision == "int8", self._low, self._step, out)
+            return out
+        if out is not None:
+            out[...] = self.rows(codes)
             return out
         if self.qc.precision in SCALAR:
             x = codes.astype(np.float32)
@@ -84,7 +96,7 @@ class DequantizedRows:
 
 
 def as_quantized_options(qc: QuantizedCorpus, query_precision, rescore_multiplier,
-                         rescore_corpus, k):
+                         rescore_corpus):
     """Checked ``(query_precision, multiplier, rescore_corpus)`` for a search over ``qc``."""
     allowed = QUERY_PRECISIONS[qc.precision]
     if query_precision is None:
@@ -133,15 +145,6 @@ class Scorer:
                                        exclude, self.qc.precision == "int8", self.low, self.step,
                                        self.normalize, best_scores, best_index,
                                        n_threads=n_threads)
-
-    def for_rows(self, rows):
-        """This scorer for the queries ``rows`` only (a rescan of some queries)."""
-        other = object.__new__(Scorer)
-        other.__dict__.update(self.__dict__)
-        for name in ("qbits", "qcodes", "qscale", "qoffset"):
-            if name in self.__dict__:
-                setattr(other, name, np.ascontiguousarray(self.__dict__[name][rows]))
-        return other
 
 
 def quantize_query_weights(w):

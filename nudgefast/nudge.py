@@ -584,7 +584,10 @@ class NudgeN(_Nudge):
     def fit(self, corpus, train, val) -> NudgeResult:
         """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once; or a
         device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack), read in
-        place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises).
+        place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
+        :class:`~nudgefast.QuantizedCorpus`: the pass reads the codes (exact dequantized
+        scores), the touched rows are tuned from their dequantized rows (binary: +-1 signs),
+        and the result also carries the tuned rows re-quantized (``codes``).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).
@@ -616,7 +619,10 @@ class NudgeM(_Nudge):
     def fit(self, corpus, train, val) -> NudgeResult:
         """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once; or a
         device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack), read in
-        place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises).
+        place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
+        :class:`~nudgefast.QuantizedCorpus`: the pass reads the codes (exact dequantized
+        scores), the touched rows are tuned from their dequantized rows (binary: +-1 signs),
+        and the result also carries the tuned rows re-quantized (``codes``).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).

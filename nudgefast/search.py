@@ -92,7 +92,9 @@ def _topk_loop(scorer, queries, corpus, k, exclude, normalize, chunk_rows, n_thr
     step = chunk_rows or chunk_rows_for(n_q, d, corpus.dtype.itemsize)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
-        chunk = corpus[start:stop]
+        # A quantized corpus's dequantizing view fills one buffer for every chunk of the pass
+        # (a fresh 64 MiB array per chunk would cost its page faults each time).
+        chunk = corpus.chunk(start, stop) if hasattr(corpus, "chunk") else corpus[start:stop]
         if not chunk.flags.c_contiguous:
             chunk = np.ascontiguousarray(chunk)  # a strided view: copy this chunk only
         g0, g1 = row_offset + start, row_offset + stop
@@ -200,7 +202,7 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
         raise ValueError(f"metric: must be 'cosine' or 'dot', got {metric!r}")
     if quantized:
         query_precision, multiplier, rescore_corpus = _quantized.as_quantized_options(
-            qc, query_precision, rescore_multiplier, rescore_corpus, k)
+            qc, query_precision, rescore_multiplier, rescore_corpus)
     impl = _backends.get(backend)
     exclude = None
     if delta is not None:
