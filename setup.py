@@ -156,7 +156,11 @@ setup(
         # Hand-off targets (Delta.apply_to): FAISS indexes, Arrow tables / Parquet files.
         "faiss": ["faiss-cpu"],
         "arrow": ["pyarrow"],
-        "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib"],
+        # usearch: the exact int8 / binary search bench/quant_report.py compares against
+        # (what Sentence-Transformers' semantic_search_usearch runs); sentence-transformers:
+        # its semantic_search_faiss peer.
+        "bench": ["pytest-benchmark", "faiss-cpu", "matplotlib", "usearch",
+                  "sentence-transformers==6.2.0"],
     },
     entry_points={"console_scripts": ["nudgefast = nudgefast.cli:main"]},
     ext_modules=ext_modules,
