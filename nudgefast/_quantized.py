@@ -2,18 +2,23 @@
 the query preparation each kind of pass needs, and rescoring.
 
 Three ways to score a coded row, all streamed in row chunks of the codes (a memmap is read,
-never copied whole; memory O(chunk + n_q k)):
+never copied whole; memory O(chunk + n_q k), and rescoring gathers the candidates of a block of
+queries at a time):
 
 - ``"float32"`` (int8/uint8, the default; and every fit): exact dequantized scores. Each chunk
-  is dequantized to float32 (``min + step * u``, two float32 roundings; within one ulp of
-  :meth:`QuantizedCorpus.dequantize`) and goes through the backend's float ``topk_update``:
-  ``search(q, codes)`` ranks exactly as a float search over the dequantized corpus. Binary codes
+  is dequantized to float32 by the backend's ``dequantize_rows`` (``u * step + min``, two
+  float32 roundings: the same bits on every backend, within one float32 rounding of
+  ``max(|min|, |step * u|)`` of :meth:`QuantizedCorpus.dequantize`'s float64 values) and goes
+  through the backend's float ``topk_update``: ``search(q, codes)`` ranks exactly as a float
+  search over these float32 rows (the :class:`DequantizedRows` view). Binary codes
   read as their +-1 sign vectors this way. As fast as a float32 pass (which is compute-bound at
   many queries), with 4-32x less to read.
 - ``"int8"`` (int8/uint8 codes, when asked): the backend's ``qtopk_int8``, one integer inner
   product per (query, row): the query's weights ``q * step`` are rounded to int8 with one scale
   per query, so the score is ``q . dequantized row`` up to that rounding (|error| <= scale/2 *
-  sum(u)); VNNI on the CPU, ``dp4a`` on the GPU. Rescoring makes the final order exact.
+  sum(u)); VNNI on the CPU, ``dp4a`` on the GPU. Rescoring makes the final order exact. A
+  constant dimension (ST's step of 1 where max == min) does not set the query's scale: its
+  weight is clipped (its codes are 0 for every row quantized within the ranges).
 - ``"binary"`` (binary/ubinary codes): the backend's ``qtopk_hamming`` with the query's signs
   packed the same way: score ``d - 2 * Hamming``, the dot product of the +-1 sign vectors.
 
@@ -43,10 +48,11 @@ class DequantizedRows:
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, qc: QuantizedCorpus, backend=None):
+    def __init__(self, qc: QuantizedCorpus, backend=None, n_threads=None):
         self.qc = qc
         self.shape = (len(qc), qc.d)
         self.backend = backend  # whose dequantize_rows reads int8/uint8 slices (None: NumPy)
+        self.n_threads = n_threads
         if qc.ranges is not None:
             self._low, self._step = qc.ranges.min, qc.ranges.step
 
@@ -73,7 +79,8 @@ class DequantizedRows:
         if self.qc.precision in SCALAR and self.backend is not None:
             out = np.empty(codes.shape, np.float32) if out is None else out
             self.backend.dequantize_rows(np.ascontiguousarray(codes),
-                                         self.qc.precision == "int8", self._low, self._step, out)
+                                         self.qc.precision == "int8", self._low, self._step, out,
+                                         n_threads=self.n_threads)
             return out
         if out is not None:
             out[...] = self.rows(codes)
@@ -102,8 +109,11 @@ def as_quantized_options(qc: QuantizedCorpus, query_precision, rescore_multiplie
     if query_precision is None:
         query_precision = allowed[0]
     if query_precision not in allowed:
+        hint = ("; the names are lower case" if isinstance(query_precision, str)
+                and query_precision.lower() in allowed else "")
         raise ValueError(f"query_precision: {qc.precision} codes are searched with "
-                         f"{' or '.join(map(repr, allowed))} queries, got {query_precision!r}")
+                         f"{' or '.join(map(repr, allowed))} queries, got "
+                         f"{query_precision!r}{hint}")
     r = _validate.as_size("rescore_multiplier", rescore_multiplier)
     if rescore_corpus is not None:
         rescore_corpus = _validate.as_corpus("rescore_corpus", rescore_corpus)
@@ -132,7 +142,7 @@ class Scorer:
         else:
             low = qc.ranges.min.astype(np.float64)
             step = qc.ranges.step.astype(np.float64)
-            self.qcodes, self.qscale = quantize_query_weights(q64 * step)
+            self.qcodes, self.qscale = quantize_query_weights(q64 * step, qc.ranges.max > qc.ranges.min)
             self.qoffset = (q64 @ low).astype(np.float32)
             self.low, self.step = qc.ranges.min, qc.ranges.step
         self.query_precision = query_precision
@@ -147,43 +157,67 @@ class Scorer:
                                        n_threads=n_threads)
 
 
-def quantize_query_weights(w):
+def quantize_query_weights(w, live=None):
     """int8 codes and float32 scales of the rows of ``w`` (float64 (n_q, d)): ``w ~ scale *
-    codes``, codes in [-127, 127], the largest |w| of a row mapped to 127 (a zero row: codes 0,
-    scale 1)."""
-    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    codes``, codes in [-127, 127], the largest |w| of a row over the ``live`` dimensions (all
+    when None) mapped to 127, the others clipped (a row without live weight: codes 0, scale
+    1)."""
+    live = np.ones(w.shape[1], bool) if live is None else np.asarray(live, bool)
+    amax = np.abs(w[:, live]).max(axis=1) if live.any() else np.zeros(w.shape[0])
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return np.ascontiguousarray(codes), scale.astype(np.float32)
 
 
-def rescore(queries, index, rows_of, normalize, k):
+def rescore(queries, index, rows_of, normalize, k, *, name="corpus", block=256):
     """Each query's candidates ``index`` (n_q, m; -1 pads) ranked by their exact float64
-    scores against ``rows_of(rows) -> float64 (len(rows), d)``: cosine with ``normalize``
-    (a zero row scores -inf: never a result), else dot. Returns ``(scores, index)`` (n_q, k)
-    sorted by (score desc, index asc), ``-inf`` / ``-1`` where fewer candidates."""
+    scores against ``rows_of(rows) -> float64 (len(rows), d)``: cosine with ``normalize``,
+    else dot. A candidate row that is not finite (or of norm zero with ``normalize``) raises
+    ValueError naming row and argument ``name``, as a float pass over it would. ``block``
+    queries at a time: their candidates' rows are gathered together (memory O(block m d)).
+    Returns ``(scores, index)`` (n_q, k) float64 sorted by (score desc, index asc), ``-inf``
+    / ``-1`` where fewer candidates."""
     from .search import rank_rows
 
-    scores = np.full(index.shape, -np.inf)
-    qi, ki = np.nonzero(index >= 0)
-    if qi.size:
-        rows, inv = np.unique(index[qi, ki], return_inverse=True)
-        vec = rows_of(rows)
-        if normalize:
+    out_s = np.full((index.shape[0], k), -np.inf)
+    out_i = np.full((index.shape[0], k), -1, np.int64)
+    for b in range(0, index.shape[0], block):
+        idx = index[b:b + block]
+        scores = np.full(idx.shape, -np.inf)
+        qi, ki = np.nonzero(idx >= 0)
+        if qi.size:
+            rows, inv = np.unique(idx[qi, ki], return_inverse=True)
+            vec = rows_of(rows)
             norms = np.linalg.norm(vec, axis=1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                vec = vec / norms[:, None]
-            vec[norms == 0] = np.nan
-        q = np.asarray(queries, np.float64)
-        # Blocks of candidates keep the gathered (pairs, d) operands small.
-        step = max(1, (32 << 20) // (16 * max(1, q.shape[1])))
-        for s in range(0, qi.size, step):
-            a, b = qi[s:s + step], inv[s:s + step]
-            scores[a, ki[s:s + step]] = np.einsum("ij,ij->i", q[a], vec[b])
-        scores[np.isnan(scores)] = -np.inf
-    out_s, out_i = rank_rows(scores, np.where(np.isneginf(scores), -1, index), k)
-    out_i[np.isneginf(out_s)] = -1
+            bad = ~np.isfinite(norms) | ((norms == 0) if normalize else False)
+            if bad.any():
+                row = int(rows[np.argmax(bad)])
+                what = "a zero vector" if np.isfinite(norms[np.argmax(bad)]) else \
+                    "contains NaN or inf"
+                raise ValueError(f"{name}: row {row} is {what} (found rescoring it); fix or "
+                                 f"drop that record")
+            if normalize:
+                vec /= norms[:, None]
+            q = np.asarray(queries[b:b + block], np.float64)
+            scores[qi, ki] = np.einsum("ij,ij->i", q[qi], vec[inv])
+        s, i = rank_rows(scores, np.where(np.isneginf(scores), -1, idx), k)
+        i[np.isneginf(s)] = -1
+        out_s[b:b + block], out_i[b:b + block] = s, i
     return out_s, out_i
+
+
+def requantize(vectors, qc: QuantizedCorpus, rows, backend=None):
+    """Codes of tuned ``vectors`` (t, d) for the records ``rows`` of ``qc``, in its precision
+    and ranges, each vector first scaled to its record's dequantized norm: the tuned rows are
+    unit (NUDGE-N) or near it, the coded rows keep the corpus's scale, which the ranges fit.
+    NUDGE-M's rows, up to 1 + gamma long, may leave the ranges and clip there: the result's
+    float ``vectors`` are the exact tuned rows, the codes their approximation."""
+    from .quantize import quantize
+
+    base = DequantizedRows(qc, backend)[np.asarray(rows, np.int64)].astype(np.float64)
+    norms = np.linalg.norm(base, axis=1)
+    scaled = np.asarray(vectors, np.float64) * np.where(norms > 0, norms, 1.0)[:, None]
+    return quantize(scaled.astype(np.float32), qc.precision, qc.ranges).codes
 
 
 def rescore_rows(qc: QuantizedCorpus, rescore_corpus):

@@ -54,8 +54,7 @@ class NudgeResult:
     precision: str | None = None
     codes: np.ndarray | None = None
 
-    def apply(self, corpus, out=None, *, chunk_rows=None, backend="auto",
-              n_threads=None) -> np.ndarray:
+    def apply(self, corpus, out=None, *, chunk_rows=None, backend="auto", n_threads=None):
         """The tuned corpus (N, d) float32: every row normalised, touched rows replaced.
 
         Streams ``corpus`` through the backend's ``normalize_rows`` (one read, one write: it
@@ -69,9 +68,11 @@ class NudgeResult:
         ``out``).
 
         A :class:`~nudgefast.QuantizedCorpus` gives a QuantizedCorpus (same precision and
-        ranges) whose touched rows hold ``vectors`` quantized with its ranges; ``out``: a
-        codes array of the same shape and dtype to write into (``corpus.codes`` itself tunes
-        it in place), else a new one. The other rows' codes are copied in chunks.
+        ranges) whose touched rows hold ``vectors``, each scaled to its record's dequantized
+        norm (the scale the ranges fit), quantized with its ranges; ``out``: a codes array of
+        the same shape and dtype to write into (``corpus.codes`` itself tunes it in place;
+        another array sharing its memory is refused), else a new one. The other rows' codes
+        are copied in chunks.
         """
         from .quantize import QuantizedCorpus
         if isinstance(corpus, QuantizedCorpus):
@@ -97,7 +98,8 @@ class NudgeResult:
         return out if out is not None else _arrays.like(target, caller)
 
     def _apply_codes(self, qc, out, chunk_rows):
-        from .quantize import QuantizedCorpus, _chunk_rows, quantize
+        from ._quantized import requantize
+        from .quantize import QuantizedCorpus, _chunk_rows
         if len(qc) != self.n_records or qc.d != self.vectors.shape[1]:
             raise ValueError(f"corpus: a quantized corpus of ({len(qc)}, {qc.d}) differs from "
                              f"the fitted corpus ({self.n_records}, {self.vectors.shape[1]}); "
@@ -106,14 +108,20 @@ class NudgeResult:
         if out is None:
             target = np.empty(codes.shape, codes.dtype)
         elif (not isinstance(out, np.ndarray) or out.shape != codes.shape
-              or out.dtype != codes.dtype or not out.flags.writeable):
+              or out.dtype != codes.dtype):
             raise ValueError(f"out: expected a writable {codes.dtype} array of shape "
                              f"{codes.shape} (the codes), got "
                              f"{getattr(out, 'dtype', type(out).__name__)} "
                              f"{tuple(getattr(out, 'shape', ()))}; pass None or corpus.codes")
+        elif not out.flags.writeable:
+            raise ValueError("out: is read-only; open the codes' memmap with mode 'r+' to tune "
+                             "them in place, or pass None for a new array")
+        elif out is not codes and np.may_share_memory(out, codes):
+            raise ValueError("out: shares memory with corpus.codes without being it; pass "
+                             "corpus.codes itself to tune in place, or a separate array")
         else:
             target = out
-        tuned = quantize(self.vectors, qc.precision, qc.ranges).codes
+        tuned = requantize(self.vectors, qc, self.indices)
         if target is not codes:
             step = _chunk_rows(chunk_rows, codes.shape[1])
             for lo in range(0, codes.shape[0], step):
@@ -189,7 +197,7 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
                         "corpus the codes came from)")
     on_device = device_ok and qc is None and _arrays.is_device(corpus)
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
-    corpus = (DequantizedRows(qc, _backends.get(backend)) if qc is not None else
+    corpus = (DequantizedRows(qc, _backends.get(backend), n_threads) if qc is not None else
               _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None))
     n, d = corpus.shape
     impl = _backends.get(backend)
@@ -369,9 +377,9 @@ def _result(variant, prep, gamma, alpha, beta, gammas, acc, n_threads):
     vectors = prep.backend.project(prep.base, prep.grad, alpha, beta, n_threads=n_threads)
     precision = codes = None
     if prep.quantized is not None:
-        from .quantize import quantize
+        from ._quantized import requantize
         qc = prep.quantized
-        precision, codes = qc.precision, quantize(vectors, qc.precision, qc.ranges).codes
+        precision, codes = qc.precision, requantize(vectors, qc, prep.touched, prep.backend)
     prep.timings["project"] = time.perf_counter() - t0
     return NudgeResult(variant, float(gamma), prep.touched, vectors, np.asarray(gammas, float),
                        np.asarray(acc, float), prep.corpus.shape[0], prep.timings, precision,

@@ -234,7 +234,9 @@ class QuantizedCorpus:
             # and binary's flip of the top bit leaves them so; set ones would count in every
             # Hamming distance (codes of another d, or another bit order). One column is read.
             pad = np.uint8((1 << (8 - d % 8)) - 1)
-            if np.any(codes[:, -1].view(np.uint8) & pad):
+            step = 1 << 20  # one column, in chunks: no N-sized temporary
+            if any(np.any(codes[lo:lo + step, -1].view(np.uint8) & pad)
+                   for lo in range(0, codes.shape[0], step)):
                 raise ValueError(f"codes: the pad bits of the last byte are set, which packed "
                                  f"codes of d={d} never have; pass the d these codes were made "
                                  f"from (np.packbits order, dimension 8j in the top bit)")

@@ -94,7 +94,8 @@ def _topk_loop(scorer, queries, corpus, k, exclude, normalize, chunk_rows, n_thr
         stop = min(start + step, n_rows)
         # A quantized corpus's dequantizing view fills one buffer for every chunk of the pass
         # (a fresh 64 MiB array per chunk would cost its page faults each time).
-        chunk = corpus.chunk(start, stop) if hasattr(corpus, "chunk") else corpus[start:stop]
+        chunk = corpus.chunk(start, stop) if getattr(corpus, "HOST_ROWS", False) \
+            else corpus[start:stop]
         if not chunk.flags.c_contiguous:
             chunk = np.ascontiguousarray(chunk)  # a strided view: copy this chunk only
         g0, g1 = row_offset + start, row_offset + stop
@@ -190,7 +191,8 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     backend = _backends.resolve(
         backend, device_input="corpus" if not quantized and _arrays.is_device(corpus) else None)
     qc = corpus if quantized else None
-    corpus = (_quantized.DequantizedRows(qc, _backends.get(backend)) if quantized
+    corpus = (_quantized.DequantizedRows(qc, _backends.get(backend),
+                                         _validate.as_threads("n_threads", n_threads)) if quantized
               else _validate.as_corpus("corpus", corpus, backend=backend))
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
@@ -234,8 +236,9 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
                                       normalize=normalize, chunk_rows=chunk_rows,
                                       n_threads=n_threads, progress=progress, scorer=scorer)
         if multiplier is not None:
-            scores, index = _quantized.rescore(q, index, _quantized.rescore_rows(
-                qc, rescore_corpus), normalize, k)
+            scores, index = _quantized.rescore(
+                q, index, _quantized.rescore_rows(qc, rescore_corpus), normalize, k,
+                name="corpus" if rescore_corpus is None else "rescore_corpus")
     if delta is not None and len(delta.indices):
         vec = delta.vectors.astype(np.float64)
         out_s = np.empty_like(scores)
@@ -255,5 +258,8 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
             mi[np.isneginf(ms)] = -1
             out_s[s:e], out_i[s:e] = ms, mi
         scores, index = out_s, out_i
-    return SearchResult(_arrays.like(scores.astype(np.float32), caller),
-                        _arrays.like(index, caller))
+    if scores.dtype != np.float32:
+        # Ranked in float64 (a delta's touched records, rescored candidates): two scores may
+        # meet in float32, so the tie rule is applied again to the scores returned.
+        scores, index = rank_rows(scores.astype(np.float32), index)
+    return SearchResult(_arrays.like(scores, caller), _arrays.like(index, caller))

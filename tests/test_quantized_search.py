@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import nudgefast as nf
-from conftest import BACKENDS, REAL, awkward, real_dataset_params
+from conftest import BACKENDS, awkward, real_dataset_params
 from nudgefast import _quantized, datasets
 
 PRECISIONS = ["int8", "uint8", "binary", "ubinary"]
@@ -181,6 +181,37 @@ def test_memmap_codes_and_exclusions(tmp_path, precision):
         np.testing.assert_array_equal(np.asarray(a.scores), np.asarray(b.scores))
 
 
+def test_int8_queries_with_a_constant_dimension():
+    """A dimension with max == min (ST's step of 1) must not set the query's int8 scale."""
+    x, _, q = _codes("int8", n=3000, d=64)
+    x[:, 0] = 0.25  # constant in the corpus and so in its ranges
+    qc = nf.quantize(x, "int8")
+    assert qc.ranges.step[0] == 1
+    backend = "cpp" if "cpp" in CPU else "numpy"
+    want = np.asarray(nf.search(q, qc, 10, backend=backend).indices)
+    got = np.asarray(nf.search(q, qc, 10, backend=backend, query_precision="int8").indices)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+    assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+def test_rescoring_some_candidates_keeps_the_tie_rule(precision):
+    """k * r < N with exact duplicates at the boundary: the rescored top-k is the exact
+    ranking of the pass's candidates, ties by lower index, in float32 scores too."""
+    x, qc, q = _codes(precision, n=500, d=16, n_dup=60)
+    k, r = 5, 3
+    passed = nf.search(q, qc, k * r, backend="numpy")
+    got = nf.search(q, qc, k, backend="numpy", rescore_multiplier=r)
+    rows = _float_rows(qc)
+    for i in range(q.shape[0]):
+        cand = np.asarray(passed.indices[i])
+        exact = _unit(rows[cand]) @ q[i].astype(np.float64)
+        order = np.lexsort((cand, -exact))[:k]
+        np.testing.assert_array_equal(np.asarray(got.indices[i]), cand[order])
+        s, idx = np.asarray(got.scores[i]), np.asarray(got.indices[i])
+        assert np.all((s[:-1] > s[1:]) | ((s[:-1] == s[1:]) & (idx[:-1] < idx[1:])))
+
+
 # ---------------------------------------------------------------------------------------------
 # NUDGE on codes
 
@@ -204,17 +235,29 @@ def test_fit_on_codes_is_the_fit_on_dequantized_rows(backend, precision, variant
     np.testing.assert_array_equal(a.vectors, b.vectors)
     np.testing.assert_array_equal(a.val_accuracy, b.val_accuracy)
     assert b.codes is None and a.precision == precision
-    np.testing.assert_array_equal(a.codes, nf.quantize(a.vectors, precision, qc.ranges).codes)
+    # The tuned rows re-quantized at their records' scale (awkward() has rows of norm 3).
+    base = _quantized.DequantizedRows(qc)[a.indices].astype(np.float64)
+    scaled = a.vectors * np.linalg.norm(base, axis=1)[:, None]
+    np.testing.assert_array_equal(a.codes, nf.quantize(scaled.astype(np.float32), precision,
+                                                       qc.ranges).codes)
+    if precision in ("int8", "uint8") and variant == "n":  # NUDGE-M's longer rows may clip
+        back = nf.QuantizedCorpus(a.codes, precision, qc.d, qc.ranges).dequantize()
+        cos = np.einsum("ij,ij->i", _unit(back), _unit(a.vectors))
+        assert cos.min() > 0.99, cos.min()
     # Searching the codes with the delta = searching the dequantized rows with it.
     qt = ds.test.embeddings
-    for qp in _quantized.QUERY_PRECISIONS[precision]:
-        r = None if qp == "binary" else None
-        kw = {"rescore_multiplier": 4} if qp == "binary" else {}
-        got = nf.search(qt, qc, 10, a, backend=backend, query_precision="float32")
-        want = nf.search(qt, _quantized.DequantizedRows(qc)[:], 10, b, backend=backend)
-        np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
-        nf.search(qt, qc, 10, a, backend=backend, query_precision=qp, **kw)  # runs, merges
-        del r
+    got = nf.search(qt, qc, 10, a, backend=backend, query_precision="float32")
+    want = nf.search(qt, _quantized.DequantizedRows(qc)[:], 10, b, backend=backend)
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+    np.testing.assert_array_equal(np.asarray(got.scores), np.asarray(want.scores))
+    # The other pass, every row rescored (in float64, from float64 dequantized rows), merges
+    # the delta too: the same top-10 up to near-ties between the two roundings.
+    other = _quantized.QUERY_PRECISIONS[precision][-1]
+    got = nf.search(qt, qc, 10, a, backend=backend, query_precision=other,
+                    rescore_multiplier=len(qc))
+    overlap = np.mean([len(set(g) & set(w)) / 10 for g, w in
+                       zip(np.asarray(got.indices), np.asarray(want.indices))])
+    assert overlap >= 0.98, overlap
 
 
 @pytest.mark.parametrize("precision", ["int8", "binary"])
@@ -228,6 +271,14 @@ def test_apply_writes_tuned_codes(tmp_path, precision):
     untouched = np.setdiff1d(np.arange(len(qc)), res.indices)
     np.testing.assert_array_equal(tuned.codes[untouched], before[untouched])
     np.testing.assert_array_equal(tuned.codes[res.indices], res.codes)
+    # out= sharing the codes' memory without being them would overwrite unread rows.
+    with pytest.raises(ValueError, match="shares memory"):
+        res.apply(qc, out=qc.codes[::-1])
+    ro = qc.codes.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        res.apply(qc, out=ro)
+    np.testing.assert_array_equal(qc.codes, before)
     # In place, into a .npy memmap of the codes.
     path = tmp_path / "codes.npy"
     np.save(path, qc.codes)
@@ -267,6 +318,24 @@ def test_bad_quantized_search_inputs():
         nf.search(ds.test.embeddings, bq, 5, res)
     with pytest.raises(TypeError, match="QuantizedCorpus"):
         nf.Tuner(nf.NudgeN(backend="numpy")).fit(bq, ds.train, ds.dev)
+
+
+def test_bad_rescore_rows_are_named():
+    x, qc, q = _codes("int8", n=200)
+    for row, what in ((7, "NaN or inf"), (9, "a zero vector")):
+        bad = x.copy()
+        if row == 7:
+            bad[row, 3] = np.nan
+        else:
+            bad[row] = 0.0
+        with pytest.raises(ValueError, match=f"rescore_corpus: row {row} .*{what}"):
+            nf.search(q, qc, 3, rescore_multiplier=200, rescore_corpus=bad, backend="numpy")
+
+
+def test_query_precision_case_hint():
+    _, qc, q = _codes("int8", n=50)
+    with pytest.raises(ValueError, match="query_precision.*lower case"):
+        nf.search(q, qc, 3, query_precision="INT8")
 
 
 def test_zero_dequantized_row_is_named():

@@ -180,15 +180,21 @@ def qtopk_int8(qcodes, qscale, qoffset, codes, row_offset, exclude, signed, low,
     m = codes.shape[0]
     if m == 0:
         return -1
-    u = codes.astype(np.int64)
-    if signed:
-        u += 128
-    acc = qcodes.astype(np.int64) @ u.T  # exact: the kernels' int32 sums cannot overflow
+    # Row blocks keep the int64 / float64 temporaries small (the chunk is sized for 1-byte codes).
+    block = max(1, (8 << 20) // (8 * max(1, codes.shape[1])))
+    qc64 = qcodes.astype(np.int64)
+    acc = np.empty((qcodes.shape[0], m), np.int64)
+    for s in range(0, m, block):
+        u = codes[s:s + block].astype(np.int64)
+        if signed:
+            u += 128
+        acc[:, s:s + block] = qc64 @ u.T  # exact: the kernels' int32 sums cannot overflow
     dt = best_scores.dtype
     scores = acc.astype(dt) * qscale.astype(dt)[:, None] + qoffset.astype(dt)[:, None]
     bad = np.zeros(m, dtype=bool)
     if normalize:
-        norms = _dequantized_norms(codes, signed, low, step)
+        norms = np.concatenate([_dequantized_norms(codes[s:s + block], signed, low, step)
+                                for s in range(0, m, block)])
         bad = norms == 0
         with np.errstate(divide="ignore", invalid="ignore"):
             scores = scores / norms.astype(dt)[None, :]
