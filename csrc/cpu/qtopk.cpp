@@ -11,6 +11,7 @@
 // and the float epilogue is the same sequence of float32 operations on every level, so results
 // do not depend on the level or the thread count.
 #include "common.hpp"
+#include "topk_driver.hpp"
 
 namespace nudgefast {
 namespace {
@@ -72,57 +73,10 @@ int64_t run(const QTopkKernel& kernel, QTopkProblem p, const void* queries, floa
     AlignedBuffer<uint8_t> packed(static_cast<std::size_t>(kernel.query_bytes(p.n_qt, p.d)));
     kernel.pack_queries(queries, p.n_q, p.n_qt, p.d, packed.data());
     p.queries = packed.data();
-    const int64_t m = p.m, k = p.k, n_q = p.n_q;
-
-    // Blocks: at most BLOCK_ROWS, but small chunks are split so every thread gets work.
-    const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>((m + RT - 1) / RT)));
-    const int64_t block = std::min<int64_t>(BLOCK_ROWS, round_up((m + 4 * threads - 1) / (4 * threads), RT));
-    const int64_t n_blocks = (m + block - 1) / block;
-
-    std::vector<ThreadState> states(threads);
-    WorkerErrors errors;
-#pragma omp parallel num_threads(threads)
-    {
-        ThreadState& st = states[thread_id()];
-        errors.run([&] { seed_state(st, p, kernel, best_scores, best_index); });
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            if (!st.ready) continue;  // allocation failed: reported after the join
-            errors.run([&] {
-                const int64_t begin = b * block, end = std::min(m, begin + block);
-                kernel.block(p, st.scratch, begin, end);
-            });
-        }
-    }
-    errors.rethrow();
-
-    int64_t first_bad = -1;
-    for (const auto& st : states)
-        if (st.ready && st.scratch.first_bad >= 0 && (first_bad < 0 || st.scratch.first_bad < first_bad))
-            first_bad = st.scratch.first_bad;
-
-    // Merge the caller's state and the private ones (score desc, index asc; deduplicated by index).
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<std::pair<float, int64_t>> cand;
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < n_q; ++q) {
-            errors.run([&] {
-                cand.clear();
-                for (int64_t j = 0; j < k; ++j) {
-                    const int64_t id = best_index[q * k + j];
-                    cand.emplace_back(best_scores[q * k + j], id >= 0 ? id : kEmptyIndex);
-                }
-                for (const auto& st : states) {
-                    if (!st.ready) continue;  // the runtime may start fewer threads than asked
-                    for (int64_t j = 0; j < k; ++j) cand.emplace_back(st.scores[q * k + j], st.index[q * k + j]);
-                }
-                write_ranked(cand, k, best_scores + q * k, best_index + q * k);
-            });
-        }
-    }
-    errors.rethrow();
-    return first_bad;
+    return run_blocks_and_merge<ThreadState>(
+        p.m, p.n_q, p.k, RT, BLOCK_ROWS, best_scores, best_index, n_threads,
+        [&](ThreadState& st) { seed_state(st, p, kernel, best_scores, best_index); },
+        [&](ThreadState& st, int64_t begin, int64_t end) { kernel.block(p, st.scratch, begin, end); });
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 // rule, so the result does not depend on the thread count (nor, every level computing the same
 // FMA chains, on the level).
 #include "common.hpp"
+#include "topk_driver.hpp"
 
 namespace nudgefast {
 namespace {
@@ -76,55 +77,10 @@ int64_t topk_update(const float* queries, int64_t n_q, int64_t d, const void* ch
     const TopkProblem p{packed.data(), n_q,        n_qt,    d,         k,         chunk,    chunk_type,
                         m,             row_stride, row_offset, exclude, n_exclude, normalize};
 
-    // Blocks: at most BLOCK_ROWS, but small chunks are split so every thread gets work.
-    const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>((m + RT - 1) / RT)));
-    const int64_t block = std::min<int64_t>(BLOCK_ROWS, round_up((m + 4 * threads - 1) / (4 * threads), RT));
-    const int64_t n_blocks = (m + block - 1) / block;
-
-    std::vector<ThreadState> states(threads);
-    WorkerErrors errors;
-#pragma omp parallel num_threads(threads)
-    {
-        ThreadState& st = states[thread_id()];
-        errors.run([&] { seed_state(st, p, kernel, best_scores, best_index); });
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            if (!st.ready) continue;  // allocation failed: reported after the join
-            errors.run([&] {
-                const int64_t begin = b * block, end = std::min(m, begin + block);
-                kernel.block(p, st.scratch, begin, end);
-            });
-        }
-    }
-    errors.rethrow();
-
-    int64_t first_bad = -1;
-    for (const auto& st : states)
-        if (st.ready && st.scratch.first_bad >= 0 && (first_bad < 0 || st.scratch.first_bad < first_bad))
-            first_bad = st.scratch.first_bad;
-
-    // Merge the caller's state and the private ones (score desc, index asc; deduplicated by index).
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<std::pair<float, int64_t>> cand;
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < n_q; ++q) {
-            errors.run([&] {
-                cand.clear();
-                for (int64_t j = 0; j < k; ++j) {
-                    const int64_t id = best_index[q * k + j];
-                    cand.emplace_back(best_scores[q * k + j], id >= 0 ? id : kEmptyIndex);
-                }
-                for (const auto& st : states) {
-                    if (!st.ready) continue;  // the runtime may start fewer threads than asked
-                    for (int64_t j = 0; j < k; ++j) cand.emplace_back(st.scores[q * k + j], st.index[q * k + j]);
-                }
-                write_ranked(cand, k, best_scores + q * k, best_index + q * k);
-            });
-        }
-    }
-    errors.rethrow();
-    return first_bad;
+    return run_blocks_and_merge<ThreadState>(
+        m, n_q, k, RT, BLOCK_ROWS, best_scores, best_index, n_threads,
+        [&](ThreadState& st) { seed_state(st, p, kernel, best_scores, best_index); },
+        [&](ThreadState& st, int64_t begin, int64_t end) { kernel.block(p, st.scratch, begin, end); });
 }
 
 }  // namespace nudgefast
