@@ -212,17 +212,28 @@ py::array_t<double> py_query_gradient(const py::array& queries, const py::array&
     return out;
 }
 
-int64_t py_topk_update(const py::array& queries, const py::array& chunk, const py::object& row_offset_arg,
-                       const py::array& exclude, bool normalize, py::array& best_scores, py::array& best_index,
-                       const py::object& n_threads) {
-    const float* q = in<float>(queries, "queries", 2);
-    const int64_t n_q = queries.shape(0), d = queries.shape(1);
+// A top-k state: best_scores (n_q, k) float32 and best_index (n_q, k) int64, both written in place.
+struct StateArg {
+    float* scores;
+    int64_t* index;
+    int64_t k;
+};
+
+StateArg state_arg(py::array& best_scores, py::array& best_index, int64_t n_q) {
     float* bs = inout<float>(best_scores, "best_scores", 2);
     int64_t* bi = inout<int64_t>(best_index, "best_index", 2);
     check_dim(best_scores, "best_scores", 0, n_q);
     check_dim(best_index, "best_index", 0, n_q);
     check_dim(best_index, "best_index", 1, best_scores.shape(1));
-    const int64_t k = best_scores.shape(1);
+    return {bs, bi, static_cast<int64_t>(best_scores.shape(1))};
+}
+
+int64_t py_topk_update(const py::array& queries, const py::array& chunk, const py::object& row_offset_arg,
+                       const py::array& exclude, bool normalize, py::array& best_scores, py::array& best_index,
+                       const py::object& n_threads) {
+    const float* q = in<float>(queries, "queries", 2);
+    const int64_t n_q = queries.shape(0), d = queries.shape(1);
+    const auto [bs, bi, k] = state_arg(best_scores, best_index, n_q);
     const int64_t* ex = in<int64_t>(exclude, "exclude", 1);
 
     // The chunk: float16/32/64 rows, each row contiguous; rows may be strided (a column slice of a
@@ -303,12 +314,7 @@ int64_t py_qtopk_int8(const py::array& qcodes, const py::array& qscale, const py
         check_dim(low, "low", 0, d);
         check_dim(step, "step", 0, d);
     }
-    float* bs = inout<float>(best_scores, "best_scores", 2);
-    int64_t* bi = inout<int64_t>(best_index, "best_index", 2);
-    check_dim(best_scores, "best_scores", 0, n_q);
-    check_dim(best_index, "best_index", 0, n_q);
-    check_dim(best_index, "best_index", 1, best_scores.shape(1));
-    const int64_t k = best_scores.shape(1);
+    const auto [bs, bi, k] = state_arg(best_scores, best_index, n_q);
     const int64_t* ex = in<int64_t>(exclude, "exclude", 1);
     const int64_t row_stride = code_rows(codes, "codes", d);
     const int64_t m = codes.shape(0);
@@ -347,12 +353,7 @@ int64_t py_qtopk_hamming(const py::array& qbits, const py::array& codes, const p
     if (!(has_dtype(qbits, 'i', 1) || has_dtype(qbits, 'u', 1)) || !(qbits.flags() & py::array::c_style))
         fail_type("qbits", "int8 or uint8", qbits);
     const int64_t n_q = qbits.shape(0), w = qbits.shape(1);
-    float* bs = inout<float>(best_scores, "best_scores", 2);
-    int64_t* bi = inout<int64_t>(best_index, "best_index", 2);
-    check_dim(best_scores, "best_scores", 0, n_q);
-    check_dim(best_index, "best_index", 0, n_q);
-    check_dim(best_index, "best_index", 1, best_scores.shape(1));
-    const int64_t k = best_scores.shape(1);
+    const auto [bs, bi, k] = state_arg(best_scores, best_index, n_q);
     const int64_t* ex = in<int64_t>(exclude, "exclude", 1);
     const int64_t row_stride = code_rows(codes, "codes", w);
     const int64_t m = codes.shape(0);
