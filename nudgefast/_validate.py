@@ -96,6 +96,12 @@ def as_corpus(name: str, corpus, backend: str | None = None):
     A device array for a CPU backend (or ``backend=None``: host arrays only) is a TypeError
     naming the fix."""
     as_float32 = f"{name}.float()" if _arrays._is_torch(corpus) else f"{name}.astype(np.float32)"
+    if _arrays.is_dask(corpus):
+        # np.asarray would gather the whole corpus into this process, which a cluster exists
+        # to avoid; the functions that read it on its workers check for it before this.
+        raise TypeError(f"{name}: a dask array is read on its cluster by search, NudgeN.fit and "
+                        f"NudgeM.fit only; here it would be gathered into this process: pass "
+                        f"{name}.compute() if it fits in memory")
     if _arrays.is_device(corpus):
         if backend is None or not _backends.on_device(backend):
             raise device_array_error(name, backend)

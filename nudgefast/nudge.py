@@ -174,12 +174,14 @@ class _Prepared:
 
 
 def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
-             n_threads, device_ok=False, quantized_ok=False) -> _Prepared:
+             n_threads, device_ok=False, quantized_ok=False, dask_ok=False) -> _Prepared:
     """Validated inputs, the query gradients and the touched base rows. ``device_ok``: a
     device corpus is read in place by the GPU backend (``prep.corpus`` is then a CuPy view);
     without it (callers that need host rows) a device corpus is an error. ``quantized_ok``: a
     :class:`QuantizedCorpus` is read through its dequantized rows (``prep.corpus`` is then a
-    ``DequantizedRows`` view: the pass streams the codes, the touched rows are dequantized)."""
+    ``DequantizedRows`` view: the pass streams the codes, the touched rows are dequantized).
+    ``dask_ok``: a row-chunked dask array is read on its cluster (``prep.corpus`` is then a
+    ``_dask.DaskRows``); without it a dask corpus is an error."""
     from ._quantized import DequantizedRows
     from .quantize import QuantizedCorpus
     qc = corpus if isinstance(corpus, QuantizedCorpus) else None
@@ -189,8 +191,14 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
                         "corpus the codes came from)")
     on_device = device_ok and qc is None and _arrays.is_device(corpus)
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
-    corpus = (DequantizedRows(qc, _backends.get(backend)) if qc is not None else
-              _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None))
+    if qc is not None:
+        corpus = DequantizedRows(qc, _backends.get(backend))
+    elif dask_ok and _arrays.is_dask(corpus):
+        # Scanned on its workers (search.topk_pass), its rows gathered by index (take_rows).
+        from . import _dask
+        corpus = _dask.as_corpus("corpus", corpus)
+    else:
+        corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
     n, d = corpus.shape
     impl = _backends.get(backend)
     train, train_q = as_queryset("train", train, d, dtype)
@@ -563,7 +571,7 @@ class _Nudge:
 
     def _prepare(self, corpus, train, val, **kw):
         return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
-                        device_ok=True, quantized_ok=True, **kw)
+                        device_ok=True, quantized_ok=True, dask_ok=True, **kw)
 
 
 class NudgeN(_Nudge):
@@ -587,7 +595,9 @@ class NudgeN(_Nudge):
         place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
         :class:`~nudgefast.QuantizedCorpus`: the pass reads the codes (exact dequantized
         scores), the touched rows are tuned from their dequantized rows (binary: +-1 signs),
-        and the result also carries the tuned rows re-quantized (``codes``).
+        and the result also carries the tuned rows re-quantized (``codes``); or a row-chunked
+        ``dask.array``: the pass runs block by block on the current Dask scheduler's workers,
+        the touched and candidate rows are gathered by index (see :mod:`nudgefast._dask`).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).
@@ -622,7 +632,9 @@ class NudgeM(_Nudge):
         place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
         :class:`~nudgefast.QuantizedCorpus`: the pass reads the codes (exact dequantized
         scores), the touched rows are tuned from their dequantized rows (binary: +-1 signs),
-        and the result also carries the tuned rows re-quantized (``codes``).
+        and the result also carries the tuned rows re-quantized (``codes``); or a row-chunked
+        ``dask.array``: the pass runs block by block on the current Dask scheduler's workers,
+        the touched and candidate rows are gathered by index (see :mod:`nudgefast._dask`).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).
