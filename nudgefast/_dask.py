@@ -2,13 +2,21 @@
 
 A corpus of 10^8 - 10^9 records is a set of shards (a Zarr array, ``.npy`` files) read by a
 cluster. The top-k pass distributes as NUDGE's cost does: each block of rows is scanned by the
-backend's ``topk_update`` in a task on the worker that holds (or loads) it, giving an (n_q, k)
-partial top-k; the partial lists merge in a binary tree of tasks with the single-machine tie
-rule (score desc, index asc; ``-inf`` / ``-1`` padding), so the client receives one (n_q, k)
-list. Only O(n_q k) per block crosses the network; the queries enter the graph once (one key
-that the workers fetch), the excluded rows are sliced per block. The rows a fit needs (the
-touched records, the selected candidates, one bad row for its error) are gathered by index,
-one task per block that holds any of them: O(t) rows reach the client, never the corpus.
+backend's ``topk_update`` in a task on the worker that reads it (mapped over the blocks, the
+scan fuses with the task that reads the block, so a block is never a separate result the
+scheduler could move to another worker), giving an (n_q, k) partial top-k; the partial lists
+merge in a binary tree of tasks with the single-machine tie rule (score desc, index asc;
+``-inf`` / ``-1`` padding), so the client receives one (n_q, k) list. Only O(n_q k) per block
+crosses the network; the queries and the excluded rows enter the graph once each (one key a
+worker fetches once; each block takes its own range of the exclusions). The rows a fit needs
+(the touched records, the selected candidates, one bad row for its error) are gathered by
+index, one task per block that holds any of them: O(t) rows reach the client, never the
+corpus.
+
+A corpus whose blocks are in the graph itself (``da.from_array`` of a NumPy array or of a
+memmap: dask pickles the data into the graph) is read by the client and shipped to the
+workers with the graph; the answers are the same, but at scale build the corpus so that the
+workers read it: ``da.from_zarr``, or :func:`npy_corpus` for ``.npy`` shards.
 
 The graph runs on the current Dask scheduler: a ``distributed.Client`` when one is active
 (the default client), else Dask's local scheduler. Dask is imported only when a dask array is
@@ -18,15 +26,16 @@ Results equal the single-machine path's: a block's scores are the same float32 b
 same rows in the one-machine chunk loop for the cpp and numba backends (one fixed-order dot
 product per score, independent of the chunk's shape); the numpy backend's BLAS product is not
 (its last bits depend on the matrix shape), so its search scores agree within rounding only.
-The fits re-score the selected candidates in float64 from their gathered rows, so they agree
-bit for bit on every backend unless a float32 near-tie sits at the edge of the kept set.
+The fits rank by the float64 scores of certified candidates (``nudge.certified_topk``,
+re-scored from their gathered rows), so they agree bit for bit on every backend, numpy
+included (tested: tests/test_dask.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import _backends, _validate
-from ._arrays import is_dask  # noqa: F401  (re-exported: the one test, which imports nothing)
+from ._arrays import is_dask  # noqa: F401  (the one test, by type name: imports nothing)
 from ._defaults import chunk_rows_for
 from .search import rank_rows
 
@@ -49,41 +58,85 @@ class DaskRows:
         self.ndim = 2
         self.offsets = np.r_[0, np.cumsum(array.chunks[0])].astype(np.int64)
 
-    def blocks(self):
-        """One ``dask.delayed`` object per block of rows, in row order."""
-        return list(self.array.to_delayed().ravel())
-
     def take(self, rows) -> np.ndarray:
         """Rows ``rows`` (int64, any order, repeats allowed) as a host float64 (m, d) array.
-        One task per block holding any of them, which sends back those rows only."""
-        import dask
-
+        One task per block holding any of them (fused with the task that reads the block),
+        which sends back those rows only."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = np.empty((rows.size, self.shape[1]), dtype=np.float64)
         if rows.size == 0:
-            return out
+            return np.empty((0, self.shape[1]), dtype=np.float64)
         if rows.min() < 0 or rows.max() >= self.shape[0]:
             raise IndexError(f"{self.name}: row index out of range [0, {self.shape[0]})")
+        import dask
+
         wanted, inverse = np.unique(rows, return_inverse=True)
         block_of = np.searchsorted(self.offsets, wanted, side="right") - 1
-        blocks = self.blocks()
-        parts, spans = [], []
-        for b in np.unique(block_of):
-            lo, hi = np.searchsorted(block_of, [b, b + 1])
-            local = wanted[lo:hi] - self.offsets[b]
-            parts.append(dask.delayed(_take_block, pure=True)(blocks[b], local))
-            spans.append((lo, hi))
-        got = np.empty((wanted.size, self.shape[1]), dtype=np.float64)
-        for (lo, hi), part in zip(spans, dask.compute(*parts)):
-            # float16/float32 rows widen exactly: the same float64 values as a host gather.
-            got[lo:hi] = np.asarray(part, dtype=np.float64)
-        out[...] = got[inverse.reshape(-1)]
-        return out
+        held = np.unique(block_of)
+        cuts = np.searchsorted(block_of, np.r_[held, held[-1] + 1])
+        local = [wanted[lo:hi] - self.offsets[b] for b, lo, hi in zip(held, cuts[:-1], cuts[1:])]
+        got = self.array.blocks[held.tolist()].map_blocks(
+            _take_block, dask.delayed(local, pure=True), dtype=self.dtype,
+            chunks=(tuple(int(c) for c in np.diff(cuts)), (self.shape[1],))).compute()
+        # Sorted rows, block by block; float16/float32 widen exactly to float64: the same
+        # values as a host gather.
+        return np.asarray(got, dtype=np.float64)[inverse.reshape(-1)]
 
 
-def _take_block(block, local):
-    """Runs on a worker: the rows ``local`` of one block, in its dtype (a copy)."""
-    return np.asarray(block)[local]
+def npy_corpus(paths, block_rows=None):
+    """A row-chunked dask array over ``.npy`` shards (each (n_i, d), one dtype), whose blocks
+    are read by the worker that scans them, as memmap slices: the graph holds paths and row
+    ranges only, and each read fuses with the task that scans the block. (``da.from_array`` of
+    a memmap pickles the memmap's data into the graph: the client would read and send every
+    shard.) ``block_rows``: rows per block, blocks never spanning two shards; None: a block
+    per shard. Only the headers are read here. The paths must name the same files on every
+    worker."""
+    import dask.array as da
+
+    paths = [str(p) for p in ([paths] if isinstance(paths, (str, bytes)) or
+                              hasattr(paths, "__fspath__") else paths)]
+    if not paths:
+        raise ValueError("paths: no .npy shard given; pass a list of .npy file paths")
+    block_rows = _validate.as_size("block_rows", block_rows)
+    parts, first = [], None
+    for path in paths:
+        shard = NpyShard(path)
+        if shard.ndim != 2 or (first is not None and (shard.shape[1] != first.shape[1]
+                                                      or shard.dtype != first.dtype)):
+            width = f"{first.shape[1]} columns" if first is not None else "(n, d)"
+            kind = f"of {first.dtype}" if first is not None else "of one dtype"
+            raise ValueError(f"paths: {path} holds a {shard.dtype} array of shape "
+                             f"{shard.shape}; every shard must be 2-D ({width}) {kind}")
+        first = shard if first is None else first
+        parts.append(da.from_array(shard, chunks=(block_rows or max(1, shard.shape[0]), -1),
+                                   asarray=False))
+    return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+class NpyShard:
+    """A ``.npy`` file as an array-like for ``da.from_array``: shape and dtype from its header,
+    pickled as its path, each read a memmap slice opened where it runs (no copy, no data in
+    the graph). Tokenized by path, size and modification time."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        head = np.load(self.path, mmap_mode="r")  # the header only; the data stays on disk
+        self.shape, self.dtype, self.ndim = head.shape, head.dtype, head.ndim
+        del head
+
+    def __getitem__(self, key):
+        return np.load(self.path, mmap_mode="r")[key]
+
+    def __dask_tokenize__(self):
+        import os
+        st = os.stat(self.path)
+        return ("nudgefast.NpyShard", self.path, st.st_size, st.st_mtime_ns, self.shape,
+                str(self.dtype))
+
+
+def _take_block(block, local, block_info=None):
+    """Runs on a worker: the rows ``local[b]`` of block ``b`` of the selected blocks, in the
+    corpus's dtype (a copy of those rows only)."""
+    return np.asarray(block)[local[block_info[0]["chunk-location"][0]]]
 
 
 def as_corpus(name: str, corpus) -> DaskRows:
@@ -110,16 +163,26 @@ def as_corpus(name: str, corpus) -> DaskRows:
     return DaskRows(corpus, name)
 
 
-def _block_topk(block, queries, k, row_offset, exclude, normalize, backend, chunk_rows,
-                n_threads):
-    """Runs on a worker: one block's top-k ``(scores, index, first_bad)``, its rows numbered
-    from ``row_offset``; ``exclude``: the sorted global excluded rows inside this block. The
-    block is scanned in chunks as on one machine; the first bad row (global) stops it, since
-    the client raises for the first bad row of the whole corpus anyway."""
+def _block_topk(block, queries, exclude, *, k, row_offset, normalize, backend, chunk_rows,
+                n_threads, block_info=None):
+    """Runs on a worker, fused with the task that reads the block: one block's top-k as a
+    (1, 1) object array holding ``(scores, index, first_bad)``, its rows numbered from
+    ``row_offset`` plus the block's first row; ``exclude``: every sorted global excluded row
+    (the block takes its own range). The block is scanned in chunks as on one machine; its
+    first bad row (global) ends the scan: the client raises for the corpus's first anyway."""
     impl = _backends.get(backend)  # the worker's own module; raises with the install hint
     block = np.asarray(block)
+    offset = row_offset + int(block_info[0]["array-location"][0][0])
+    out = np.empty((1, 1), dtype=object)
+    out[0, 0] = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows, n_threads)
+    return out
+
+
+def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n_threads):
     n_q = queries.shape[0]
     m, d = block.shape
+    lo, hi = np.searchsorted(exclude, [row_offset, row_offset + m])
+    exclude = exclude[lo:hi]
     score_dtype = np.float64 if queries.dtype == np.float64 else np.float32
     best_scores = np.full((n_q, k), -np.inf, dtype=score_dtype)
     best_index = np.full((n_q, k), -1, dtype=np.int64)
@@ -127,10 +190,11 @@ def _block_topk(block, queries, k, row_offset, exclude, normalize, backend, chun
         return best_scores, best_index, -1
     if getattr(impl, "STREAMS_CORPUS", False):
         # The GPU backend streams a host block itself (pinned buffers, its own chunk size).
-        _, _, bad = impl.topk_stream(queries, block, k, exclude=exclude, normalize=normalize,
-                                     chunk_rows=chunk_rows, n_threads=n_threads, progress=None,
-                                     row_offset=row_offset, state=(best_scores, best_index))
-        return best_scores, best_index, int(bad)
+        scores, index, bad = impl.topk_stream(queries, block, k, exclude=exclude,
+                                              normalize=normalize, chunk_rows=chunk_rows,
+                                              n_threads=n_threads, progress=None,
+                                              row_offset=row_offset, state=None)
+        return scores, index, int(bad)
     step = chunk_rows or chunk_rows_for(n_q, d, block.dtype.itemsize)
     for start in range(0, m, step):
         stop = min(start + step, m)
@@ -148,7 +212,8 @@ def _block_topk(block, queries, k, row_offset, exclude, normalize, backend, chun
 
 def _merge(a, b):
     """Two partial top-k lists as one: (score desc, index asc), ``-inf``/``-1`` padding; the
-    first bad row of the two (``-1``: none)."""
+    first bad row of the two (``-1``: none). A block's list comes in its (1, 1) object array."""
+    a, b = (x[0, 0] if isinstance(x, np.ndarray) else x for x in (a, b))
     k = a[0].shape[1]
     scores, index = rank_rows(np.concatenate([a[0], b[0]], axis=1),
                               np.concatenate([a[1], b[1]], axis=1), k)
@@ -161,28 +226,30 @@ def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=
               chunk_rows=None, n_threads=None, row_offset=0, state=None, name=None):
     """``search.topk_pass`` over a :class:`DaskRows` corpus, on the cluster: one task per
     block, a binary merge tree, one (n_q, k) result on the client; rows numbered from
-    ``row_offset``. ``backend``: the module the
-    client resolved; every worker loads the backend of that name. ``state`` (the running
-    top-k, updated in place) is merged with the corpus's when given. Raises the one-machine
-    error, naming the global row, for the first NaN/inf (or, with ``normalize``, zero) row."""
+    ``row_offset``. ``backend``: the module the client resolved; every worker loads the
+    backend of that name. ``state`` (the running top-k, updated in place) is merged with the
+    corpus's when given. Raises the one-machine error, naming the global row, for the first
+    NaN/inf (or, with ``normalize``, zero) row."""
     import dask
 
     name = name or corpus.name
     queries = np.ascontiguousarray(queries)
     exclude = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
-    q_key = dask.delayed(queries, pure=True)  # one key: the workers fetch it, once each
-    backend_name = getattr(backend, "NAME", backend)
-    parts = []
-    for b, block in enumerate(corpus.blocks()):
-        g0, g1 = row_offset + corpus.offsets[b], row_offset + corpus.offsets[b + 1]
-        lo, hi = np.searchsorted(exclude, [g0, g1])
-        parts.append(dask.delayed(_block_topk, pure=True)(
-            block, q_key, int(k), int(g0), exclude[lo:hi].copy(), bool(normalize), backend_name,
-            chunk_rows, n_threads))
+    nb = len(corpus.offsets) - 1
+    # The queries and the exclusions are one key each: a worker fetches each once. Mapped over
+    # the blocks, the scan fuses with the task that reads each block (Zarr, .npy, ...), so no
+    # block exists apart from it to be moved to another worker: only the lists travel.
+    parts = corpus.array.map_blocks(
+        _block_topk, dask.delayed(queries, pure=True), dask.delayed(exclude, pure=True),
+        k=int(k), row_offset=int(row_offset), normalize=bool(normalize),
+        backend=getattr(backend, "NAME", backend), chunk_rows=chunk_rows, n_threads=n_threads,
+        dtype=object, chunks=((1,) * nb, (1,)), meta=np.empty((0, 0), dtype=object),
+    ).to_delayed().ravel().tolist()
     while len(parts) > 1:  # pairs: depth log2(blocks), each merge O(n_q k)
         parts = [dask.delayed(_merge, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts)
                  else parts[i] for i in range(0, len(parts), 2)]
-    scores, index, bad = dask.compute(parts[0])[0]
+    result = dask.compute(parts[0])[0]
+    scores, index, bad = result[0, 0] if isinstance(result, np.ndarray) else result
     if bad >= 0:
         # The row's values decide the message (NaN/inf or zero): fetch that one row.
         raise _validate.corpus_row_error(name, corpus, int(bad) - row_offset, normalize)
