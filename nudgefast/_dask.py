@@ -259,3 +259,79 @@ def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=
         state[1][...] = merged[1]
         return state
     return scores, index
+
+
+def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_threads=None):
+    """``NudgeResult.apply`` for a dask ``corpus``: the tuned corpus as a lazy dask array of
+    the corpus's row blocks (float32: every row normalised by the backend's ``normalize_rows``,
+    the touched rows replaced by ``result.vectors``), each block made by the worker that reads
+    it, the delta one key in the graph; nothing is computed here when ``out`` is None.
+    ``out``: a writable float32 Zarr array of shape (N, d), whose chunk rows every block
+    boundary is a multiple of (so no two tasks write one Zarr chunk); the blocks are computed
+    and written to their regions (``da.store``), and ``out`` is returned. It may be the Zarr
+    array ``corpus`` reads: each task reads its block before writing the same region. A row
+    with NaN/inf or of norm zero raises the one-machine error, naming its global row."""
+    import dask
+    import dask.array as da
+
+    rows = as_corpus("corpus", corpus)
+    chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
+    n_threads = _validate.as_threads("n_threads", n_threads)
+    name = _backends.resolve(backend)
+    n, d = rows.shape
+    if n != result.n_records or d != result.vectors.shape[1]:
+        raise ValueError(f"corpus: shape {rows.shape} differs from the fitted corpus "
+                         f"({result.n_records}, {result.vectors.shape[1]}); apply the result to "
+                         f"the corpus it was fitted on")
+    tuned = corpus.map_blocks(
+        _apply_block, dask.delayed(np.asarray(result.indices, np.int64), pure=True),
+        dask.delayed(np.asarray(result.vectors, np.float32), pure=True), backend=name,
+        chunk_rows=chunk_rows, n_threads=n_threads, dtype=np.float32,
+        meta=np.empty((0, 0), dtype=np.float32))
+    if out is None:
+        return tuned
+    _check_zarr_out(out, rows)
+    da.store(tuned, out, lock=False)
+    return out
+
+
+def _check_zarr_out(out, rows):
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    chunks = getattr(out, "chunks", None)
+    is_zarr = type(out).__module__.split(".", 1)[0] == "zarr"
+    if not is_zarr or tuple(shape) != rows.shape or np.dtype(dtype) != np.float32:
+        raise ValueError(f"out: expected a float32 Zarr array of shape {rows.shape} (e.g. "
+                         f"zarr.open_array(path, mode='w', shape={rows.shape}, "
+                         f"chunks=(rows, {rows.shape[1]}), dtype='float32')), got "
+                         f"{type(out).__name__} {dtype} {tuple(shape) if shape else ''}; or "
+                         f"pass None for a lazy dask array")
+    step = int(chunks[0])
+    inner = rows.offsets[1:-1]
+    if len(chunks) != 2 or int(chunks[1]) != rows.shape[1] or (inner % step).any():
+        bad = inner[inner % step != 0]
+        raise ValueError(f"out: its Zarr chunks {tuple(chunks)} do not line up with the "
+                         f"corpus's row blocks (block boundary at row "
+                         f"{int(bad[0]) if bad.size else '?'}); two tasks would write one "
+                         f"Zarr chunk: pass corpus.rechunk({{0: {step}, 1: -1}}) or a Zarr "
+                         f"array chunked ({step}, {rows.shape[1]}) with whole rows")
+
+
+def _apply_block(block, indices, vectors, *, backend, chunk_rows, n_threads, block_info=None):
+    """Runs on a worker, fused with the read of the block: the block's tuned rows (float32),
+    normalised in chunks as on one machine, its touched rows replaced."""
+    impl = _backends.get(backend)
+    block = np.asarray(block)
+    offset = int(block_info[0]["array-location"][0][0])
+    m, d = block.shape
+    out = np.empty((m, d), dtype=np.float32)
+    step = chunk_rows or chunk_rows_for(1, d, block.dtype.itemsize)
+    for start in range(0, m, step):
+        chunk = block[start:start + step]
+        if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
+            chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        bad = impl.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
+        if bad >= 0:
+            raise _validate.row_error("corpus", offset + start + bad, block[start + bad], True)
+    lo, hi = np.searchsorted(indices, [offset, offset + m])
+    out[indices[lo:hi] - offset] = vectors[lo:hi]
+    return out

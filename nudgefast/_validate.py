@@ -168,7 +168,12 @@ def as_k(name: str, k, n_records: int) -> int:
 def corpus_row_error(name: str, corpus, row: int, normalize: bool) -> ValueError:
     """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm); a
     device corpus has that one row read back."""
-    values = _arrays.take_rows(corpus, [row])[0]
+    return row_error(name, row, _arrays.take_rows(corpus, [row])[0], normalize)
+
+
+def row_error(name: str, row: int, values, normalize: bool) -> ValueError:
+    """:func:`corpus_row_error` for a row whose ``values`` are at hand (a worker that holds
+    the row's block: ``row`` is its global index)."""
     if not np.isfinite(values).all():
         return ValueError(f"{name}: row {row} contains NaN or inf; fix or drop that record "
                           f"before tuning")

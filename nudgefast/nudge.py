@@ -72,10 +72,20 @@ class NudgeResult:
         ranges) whose touched rows hold ``vectors`` quantized with its ranges; ``out``: a
         codes array of the same shape and dtype to write into (``corpus.codes`` itself tunes
         it in place), else a new one. The other rows' codes are copied in chunks.
+
+        A row-chunked ``dask.array`` gives a lazy dask array of the tuned corpus (same row
+        blocks, float32; each block normalised and its touched rows replaced on the worker
+        that reads it), or, with ``out`` a float32 Zarr array of the corpus's shape whose
+        chunks the blocks align with (the corpus's own Zarr array tunes it in place), writes
+        it there block by block and returns ``out``. See :func:`nudgefast._dask.apply`.
         """
         from .quantize import QuantizedCorpus
         if isinstance(corpus, QuantizedCorpus):
             return self._apply_codes(corpus, out, chunk_rows)
+        if _arrays.is_dask(corpus):
+            from . import _dask
+            return _dask.apply(self, corpus, out, chunk_rows=chunk_rows, backend=backend,
+                               n_threads=n_threads)
         caller = corpus
         on_device = _arrays.is_device(corpus)
         backend = _backends.resolve(backend, device_input="corpus" if on_device else None)

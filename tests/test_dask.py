@@ -14,7 +14,7 @@ dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 
 from conftest import BACKENDS, awkward, real_dataset_params  # noqa: E402
-from nudgefast import NudgeM, NudgeN, _backends, datasets, search  # noqa: E402
+from nudgefast import NudgeM, NudgeN, Tuner, _backends, datasets, quantize, search  # noqa: E402
 from nudgefast import _dask  # noqa: E402
 from nudgefast.search import topk_pass  # noqa: E402
 
@@ -110,12 +110,13 @@ def test_bad_dask_corpora_name_the_fix():
 
 
 def test_functions_without_dask_support_refuse_to_gather():
-    """apply (and every other corpus argument) must not np.asarray a dask corpus into the
-    client: it says so and names the explicit fix."""
+    """A corpus argument that has no dask path (quantize, the Tuner, compat) must not
+    np.asarray a dask corpus into the client: it says so and names the explicit fix."""
     ds, corpus, _ = _data()
-    res = NudgeN().fit(corpus, ds.train, ds.dev)
+    with pytest.raises(TypeError, match=r"x: a dask array .*x\.compute\(\)"):
+        quantize(_blocks(corpus), "int8")
     with pytest.raises(TypeError, match=r"corpus: a dask array .*corpus\.compute\(\)"):
-        res.apply(_blocks(corpus))
+        Tuner(NudgeN()).fit(_blocks(corpus), ds.train, ds.dev)
 
 
 # ----------------------------------------------------------------------------------------
@@ -342,3 +343,73 @@ def test_real_data_nudge_n_identical(client, folder):
     got = NudgeN().fit(x, ds.train, ds.dev)
     _same_fit(got, one)
     assert one.gamma > 0
+
+
+# ----------------------------------------------------------------------------------------
+# apply: the tuned corpus, lazily or into Zarr
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_apply_lazy_identical(client, backend):
+    ds, corpus, _ = _data()
+    x = _blocks(corpus)
+    for cls in (NudgeN, NudgeM):
+        res = cls(backend=backend).fit(corpus, ds.train, ds.dev)
+        assert len(np.unique(np.searchsorted(np.cumsum(AWKWARD_BLOCKS), res.indices,
+                                             side="right"))) > 1
+        tuned = res.apply(x, backend=backend)
+        assert isinstance(tuned, da.Array) and tuned.chunks == x.chunks  # nothing computed yet
+        assert tuned.dtype == np.float32
+        np.testing.assert_array_equal(tuned.compute(), res.apply(corpus, backend=backend))
+        np.testing.assert_array_equal(res.apply(x, chunk_rows=100, backend=backend).compute(),
+                                      res.apply(corpus, chunk_rows=100, backend=backend))
+    half = _blocks(corpus.astype(np.float16))
+    np.testing.assert_array_equal(res.apply(half).compute(),
+                                  res.apply(corpus.astype(np.float16)))
+
+
+def test_apply_into_zarr_and_in_place(client, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    ds, corpus, _ = _data()
+    res = NudgeN(k_val=3).fit(corpus, ds.train, ds.dev)
+    want = res.apply(corpus)
+    x = _zarr(tmp_path, corpus, 250)
+    out = zarr.open_array(str(tmp_path / "tuned.zarr"), mode="w", shape=corpus.shape,
+                          chunks=(125, corpus.shape[1]), dtype="float32")
+    assert res.apply(x, out) is out
+    np.testing.assert_array_equal(out[...], want)
+    # In place: the Zarr array the corpus reads, each block read before its region is written.
+    store = zarr.open_array(str(tmp_path / "corpus.zarr"), mode="r+")
+    assert res.apply(x, store) is store
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "corpus.zarr"))[...], want)
+
+
+def test_apply_arguments(client, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    ds, corpus, _ = _data()
+    res = NudgeN().fit(corpus, ds.train, ds.dev)
+    x = _blocks(corpus)  # a block boundary at row 300: not a multiple of 250
+    misaligned = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=corpus.shape,
+                                 chunks=(250, corpus.shape[1]), dtype="float32")
+    with pytest.raises(ValueError, match=r"out: its Zarr chunks \(250, 37\) do not line up "
+                                         r".*row 300.*corpus\.rechunk\(\{0: 250, 1: -1\}\)"):
+        res.apply(x, misaligned)
+    with pytest.raises(ValueError, match=r"out: expected a float32 Zarr array of shape "
+                                         r"\(1237, 37\)"):
+        res.apply(x, np.empty(corpus.shape, np.float32))
+    with pytest.raises(ValueError, match=r"corpus: shape \(1236, 37\) differs from the "
+                                         r"fitted corpus \(1237, 37\)"):
+        res.apply(x[1:])
+    with pytest.raises(ValueError, match=r"rechunk\(\{1: -1\}\)"):
+        res.apply(da.from_array(corpus, chunks=(500, 20)))
+
+
+def test_apply_bad_row_names_global_row(client):
+    ds, corpus, _ = _data()
+    res = NudgeN().fit(corpus, ds.train, ds.dev)
+    untouched = np.setdiff1d(np.arange(corpus.shape[0]), res.indices)
+    row = int(untouched[untouched >= 301 + 200][0])  # the 3rd block
+    corpus[row, 3] = np.nan
+    one = _error(lambda: res.apply(corpus))
+    assert f"row {row} " in one
+    assert _error(lambda: res.apply(_blocks(corpus)).compute()) == one
