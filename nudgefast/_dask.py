@@ -267,9 +267,11 @@ def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_thread
     the touched rows replaced by ``result.vectors``), each block made by the worker that reads
     it, the delta one key in the graph; nothing is computed here when ``out`` is None.
     ``out``: a writable float32 Zarr array of shape (N, d), whose chunk rows every block
-    boundary is a multiple of (so no two tasks write one Zarr chunk); the blocks are computed
-    and written to their regions (``da.store``), and ``out`` is returned. It may be the Zarr
-    array ``corpus`` reads: each task reads its block before writing the same region. A row
+    boundary is a multiple of (so no two tasks write one Zarr chunk), or a list of float32
+    ``.npy`` shard paths holding the N rows in order, each block inside one shard (as
+    :func:`npy_corpus` cuts them); the blocks are computed and written to their regions
+    (``da.store``; ``.npy`` shards through memmaps), and ``out`` is returned. It may be the
+    storage ``corpus`` reads (in place): each task reads its block before writing it. A row
     with NaN/inf or of norm zero raises the one-machine error, naming its global row."""
     import dask
     import dask.array as da
@@ -290,9 +292,49 @@ def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_thread
         meta=np.empty((0, 0), dtype=np.float32))
     if out is None:
         return tuned
-    _check_zarr_out(out, rows)
-    da.store(tuned, out, lock=False)
+    if isinstance(out, (list, tuple)):
+        target = _NpyWriter(out, rows)
+    else:
+        _check_zarr_out(out, rows)
+        target = out
+    da.store(tuned, target, lock=False)
     return out
+
+
+class _NpyWriter:
+    """``.npy`` shards (float32, (n_i, d), in row order) as the target of ``da.store``: a
+    block's region is written into the one shard that holds it, through a memmap opened by
+    the worker that made the block (pickled as paths and row offsets)."""
+
+    def __init__(self, paths, rows):
+        self.paths = [str(p) for p in paths]
+        sizes = []
+        for path in self.paths:
+            head = np.load(path, mmap_mode="r")
+            if head.ndim != 2 or head.dtype != np.float32 or head.shape[1] != rows.shape[1]:
+                raise ValueError(f"out: {path} holds a {head.dtype} array of shape "
+                                 f"{head.shape}; every shard must be float32 with "
+                                 f"{rows.shape[1]} columns (np.save(path, np.empty((n, "
+                                 f"{rows.shape[1]}), np.float32)))")
+            sizes.append(head.shape[0])
+            del head
+        self.offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        if self.offsets[-1] != rows.shape[0]:
+            raise ValueError(f"out: the shards hold {int(self.offsets[-1])} rows, the corpus "
+                             f"{rows.shape[0]}; pass shards of the corpus's rows, in order")
+        split = np.setdiff1d(self.offsets[1:-1], rows.offsets)
+        if split.size:
+            raise ValueError(f"out: shard boundary at row {int(split[0])} falls inside a block "
+                             f"of the corpus; a block must lie in one shard: rechunk the "
+                             f"corpus at the shard boundaries (npy_corpus does)")
+
+    def __setitem__(self, key, value):
+        lo, hi = key[0].start, key[0].stop
+        s = int(np.searchsorted(self.offsets, lo, side="right") - 1)
+        shard = np.load(self.paths[s], mmap_mode="r+")
+        shard[lo - self.offsets[s]:hi - self.offsets[s]] = value
+        shard.flush()
+        del shard
 
 
 def _check_zarr_out(out, rows):

@@ -76,8 +76,9 @@ class NudgeResult:
         A row-chunked ``dask.array`` gives a lazy dask array of the tuned corpus (same row
         blocks, float32; each block normalised and its touched rows replaced on the worker
         that reads it), or, with ``out`` a float32 Zarr array of the corpus's shape whose
-        chunks the blocks align with (the corpus's own Zarr array tunes it in place), writes
-        it there block by block and returns ``out``. See :func:`nudgefast._dask.apply`.
+        chunks the blocks align with, or a list of float32 ``.npy`` shard paths (the corpus's
+        own storage tunes it in place), writes it there block by block and returns ``out``.
+        See :func:`nudgefast._dask.apply`.
         """
         from .quantize import QuantizedCorpus
         if isinstance(corpus, QuantizedCorpus):

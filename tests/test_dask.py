@@ -384,6 +384,35 @@ def test_apply_into_zarr_and_in_place(client, tmp_path):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "corpus.zarr"))[...], want)
 
 
+def test_apply_into_npy_shards_in_place(client, tmp_path):
+    ds, corpus, _ = _data()
+    res = NudgeM().fit(corpus, ds.train, ds.dev)
+    want = res.apply(corpus)
+    cuts = [(0, 700), (700, 701), (701, 1237)]
+    paths = []
+    for s, (lo, hi) in enumerate(cuts):
+        paths.append(tmp_path / f"shard{s}.npy")
+        np.save(paths[-1], corpus[lo:hi])
+    x = _dask.npy_corpus(paths, block_rows=333)
+    assert res.apply(x, paths) is paths
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in paths]), want)
+    # A new set of shards, from an array with other blocks (each inside one shard).
+    fresh = [tmp_path / "t0.npy", tmp_path / "t1.npy"]
+    np.save(fresh[0], np.zeros((300, 37), np.float32))
+    np.save(fresh[1], np.zeros((937, 37), np.float32))
+    res.apply(_blocks(corpus), fresh)
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in fresh]), want)
+    with pytest.raises(ValueError, match=r"out: shard boundary at row 700 falls inside a "
+                                         r"block of the corpus"):
+        res.apply(_blocks(corpus), paths)
+    with pytest.raises(ValueError, match=r"out: the shards hold 1236 rows, the corpus 1237"):
+        res.apply(_blocks(corpus), paths[:1] + paths[2:])
+    np.save(tmp_path / "f16.npy", np.zeros((1237, 37), np.float16))
+    with pytest.raises(ValueError, match=r"out: .*f16\.npy holds a float16 array of shape "
+                                         r"\(1237, 37\); every shard must be float32"):
+        res.apply(_blocks(corpus), [tmp_path / "f16.npy"])
+
+
 def test_apply_arguments(client, tmp_path):
     zarr = pytest.importorskip("zarr")
     ds, corpus, _ = _data()
