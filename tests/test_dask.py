@@ -133,6 +133,15 @@ def test_search_identical_awkward_blocks(client, backend):
     _same_search(search(q, _blocks(corpus), 9, backend=backend, chunk_rows=64), one)
 
 
+def test_local_scheduler_without_cluster():
+    """Without a cluster (Dask's synchronous scheduler) the same pass gives the same answers."""
+    ds, corpus, q = _data()
+    with dask.config.set(scheduler="synchronous"):
+        _same_search(search(q, _blocks(corpus), 9), search(q, corpus, 9))
+        _same_fit(NudgeN(k_val=3).fit(_blocks(corpus), ds.train, ds.dev),
+                  NudgeN(k_val=3).fit(corpus, ds.train, ds.dev))
+
+
 def test_search_numpy_backend_within_rounding(client):
     """numpy's BLAS product rounds differently with the block's shape: the same records up to
     ties of the last bits, scores within a float32 rounding."""
