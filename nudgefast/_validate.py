@@ -99,9 +99,9 @@ def as_corpus(name: str, corpus, backend: str | None = None):
     if _arrays.is_dask(corpus):
         # np.asarray would gather the whole corpus into this process, which a cluster exists
         # to avoid; the functions that read it on its workers check for it before this.
-        raise TypeError(f"{name}: a dask array is read on its cluster by search, NudgeN.fit and "
-                        f"NudgeM.fit only; here it would be gathered into this process: pass "
-                        f"{name}.compute() if it fits in memory")
+        raise TypeError(f"{name}: a dask array is read on its cluster by search, NudgeN.fit, "
+                        f"NudgeM.fit and NudgeResult.apply only; here it would be gathered "
+                        f"into this process: pass {name}.compute() if it fits in memory")
     if _arrays.is_device(corpus):
         if backend is None or not _backends.on_device(backend):
             raise device_array_error(name, backend)

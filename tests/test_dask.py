@@ -342,6 +342,15 @@ def test_fits_identical(client, backend, seed, n, d, blocks):
         np.testing.assert_allclose(got.scores, one.scores, rtol=0, atol=4e-6)
 
 
+def test_reference_mode_float64(client):
+    """precision="float64" (numpy backend): the float64 pass state travels and merges too."""
+    ds, corpus, q = _data(seed=3, n=503, d=9)
+    x = _blocks(corpus, (1, 250, 251, 1))
+    for cls in (NudgeN, NudgeM):
+        _same_fit(cls(backend="numpy", precision="float64").fit(x, ds.train, ds.dev),
+                  cls(backend="numpy", precision="float64").fit(corpus, ds.train, ds.dev))
+
+
 @pytest.mark.parametrize("folder", real_dataset_params())
 def test_real_data_nudge_n_identical(client, folder):
     ds = datasets.load(folder)
