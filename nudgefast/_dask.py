@@ -46,7 +46,10 @@ CORPUS_DTYPES = _validate.CORPUS_DTYPES
 class DaskRows:
     """A validated row-chunked dask corpus: ``shape``/``dtype`` like an array, rows numbered
     across blocks by ``offsets`` (``offsets[b]`` is block ``b``'s first global row; the last
-    entry is N). Never materialised on the client: :meth:`take` gathers rows by index."""
+    entry is N). Never materialised on the client: :meth:`take` gathers rows by index, and
+    keeps the rows it gathered (what one fit reads: its touched records and candidates,
+    O(t + n_val k) rows), so a fit gathers each row once and reads the blocks once per
+    gather, not once per block of validation queries."""
 
     DASK_ROWS = True
 
@@ -57,29 +60,49 @@ class DaskRows:
         self.dtype = np.dtype(array.dtype)
         self.ndim = 2
         self.offsets = np.r_[0, np.cumsum(array.chunks[0])].astype(np.int64)
+        self._rows = np.zeros(0, np.int64)  # sorted rows gathered so far
+        self._values = np.zeros((0, self.shape[1]), self.dtype)  # their stored values
+
+    def prefetch(self, index) -> None:
+        """Gather the rows of ``index`` (any shape; ``-1`` and rows already held skipped) in
+        one pass over the blocks holding them, for the :meth:`take` calls that follow."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        self._gather(index[(index >= 0) & (index < self.shape[0])])
 
     def take(self, rows) -> np.ndarray:
-        """Rows ``rows`` (int64, any order, repeats allowed) as a host float64 (m, d) array.
-        One task per block holding any of them (fused with the task that reads the block),
-        which sends back those rows only."""
+        """Rows ``rows`` (int64, any order, repeats allowed) as a host float64 (m, d) array;
+        the rows not held yet are gathered by one task per block holding any of them (fused
+        with the task that reads the block), which sends back those rows only."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0:
-            return np.empty((0, self.shape[1]), dtype=np.float64)
-        if rows.min() < 0 or rows.max() >= self.shape[0]:
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"{self.name}: row index out of range [0, {self.shape[0]})")
-        import dask
+        self._gather(rows)
+        # float16/float32 widen exactly to float64: the same values as a host gather.
+        return self._values[np.searchsorted(self._rows, rows)].astype(np.float64)
 
-        wanted, inverse = np.unique(rows, return_inverse=True)
-        block_of = np.searchsorted(self.offsets, wanted, side="right") - 1
-        held = np.unique(block_of)
-        cuts = np.searchsorted(block_of, np.r_[held, held[-1] + 1])
-        local = [wanted[lo:hi] - self.offsets[b] for b, lo, hi in zip(held, cuts[:-1], cuts[1:])]
-        got = self.array.blocks[held.tolist()].map_blocks(
-            _take_block, dask.delayed(local, pure=True), dtype=self.dtype,
-            chunks=(tuple(int(c) for c in np.diff(cuts)), (self.shape[1],))).compute()
-        # Sorted rows, block by block; float16/float32 widen exactly to float64: the same
-        # values as a host gather.
-        return np.asarray(got, dtype=np.float64)[inverse.reshape(-1)]
+    def _gather(self, rows):
+        missing = np.setdiff1d(rows, self._rows)
+        if missing.size == 0:
+            return
+        got = gather_rows(self.array, self.offsets, missing)
+        rows = np.concatenate([self._rows, missing])
+        order = np.argsort(rows, kind="stable")
+        self._rows = rows[order]
+        self._values = np.concatenate([self._values, got])[order]
+
+
+def gather_rows(array, offsets, wanted) -> np.ndarray:
+    """Rows ``wanted`` (sorted, unique) of a row-chunked dask ``array`` (block starts
+    ``offsets``) in its dtype: one compute, one task per block holding any of them."""
+    import dask
+
+    block_of = np.searchsorted(offsets, wanted, side="right") - 1
+    held = np.unique(block_of)
+    cuts = np.searchsorted(block_of, np.r_[held, held[-1] + 1])
+    local = [wanted[lo:hi] - offsets[b] for b, lo, hi in zip(held, cuts[:-1], cuts[1:])]
+    return np.asarray(array.blocks[held.tolist()].map_blocks(
+        _take_block, dask.delayed(local, pure=True), dtype=array.dtype,
+        chunks=(tuple(int(c) for c in np.diff(cuts)), (array.shape[1],))).compute())
 
 
 def npy_corpus(paths, block_rows=None):

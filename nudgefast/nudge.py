@@ -344,6 +344,9 @@ def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_thread
             state = topk_pass(prep.backend, q, extra_corpus, k, chunk_rows=chunk_rows,
                               n_threads=n_threads, progress=show, state=state, row_offset=n,
                               name="nontrain_embeddings", desc="NUDGE corpus pass (non-train)")
+        if getattr(prep.corpus, "DASK_ROWS", False):
+            # The candidates' rows in one gather from the cluster, not one per query block.
+            prep.corpus.prefetch(state[1][state[1] < n])
         return state
 
     def rows_of(rows):

@@ -342,6 +342,27 @@ def test_fits_identical(client, backend, seed, n, d, blocks):
         np.testing.assert_allclose(got.scores, one.scores, rtol=0, atol=4e-6)
 
 
+def test_fit_gathers_each_row_once(client, monkeypatch):
+    """A fit gathers its touched rows once and the candidates of each pass once (not once per
+    block of validation queries), and never the same row twice."""
+    ds = awkward(n_dev=600)  # the float64 re-scoring takes 256 validation queries at a time
+    corpus = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    gathered, passes = [], []
+    gather, scan = _dask.gather_rows, _dask.topk_pass
+    monkeypatch.setattr(_dask, "gather_rows",
+                        lambda a, o, rows: gathered.append(rows) or gather(a, o, rows))
+    monkeypatch.setattr(_dask, "topk_pass",
+                        lambda *a, **kw: passes.append(1) or scan(*a, **kw))
+    x = _blocks(corpus)
+    for cls, extra in ((NudgeN, 0), (NudgeM, 1)):  # NudgeM: also its untouched answers
+        gathered.clear()
+        passes.clear()
+        _same_fit(cls().fit(x, ds.train, ds.dev), cls().fit(corpus, ds.train, ds.dev))
+        assert passes and len(gathered) <= 1 + len(passes) + extra
+        rows = np.concatenate(gathered)
+        assert np.unique(rows).size == rows.size
+
+
 def test_reference_mode_float64(client):
     """precision="float64" (numpy backend): the float64 pass state travels and merges too."""
     ds, corpus, q = _data(seed=3, n=503, d=9)
