@@ -128,8 +128,8 @@ def test_search_identical_awkward_blocks(client, backend):
     _, corpus, q = _data()
     one = search(q, corpus, 9, backend=backend)
     _same_search(search(q, _blocks(corpus), 9, backend=backend), one)
-    # Blocks smaller than k, and blocks smaller than the chunk loop's chunks.
-    _same_search(search(q, _blocks(corpus, (5, 1, 3, 1228)), 9, backend=backend), one)
+    # Blocks smaller than k, an empty block, and blocks smaller than the loop's chunks.
+    _same_search(search(q, _blocks(corpus, (5, 1, 0, 3, 1228)), 9, backend=backend), one)
     _same_search(search(q, _blocks(corpus), 9, backend=backend, chunk_rows=64), one)
 
 
