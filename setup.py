@@ -151,8 +151,13 @@ setup(
         # pybind11: the tests build the extension once more (the ASan build, the device check's
         # dry run), outside pip's isolated build environment. sentence-transformers: parity of
         # nf.quantize's codes with its quantize_embeddings (it runs on the pinned CPU torch).
+        # dask / zarr: tests/test_dask.py (a 2-process LocalCluster; skipped without them).
         "test": ["pytest", "pytest-benchmark", "faiss-cpu", "matplotlib", "torch==2.13.0",
-                 "nudge-ft==0.1.2", "pybind11>=2.12", "pyarrow", "sentence-transformers==6.2.0"],
+                 "nudge-ft==0.1.2", "pybind11>=2.12", "pyarrow", "sentence-transformers==6.2.0",
+                 "dask[distributed]", "zarr"],
+        # Corpora as row-chunked dask arrays (Zarr, .npy shards) read on a cluster:
+        # search / NudgeN.fit / NudgeM.fit / NudgeResult.apply (nudgefast._dask).
+        "dask": ["dask[distributed]", "zarr"],
         # Hand-off targets (Delta.apply_to): FAISS indexes, Arrow tables / Parquet files.
         "faiss": ["faiss-cpu"],
         "arrow": ["pyarrow"],

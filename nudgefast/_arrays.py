@@ -96,6 +96,14 @@ def to_host(x, name: str = "array") -> np.ndarray:
     return device_view(x, name).get()
 
 
+def is_dask(x) -> bool:
+    """Whether ``x`` is a ``dask.array.Array`` (by its type's name: imports nothing, reads no
+    data). Such a corpus is read on its cluster (``nudgefast._dask``), never gathered here."""
+    cls = type(x)
+    return cls.__name__ == "Array" and cls.__module__.split(".", 1)[0] == "dask" \
+        and hasattr(x, "chunks") and hasattr(x, "to_delayed")
+
+
 def is_host(arr) -> bool:
     """Whether a validated array (see ``_validate.as_corpus``) is a host NumPy array / memmap,
     or a host view that reads as one (``HOST_ROWS``: a quantized corpus's dequantizing rows)."""
@@ -109,8 +117,11 @@ def xp(arr):
 
 def take_rows(arr, rows) -> np.ndarray:
     """Rows ``rows`` of a validated (N, d) array as a host float64 (m, d) array. A device array
-    is gathered on the device: only the m rows cross to the host, never the corpus."""
+    is gathered on the device, a dask corpus (``_dask.DaskRows``) on its workers: only the m
+    rows cross to the host, never the corpus."""
     rows = np.asarray(rows, dtype=np.int64)
+    if getattr(arr, "DASK_ROWS", False):
+        return arr.take(rows)
     if is_host(arr):
         return np.asarray(arr[rows], dtype=np.float64)
     cp = _cupy()

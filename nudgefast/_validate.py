@@ -96,6 +96,12 @@ def as_corpus(name: str, corpus, backend: str | None = None):
     A device array for a CPU backend (or ``backend=None``: host arrays only) is a TypeError
     naming the fix."""
     as_float32 = f"{name}.float()" if _arrays._is_torch(corpus) else f"{name}.astype(np.float32)"
+    if _arrays.is_dask(corpus):
+        # np.asarray would gather the whole corpus into this process, which a cluster exists
+        # to avoid; the functions that read it on its workers check for it before this.
+        raise TypeError(f"{name}: a dask array is read on its cluster by search, NudgeN.fit, "
+                        f"NudgeM.fit and NudgeResult.apply only; here it would be gathered "
+                        f"into this process: pass {name}.compute() if it fits in memory")
     if _arrays.is_device(corpus):
         if backend is None or not _backends.on_device(backend):
             raise device_array_error(name, backend)
@@ -162,7 +168,12 @@ def as_k(name: str, k, n_records: int) -> int:
 def corpus_row_error(name: str, corpus, row: int, normalize: bool) -> ValueError:
     """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm); a
     device corpus has that one row read back."""
-    values = _arrays.take_rows(corpus, [row])[0]
+    return row_error(name, row, _arrays.take_rows(corpus, [row])[0], normalize)
+
+
+def row_error(name: str, row: int, values, normalize: bool) -> ValueError:
+    """:func:`corpus_row_error` for a row whose ``values`` are at hand (a worker that holds
+    the row's block: ``row`` is its global index)."""
     if not np.isfinite(values).all():
         return ValueError(f"{name}: row {row} contains NaN or inf; fix or drop that record "
                           f"before tuning")

@@ -73,10 +73,21 @@ class NudgeResult:
         the same shape and dtype to write into (``corpus.codes`` itself tunes it in place;
         another array sharing its memory is refused), else a new one. The other rows' codes
         are copied in chunks.
+
+        A row-chunked ``dask.array`` gives a lazy dask array of the tuned corpus (same row
+        blocks, float32; each block normalised and its touched rows replaced on the worker
+        that reads it), or, with ``out`` a float32 Zarr array of the corpus's shape whose
+        chunks the blocks align with, or a list of float32 ``.npy`` shard paths (the corpus's
+        own storage tunes it in place), writes it there block by block and returns ``out``.
+        See :func:`nudgefast._dask.apply`.
         """
         from .quantize import QuantizedCorpus
         if isinstance(corpus, QuantizedCorpus):
             return self._apply_codes(corpus, out, chunk_rows)
+        if _arrays.is_dask(corpus):
+            from . import _dask
+            return _dask.apply(self, corpus, out, chunk_rows=chunk_rows, backend=backend,
+                               n_threads=n_threads)
         caller = corpus
         on_device = _arrays.is_device(corpus)
         backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
@@ -182,12 +193,14 @@ class _Prepared:
 
 
 def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
-             n_threads, device_ok=False, quantized_ok=False) -> _Prepared:
+             n_threads, device_ok=False, quantized_ok=False, dask_ok=False) -> _Prepared:
     """Validated inputs, the query gradients and the touched base rows. ``device_ok``: a
     device corpus is read in place by the GPU backend (``prep.corpus`` is then a CuPy view);
     without it (callers that need host rows) a device corpus is an error. ``quantized_ok``: a
     :class:`QuantizedCorpus` is read through its dequantized rows (``prep.corpus`` is then a
-    ``DequantizedRows`` view: the pass streams the codes, the touched rows are dequantized)."""
+    ``DequantizedRows`` view: the pass streams the codes, the touched rows are dequantized).
+    ``dask_ok``: a row-chunked dask array is read on its cluster (``prep.corpus`` is then a
+    ``_dask.DaskRows``); without it a dask corpus is an error."""
     from ._quantized import DequantizedRows
     from .quantize import QuantizedCorpus
     qc = corpus if isinstance(corpus, QuantizedCorpus) else None
@@ -197,8 +210,14 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
                         "corpus the codes came from)")
     on_device = device_ok and qc is None and _arrays.is_device(corpus)
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
-    corpus = (DequantizedRows(qc, _backends.get(backend), n_threads) if qc is not None else
-              _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None))
+    if qc is not None:
+        corpus = DequantizedRows(qc, _backends.get(backend), n_threads)
+    elif dask_ok and _arrays.is_dask(corpus):
+        # Scanned on its workers (search.topk_pass), its rows gathered by index (take_rows).
+        from . import _dask
+        corpus = _dask.as_corpus("corpus", corpus)
+    else:
+        corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
     n, d = corpus.shape
     impl = _backends.get(backend)
     train, train_q = as_queryset("train", train, d, dtype)
@@ -333,6 +352,9 @@ def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_thread
             state = topk_pass(prep.backend, q, extra_corpus, k, chunk_rows=chunk_rows,
                               n_threads=n_threads, progress=show, state=state, row_offset=n,
                               name="nontrain_embeddings", desc="NUDGE corpus pass (non-train)")
+        if getattr(prep.corpus, "DASK_ROWS", False):
+            # The candidates' rows in one gather from the cluster, not one per query block.
+            prep.corpus.prefetch(state[1][state[1] < n])
         return state
 
     def rows_of(rows):
@@ -571,7 +593,7 @@ class _Nudge:
 
     def _prepare(self, corpus, train, val, **kw):
         return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
-                        device_ok=True, quantized_ok=True, **kw)
+                        device_ok=True, quantized_ok=True, dask_ok=True, **kw)
 
 
 class NudgeN(_Nudge):
@@ -595,7 +617,9 @@ class NudgeN(_Nudge):
         place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
         :class:`~nudgefast.QuantizedCorpus`: the pass reads the codes (exact dequantized
         scores), the touched rows are tuned from their dequantized rows (binary: +-1 signs),
-        and the result also carries the tuned rows re-quantized (``codes``).
+        and the result also carries the tuned rows re-quantized (``codes``); or a row-chunked
+        ``dask.array``: the pass runs block by block on the current Dask scheduler's workers,
+        the touched and candidate rows are gathered by index (see :mod:`nudgefast._dask`).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).
@@ -630,7 +654,9 @@ class NudgeM(_Nudge):
         place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
         :class:`~nudgefast.QuantizedCorpus`: the pass reads the codes (exact dequantized
         scores), the touched rows are tuned from their dequantized rows (binary: +-1 signs),
-        and the result also carries the tuned rows re-quantized (``codes``).
+        and the result also carries the tuned rows re-quantized (``codes``); or a row-chunked
+        ``dask.array``: the pass runs block by block on the current Dask scheduler's workers,
+        the touched and candidate rows are gathered by index (see :mod:`nudgefast._dask`).
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).

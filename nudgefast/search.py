@@ -53,6 +53,13 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
     (``_quantized.Scorer``; ``corpus`` is then its codes) instead of the float
     ``topk_update``. Returns ``(scores, indices)``.
     """
+    if getattr(corpus, "DASK_ROWS", False):
+        # A dask corpus (``_dask.DaskRows``) is scanned on its workers, one task per block;
+        # Dask reports progress itself (the dashboard, ``distributed.progress``).
+        from . import _dask
+        return _dask.topk_pass(backend, queries, corpus, k, exclude=exclude, normalize=normalize,
+                               chunk_rows=chunk_rows, n_threads=n_threads,
+                               row_offset=row_offset, state=state, name=name)
     bar = _progress_bar(progress, corpus.shape[0], desc)  # one bar, for every backend
     try:
         if getattr(backend, "STREAMS_CORPUS", False) and scorer is None \
@@ -152,7 +159,10 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     corpus: (N, d) float32/float16 array or ``np.memmap``, or a device array (CuPy, torch CUDA
     tensor, anything with ``__cuda_array_interface__`` or DLPack), which the GPU backend reads
     in place (``backend="auto"`` picks it; a CPU backend raises); or a
-    :class:`~nudgefast.QuantizedCorpus` (host codes, a memmap included), searched on its codes.
+    :class:`~nudgefast.QuantizedCorpus` (host codes, a memmap included), searched on its codes;
+    or a row-chunked ``dask.array`` (from Zarr, ``.npy`` shards, ...), scanned block by block
+    on the current Dask scheduler's workers with the backend resolved here (see
+    :mod:`nudgefast._dask`; only (n_q, k) lists come back).
     delta: a :class:`NudgeResult`; its touched records are scored by dot product with their
     tuned vectors, every other record by cosine (the tuned corpus is the normalised base plus
     the delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a
@@ -191,9 +201,14 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     backend = _backends.resolve(
         backend, device_input="corpus" if not quantized and _arrays.is_device(corpus) else None)
     qc = corpus if quantized else None
-    corpus = (_quantized.DequantizedRows(qc, _backends.get(backend),
-                                         _validate.as_threads("n_threads", n_threads)) if quantized
-              else _validate.as_corpus("corpus", corpus, backend=backend))
+    if quantized:
+        corpus = _quantized.DequantizedRows(qc, _backends.get(backend),
+                                            _validate.as_threads("n_threads", n_threads))
+    elif _arrays.is_dask(corpus):
+        from . import _dask
+        corpus = _dask.as_corpus("corpus", corpus)
+    else:
+        corpus = _validate.as_corpus("corpus", corpus, backend=backend)
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)

@@ -1,0 +1,401 @@
+"""Corpora on a Dask cluster: a row-chunked ``dask.array`` read where its blocks live.
+
+A corpus of 10^8 - 10^9 records is a set of shards (a Zarr array, ``.npy`` files) read by a
+cluster. The top-k pass distributes as NUDGE's cost does: each block of rows is scanned by the
+backend's ``topk_update`` in a task on the worker that reads it (mapped over the blocks, the
+scan fuses with the task that reads the block, so a block is never a separate result the
+scheduler could move to another worker), giving an (n_q, k) partial top-k; the partial lists
+merge in a binary tree of tasks with the single-machine tie rule (score desc, index asc;
+``-inf`` / ``-1`` padding), so the client receives one (n_q, k) list. Only O(n_q k) per block
+crosses the network; the queries and the excluded rows enter the graph once each (one key a
+worker fetches once; each block takes its own range of the exclusions). The rows a fit needs
+(the touched records, the selected candidates, one bad row for its error) are gathered by
+index, one task per block that holds any of them: O(t) rows reach the client, never the
+corpus.
+
+A corpus whose blocks are in the graph itself (``da.from_array`` of a NumPy array or of a
+memmap: dask pickles the data into the graph) is read by the client and shipped to the
+workers with the graph; the answers are the same, but at scale build the corpus so that the
+workers read it: ``da.from_zarr``, or :func:`npy_corpus` for ``.npy`` shards.
+
+The graph runs on the current Dask scheduler: a ``distributed.Client`` when one is active
+(the default client), else Dask's local scheduler. Dask is imported only when a dask array is
+given, so the package imports without it.
+
+Results equal the single-machine path's: a block's scores are the same float32 bits as the
+same rows in the one-machine chunk loop for the cpp and numba backends (one fixed-order dot
+product per score, independent of the chunk's shape); the numpy backend's BLAS product is not
+(its last bits depend on the matrix shape), so its search scores agree within rounding only.
+The fits rank by the float64 scores of certified candidates (``nudge.certified_topk``,
+re-scored from their gathered rows), so they agree bit for bit on every backend, numpy
+included (tested: tests/test_dask.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backends, _validate
+from ._defaults import chunk_rows_for
+from .search import rank_rows
+
+#: corpus dtypes the pass reads, as on one machine (``_validate.CORPUS_DTYPES``).
+CORPUS_DTYPES = _validate.CORPUS_DTYPES
+
+
+class DaskRows:
+    """A validated row-chunked dask corpus: ``shape``/``dtype`` like an array, rows numbered
+    across blocks by ``offsets`` (``offsets[b]`` is block ``b``'s first global row; the last
+    entry is N). Never materialised on the client: :meth:`take` gathers rows by index, and
+    keeps the rows it gathered (what one fit reads: its touched records and candidates,
+    O(t + n_val k) rows), so a fit gathers each row once and reads the blocks once per
+    gather, not once per block of validation queries."""
+
+    DASK_ROWS = True
+
+    def __init__(self, array, name="corpus"):
+        self.array = array
+        self.name = name
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = 2
+        self.offsets = np.r_[0, np.cumsum(array.chunks[0])].astype(np.int64)
+        self._rows = np.zeros(0, np.int64)  # sorted rows gathered so far
+        self._values = np.zeros((0, self.shape[1]), self.dtype)  # their stored values
+
+    def prefetch(self, index) -> None:
+        """Gather the rows of ``index`` (any shape; ``-1`` and rows already held skipped) in
+        one pass over the blocks holding them, for the :meth:`take` calls that follow."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        self._gather(index[(index >= 0) & (index < self.shape[0])])
+
+    def take(self, rows) -> np.ndarray:
+        """Rows ``rows`` (int64, any order, repeats allowed) as a host float64 (m, d) array;
+        the rows not held yet are gathered by one task per block holding any of them (fused
+        with the task that reads the block), which sends back those rows only."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"{self.name}: row index out of range [0, {self.shape[0]})")
+        self._gather(rows)
+        # float16/float32 widen exactly to float64: the same values as a host gather.
+        return self._values[np.searchsorted(self._rows, rows)].astype(np.float64)
+
+    def _gather(self, rows):
+        missing = np.setdiff1d(rows, self._rows)
+        if missing.size == 0:
+            return
+        got = gather_rows(self.array, self.offsets, missing)
+        rows = np.concatenate([self._rows, missing])
+        order = np.argsort(rows, kind="stable")
+        self._rows = rows[order]
+        self._values = np.concatenate([self._values, got])[order]
+
+
+def gather_rows(array, offsets, wanted) -> np.ndarray:
+    """Rows ``wanted`` (sorted, unique) of a row-chunked dask ``array`` (block starts
+    ``offsets``) in its dtype: one compute, one task per block holding any of them."""
+    import dask
+
+    block_of = np.searchsorted(offsets, wanted, side="right") - 1
+    held = np.unique(block_of)
+    cuts = np.searchsorted(block_of, np.r_[held, held[-1] + 1])
+    local = [wanted[lo:hi] - offsets[b] for b, lo, hi in zip(held, cuts[:-1], cuts[1:])]
+    return np.asarray(array.blocks[held.tolist()].map_blocks(
+        _take_block, dask.delayed(local, pure=True), dtype=array.dtype,
+        chunks=(tuple(int(c) for c in np.diff(cuts)), (array.shape[1],))).compute())
+
+
+def npy_corpus(paths, block_rows=None):
+    """A row-chunked dask array over ``.npy`` shards (each (n_i, d), one dtype), whose blocks
+    are read by the worker that scans them, as memmap slices: the graph holds paths and row
+    ranges only, and each read fuses with the task that scans the block. (``da.from_array`` of
+    a memmap pickles the memmap's data into the graph: the client would read and send every
+    shard.) ``block_rows``: rows per block, blocks never spanning two shards; None: a block
+    per shard. Only the headers are read here. The paths must name the same files on every
+    worker."""
+    import dask.array as da
+
+    paths = [str(p) for p in ([paths] if isinstance(paths, (str, bytes)) or
+                              hasattr(paths, "__fspath__") else paths)]
+    if not paths:
+        raise ValueError("paths: no .npy shard given; pass a list of .npy file paths")
+    block_rows = _validate.as_size("block_rows", block_rows)
+    parts, first = [], None
+    for path in paths:
+        shard = NpyShard(path)
+        if shard.ndim != 2 or (first is not None and (shard.shape[1] != first.shape[1]
+                                                      or shard.dtype != first.dtype)):
+            width = f"{first.shape[1]} columns" if first is not None else "(n, d)"
+            kind = f"of {first.dtype}" if first is not None else "of one dtype"
+            raise ValueError(f"paths: {path} holds a {shard.dtype} array of shape "
+                             f"{shard.shape}; every shard must be 2-D ({width}) {kind}")
+        first = shard if first is None else first
+        parts.append(da.from_array(shard, chunks=(block_rows or max(1, shard.shape[0]), -1),
+                                   asarray=False))
+    return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+class NpyShard:
+    """A ``.npy`` file as an array-like for ``da.from_array``: shape and dtype from its header,
+    pickled as its path, each read a memmap slice opened where it runs (no copy, no data in
+    the graph). Tokenized by path, size and modification time."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        head = np.load(self.path, mmap_mode="r")  # the header only; the data stays on disk
+        self.shape, self.dtype, self.ndim = head.shape, head.dtype, head.ndim
+        del head
+
+    def __getitem__(self, key):
+        return np.load(self.path, mmap_mode="r")[key]
+
+    def __dask_tokenize__(self):
+        import os
+        st = os.stat(self.path)
+        return ("nudgefast.NpyShard", self.path, st.st_size, st.st_mtime_ns, self.shape,
+                str(self.dtype))
+
+
+def _take_block(block, local, block_info=None):
+    """Runs on a worker: the rows ``local[b]`` of block ``b`` of the selected blocks, in the
+    corpus's dtype (a copy of those rows only)."""
+    return np.asarray(block)[local[block_info[0]["chunk-location"][0]]]
+
+
+def as_corpus(name: str, corpus) -> DaskRows:
+    """A :class:`DaskRows` view of a dask array ``corpus``, checked like ``_validate.as_corpus``
+    (2-D, float16/32/64, not empty) and for Dask's own constraints: blocks span every column
+    (one block per row range) and their row counts are known."""
+    if corpus.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D dask array of shape (N, d), got "
+                         f"{corpus.ndim}-D shape {tuple(corpus.shape)}; reshape it to (N, d)")
+    if np.dtype(corpus.dtype).type not in CORPUS_DTYPES:
+        raise TypeError(f"{name}: dtype {corpus.dtype} is not supported; use float32 or float16 "
+                        f"(e.g. {name}.astype(np.float32))")
+    if any(np.isnan(c) for c in corpus.chunks[0]) or np.isnan(corpus.shape[1]):
+        raise ValueError(f"{name}: the dask array's block sizes are unknown (NaN in "
+                         f"{name}.chunks); global row numbers need them: call "
+                         f"{name}.compute_chunk_sizes() first")
+    if len(corpus.chunks[1]) != 1:
+        raise ValueError(f"{name}: the dask array is chunked along its columns "
+                         f"({len(corpus.chunks[1])} column blocks {corpus.chunks[1]}); each "
+                         f"block must hold whole rows: pass {name}.rechunk({{1: -1}})")
+    if corpus.shape[0] == 0 or corpus.shape[1] == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(corpus.shape)}); pass at least one "
+                         f"record with d >= 1")
+    return DaskRows(corpus, name)
+
+
+def _block_topk(block, queries, exclude, *, k, row_offset, normalize, backend, chunk_rows,
+                n_threads, block_info=None):
+    """Runs on a worker, fused with the task that reads the block: one block's top-k as a
+    (1, 1) object array holding ``(scores, index, first_bad)``, its rows numbered from
+    ``row_offset`` plus the block's first row; ``exclude``: every sorted global excluded row
+    (the block takes its own range). The block is scanned in chunks as on one machine; its
+    first bad row (global) ends the scan: the client raises for the corpus's first anyway."""
+    impl = _backends.get(backend)  # the worker's own module; raises with the install hint
+    block = np.asarray(block)
+    offset = row_offset + int(block_info[0]["array-location"][0][0])
+    out = np.empty((1, 1), dtype=object)
+    out[0, 0] = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows, n_threads)
+    return out
+
+
+def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n_threads):
+    n_q = queries.shape[0]
+    m, d = block.shape
+    lo, hi = np.searchsorted(exclude, [row_offset, row_offset + m])
+    exclude = exclude[lo:hi]
+    score_dtype = np.float64 if queries.dtype == np.float64 else np.float32
+    best_scores = np.full((n_q, k), -np.inf, dtype=score_dtype)
+    best_index = np.full((n_q, k), -1, dtype=np.int64)
+    if m == 0:
+        return best_scores, best_index, -1
+    if getattr(impl, "STREAMS_CORPUS", False):
+        # The GPU backend streams a host block itself (pinned buffers, its own chunk size).
+        scores, index, bad = impl.topk_stream(queries, block, k, exclude=exclude,
+                                              normalize=normalize, chunk_rows=chunk_rows,
+                                              n_threads=n_threads, progress=None,
+                                              row_offset=row_offset, state=None)
+        return scores, index, int(bad)
+    step = chunk_rows or chunk_rows_for(n_q, d, block.dtype.itemsize)
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        chunk = block[start:stop]
+        if not chunk.flags.c_contiguous:
+            chunk = np.ascontiguousarray(chunk)
+        g0, g1 = row_offset + start, row_offset + stop
+        lo, hi = np.searchsorted(exclude, [g0, g1])
+        bad = impl.topk_update(queries, chunk, g0, exclude[lo:hi] - g0, normalize, best_scores,
+                               best_index, n_threads=n_threads)
+        if bad >= 0:
+            return best_scores, best_index, int(bad)
+    return best_scores, best_index, -1
+
+
+def _merge(a, b):
+    """Two partial top-k lists as one: (score desc, index asc), ``-inf``/``-1`` padding; the
+    first bad row of the two (``-1``: none). A block's list comes in its (1, 1) object array."""
+    a, b = (x[0, 0] if isinstance(x, np.ndarray) else x for x in (a, b))
+    k = a[0].shape[1]
+    scores, index = rank_rows(np.concatenate([a[0], b[0]], axis=1),
+                              np.concatenate([a[1], b[1]], axis=1), k)
+    index[np.isneginf(scores)] = -1
+    bads = [x for x in (a[2], b[2]) if x >= 0]
+    return scores, index, min(bads) if bads else -1
+
+
+def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=True,
+              chunk_rows=None, n_threads=None, row_offset=0, state=None, name=None):
+    """``search.topk_pass`` over a :class:`DaskRows` corpus, on the cluster: one task per
+    block, a binary merge tree, one (n_q, k) result on the client; rows numbered from
+    ``row_offset``. ``backend``: the module the client resolved; every worker loads the
+    backend of that name. ``state`` (the running top-k, updated in place) is merged with the
+    corpus's when given. Raises the one-machine error, naming the global row, for the first
+    NaN/inf (or, with ``normalize``, zero) row."""
+    import dask
+
+    name = name or corpus.name
+    queries = np.ascontiguousarray(queries)
+    exclude = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+    nb = len(corpus.offsets) - 1
+    # The queries and the exclusions are one key each: a worker fetches each once. Mapped over
+    # the blocks, the scan fuses with the task that reads each block (Zarr, .npy, ...), so no
+    # block exists apart from it to be moved to another worker: only the lists travel.
+    parts = corpus.array.map_blocks(
+        _block_topk, dask.delayed(queries, pure=True), dask.delayed(exclude, pure=True),
+        k=int(k), row_offset=int(row_offset), normalize=bool(normalize),
+        backend=getattr(backend, "NAME", backend), chunk_rows=chunk_rows, n_threads=n_threads,
+        dtype=object, chunks=((1,) * nb, (1,)), meta=np.empty((0, 0), dtype=object),
+    ).to_delayed().ravel().tolist()
+    while len(parts) > 1:  # pairs: depth log2(blocks), each merge O(n_q k)
+        parts = [dask.delayed(_merge, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts)
+                 else parts[i] for i in range(0, len(parts), 2)]
+    result = dask.compute(parts[0])[0]
+    scores, index, bad = result[0, 0] if isinstance(result, np.ndarray) else result
+    if bad >= 0:
+        # The row's values decide the message (NaN/inf or zero): fetch that one row.
+        raise _validate.corpus_row_error(name, corpus, int(bad) - row_offset, normalize)
+    if state is not None:
+        merged = _merge((state[0], state[1], -1), (scores, index, -1))
+        state[0][...] = merged[0]
+        state[1][...] = merged[1]
+        return state
+    return scores, index
+
+
+def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_threads=None):
+    """``NudgeResult.apply`` for a dask ``corpus``: the tuned corpus as a lazy dask array of
+    the corpus's row blocks (float32: every row normalised by the backend's ``normalize_rows``,
+    the touched rows replaced by ``result.vectors``), each block made by the worker that reads
+    it, the delta one key in the graph; nothing is computed here when ``out`` is None.
+    ``out``: a writable float32 Zarr array of shape (N, d), whose chunk rows every block
+    boundary is a multiple of (so no two tasks write one Zarr chunk), or a list of float32
+    ``.npy`` shard paths holding the N rows in order, each block inside one shard (as
+    :func:`npy_corpus` cuts them); the blocks are computed and written to their regions
+    (``da.store``; ``.npy`` shards through memmaps), and ``out`` is returned. It may be the
+    storage ``corpus`` reads (in place): each task reads its block before writing it. A row
+    with NaN/inf or of norm zero raises the one-machine error, naming its global row."""
+    import dask
+    import dask.array as da
+
+    rows = as_corpus("corpus", corpus)
+    chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
+    n_threads = _validate.as_threads("n_threads", n_threads)
+    name = _backends.resolve(backend)
+    n, d = rows.shape
+    if n != result.n_records or d != result.vectors.shape[1]:
+        raise ValueError(f"corpus: shape {rows.shape} differs from the fitted corpus "
+                         f"({result.n_records}, {result.vectors.shape[1]}); apply the result to "
+                         f"the corpus it was fitted on")
+    tuned = corpus.map_blocks(
+        _apply_block, dask.delayed(np.asarray(result.indices, np.int64), pure=True),
+        dask.delayed(np.asarray(result.vectors, np.float32), pure=True), backend=name,
+        chunk_rows=chunk_rows, n_threads=n_threads, dtype=np.float32,
+        meta=np.empty((0, 0), dtype=np.float32))
+    if out is None:
+        return tuned
+    if isinstance(out, (list, tuple)):
+        target = _NpyWriter(out, rows)
+    else:
+        _check_zarr_out(out, rows)
+        target = out
+    da.store(tuned, target, lock=False)
+    return out
+
+
+class _NpyWriter:
+    """``.npy`` shards (float32, (n_i, d), in row order) as the target of ``da.store``: a
+    block's region is written into the one shard that holds it, through a memmap opened by
+    the worker that made the block (pickled as paths and row offsets)."""
+
+    def __init__(self, paths, rows):
+        self.paths = [str(p) for p in paths]
+        sizes = []
+        for path in self.paths:
+            head = np.load(path, mmap_mode="r")
+            if head.ndim != 2 or head.dtype != np.float32 or head.shape[1] != rows.shape[1]:
+                raise ValueError(f"out: {path} holds a {head.dtype} array of shape "
+                                 f"{head.shape}; every shard must be float32 with "
+                                 f"{rows.shape[1]} columns (np.save(path, np.empty((n, "
+                                 f"{rows.shape[1]}), np.float32)))")
+            sizes.append(head.shape[0])
+            del head
+        self.offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        if self.offsets[-1] != rows.shape[0]:
+            raise ValueError(f"out: the shards hold {int(self.offsets[-1])} rows, the corpus "
+                             f"{rows.shape[0]}; pass shards of the corpus's rows, in order")
+        split = np.setdiff1d(self.offsets[1:-1], rows.offsets)
+        if split.size:
+            raise ValueError(f"out: shard boundary at row {int(split[0])} falls inside a block "
+                             f"of the corpus; a block must lie in one shard: rechunk the "
+                             f"corpus at the shard boundaries (npy_corpus does)")
+
+    def __setitem__(self, key, value):
+        lo, hi = key[0].start, key[0].stop
+        s = int(np.searchsorted(self.offsets, lo, side="right") - 1)
+        shard = np.load(self.paths[s], mmap_mode="r+")
+        shard[lo - self.offsets[s]:hi - self.offsets[s]] = value
+        shard.flush()
+        del shard
+
+
+def _check_zarr_out(out, rows):
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    chunks = getattr(out, "chunks", None)
+    is_zarr = type(out).__module__.split(".", 1)[0] == "zarr"
+    if not is_zarr or tuple(shape) != rows.shape or np.dtype(dtype) != np.float32:
+        raise ValueError(f"out: expected a float32 Zarr array of shape {rows.shape} (e.g. "
+                         f"zarr.open_array(path, mode='w', shape={rows.shape}, "
+                         f"chunks=(rows, {rows.shape[1]}), dtype='float32')), got "
+                         f"{type(out).__name__} {dtype} {tuple(shape) if shape else ''}; or "
+                         f"pass None for a lazy dask array")
+    step = int(chunks[0])
+    inner = rows.offsets[1:-1]
+    if len(chunks) != 2 or int(chunks[1]) != rows.shape[1] or (inner % step).any():
+        bad = inner[inner % step != 0]
+        raise ValueError(f"out: its Zarr chunks {tuple(chunks)} do not line up with the "
+                         f"corpus's row blocks (block boundary at row "
+                         f"{int(bad[0]) if bad.size else '?'}); two tasks would write one "
+                         f"Zarr chunk: pass corpus.rechunk({{0: {step}, 1: -1}}) or a Zarr "
+                         f"array chunked ({step}, {rows.shape[1]}) with whole rows")
+
+
+def _apply_block(block, indices, vectors, *, backend, chunk_rows, n_threads, block_info=None):
+    """Runs on a worker, fused with the read of the block: the block's tuned rows (float32),
+    normalised in chunks as on one machine, its touched rows replaced."""
+    impl = _backends.get(backend)
+    block = np.asarray(block)
+    offset = int(block_info[0]["array-location"][0][0])
+    m, d = block.shape
+    out = np.empty((m, d), dtype=np.float32)
+    step = chunk_rows or chunk_rows_for(1, d, block.dtype.itemsize)
+    for start in range(0, m, step):
+        chunk = block[start:start + step]
+        if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
+            chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        bad = impl.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
+        if bad >= 0:
+            raise _validate.row_error("corpus", offset + start + bad, block[start + bad], True)
+    lo, hi = np.searchsorted(indices, [offset, offset + m])
+    out[indices[lo:hi] - offset] = vectors[lo:hi]
+    return out

@@ -1,0 +1,483 @@
+"""Dask corpora on a 2-process LocalCluster: the same answers as one machine.
+
+Every comparison is against the single-machine path on the same rows (a NumPy array, or the
+Zarr / .npy data read back), never against a tolerance where the backend promises bits: the
+cpp and numba ``topk_update`` give a record the same float32 score whatever chunk holds it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+
+from conftest import BACKENDS, awkward, real_dataset_params  # noqa: E402
+from nudgefast import NudgeM, NudgeN, Tuner, _backends, datasets, quantize, search  # noqa: E402
+from nudgefast import _dask  # noqa: E402
+from nudgefast.search import topk_pass  # noqa: E402
+
+#: The backends whose block scores equal the one-machine chunk loop's bit for bit.
+EXACT = [b for b in ("cpp", "numba") if b in BACKENDS]
+#: Row blocks not a multiple of any tile (4, 8, 16, 64, 256...), one block of 1 row.
+AWKWARD_BLOCKS = (300, 1, 517, 419)  # 1237 rows, awkward()'s default
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes of one thread each (what the issue's CI runs); module scope, as
+    starting it costs seconds. Every compute in this module runs on it (the default client)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, worker_dashboard_address=None) as cl, \
+            distributed.Client(cl) as c:
+        import nudgefast
+        where = set(c.run(lambda: __import__("nudgefast").__file__).values())
+        assert where == {nudgefast.__file__}, f"workers import another nudgefast: {where}"
+        yield c
+
+
+def _data(seed=0, n=1237, d=37):
+    ds = awkward(n=n, d=d, seed=seed)
+    corpus = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    return ds, corpus, np.ascontiguousarray(ds.dev.embeddings, dtype=np.float32)
+
+
+def _blocks(corpus, blocks=AWKWARD_BLOCKS):
+    assert sum(blocks) == corpus.shape[0]
+    return da.from_array(corpus, chunks=(blocks, (corpus.shape[1],)))
+
+
+def _zarr(tmp_path, corpus, rows_per_chunk):
+    zarr = pytest.importorskip("zarr")
+    z = zarr.open_array(str(tmp_path / "corpus.zarr"), mode="w", shape=corpus.shape,
+                        chunks=(rows_per_chunk, corpus.shape[1]), dtype=corpus.dtype)
+    z[...] = corpus
+    return da.from_zarr(str(tmp_path / "corpus.zarr"))
+
+
+def _npy_shards(tmp_path, corpus, sizes, block_rows):
+    """.npy shards of ``sizes`` rows, each read as a memmap, cut in blocks of ``block_rows``."""
+    parts, lo = [], 0
+    for s, size in enumerate(sizes):
+        path = tmp_path / f"shard{s}.npy"
+        np.save(path, corpus[lo:lo + size])
+        lo += size
+        parts.append(da.from_array(np.load(path, mmap_mode="r"), chunks=(block_rows, -1)))
+    assert lo == corpus.shape[0]
+    return da.concatenate(parts, axis=0)
+
+
+def _same_search(a, b):
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def _same_fit(a, b):
+    assert a.gamma == b.gamma
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    np.testing.assert_array_equal(a.gammas, b.gammas)
+    np.testing.assert_array_equal(a.val_accuracy, b.val_accuracy)
+    assert a.n_records == b.n_records
+
+
+# ----------------------------------------------------------------------------------------
+# Arguments (no cluster needed: they fail before any task runs)
+
+
+def test_column_chunked_corpus_names_the_rechunk():
+    _, corpus, q = _data()
+    x = da.from_array(corpus, chunks=(500, 20))
+    with pytest.raises(ValueError, match=r"corpus: .*chunked along its columns.*"
+                                         r"corpus\.rechunk\(\{1: -1\}\)"):
+        search(q, x, 3)
+    ds = awkward()
+    with pytest.raises(ValueError, match=r"rechunk\(\{1: -1\}\)"):
+        NudgeN().fit(x, ds.train, ds.dev)
+
+
+def test_bad_dask_corpora_name_the_fix():
+    _, corpus, q = _data()
+    with pytest.raises(TypeError, match=r"corpus: dtype int32 .*astype\(np.float32\)"):
+        search(q, da.from_array(corpus.astype(np.int32), chunks=(400, -1)), 3)
+    with pytest.raises(ValueError, match=r"corpus: expected a 2-D dask array"):
+        search(q, da.from_array(corpus[:, 0], chunks=400), 3)
+    x = da.from_array(corpus, chunks=(400, -1))
+    unknown = x[x[:, 0] > -np.inf]  # boolean mask: block sizes unknown until computed
+    with pytest.raises(ValueError, match=r"compute_chunk_sizes\(\)"):
+        search(q, unknown, 3)
+
+
+def test_functions_without_dask_support_refuse_to_gather():
+    """A corpus argument that has no dask path (quantize, the Tuner, compat) must not
+    np.asarray a dask corpus into the client: it says so and names the explicit fix."""
+    ds, corpus, _ = _data()
+    with pytest.raises(TypeError, match=r"x: a dask array .*x\.compute\(\)"):
+        quantize(_blocks(corpus), "int8")
+    with pytest.raises(TypeError, match=r"corpus: a dask array .*corpus\.compute\(\)"):
+        Tuner(NudgeN()).fit(_blocks(corpus), ds.train, ds.dev)
+
+
+# ----------------------------------------------------------------------------------------
+# The pass
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_search_identical_awkward_blocks(client, backend):
+    _, corpus, q = _data()
+    one = search(q, corpus, 9, backend=backend)
+    _same_search(search(q, _blocks(corpus), 9, backend=backend), one)
+    # Blocks smaller than k, an empty block, and blocks smaller than the loop's chunks.
+    _same_search(search(q, _blocks(corpus, (5, 1, 0, 3, 1228)), 9, backend=backend), one)
+    _same_search(search(q, _blocks(corpus), 9, backend=backend, chunk_rows=64), one)
+
+
+def test_local_scheduler_without_cluster():
+    """Without a cluster (Dask's synchronous scheduler) the same pass gives the same answers."""
+    ds, corpus, q = _data()
+    with dask.config.set(scheduler="synchronous"):
+        _same_search(search(q, _blocks(corpus), 9), search(q, corpus, 9))
+        _same_fit(NudgeN(k_val=3).fit(_blocks(corpus), ds.train, ds.dev),
+                  NudgeN(k_val=3).fit(corpus, ds.train, ds.dev))
+
+
+def test_search_numpy_backend_within_rounding(client):
+    """numpy's BLAS product rounds differently with the block's shape: the same records up to
+    ties of the last bits, scores within a float32 rounding."""
+    _, corpus, q = _data()
+    one = search(q, corpus, 9, backend="numpy")
+    got = search(q, _blocks(corpus), 9, backend="numpy")
+    np.testing.assert_allclose(got.scores, one.scores, rtol=0, atol=4e-6)
+    assert (got.indices == one.indices).mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_search_dot_metric_and_float16(client, backend):
+    _, corpus, q = _data(seed=1, n=997, d=64)
+    half = corpus.astype(np.float16)
+    blocks = (333, 1, 600, 63)
+    _same_search(search(q, _blocks(half, blocks), 7, backend=backend),
+                 search(q, half, 7, backend=backend))
+    _same_search(search(q, _blocks(corpus, blocks), 7, metric="dot", backend=backend),
+                 search(q, corpus, 7, metric="dot", backend=backend))
+
+
+def test_ties_across_blocks_keep_lower_index(client):
+    """Equal records in different blocks: the lower index first, as on one machine, whatever
+    order the merge tree meets them in."""
+    rng = np.random.default_rng(5)
+    corpus = np.repeat(rng.standard_normal((1, 16)).astype(np.float32), 50, axis=0)
+    corpus[7] *= 2.0  # same direction: the same cosine up to rounding, still a candidate
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    x = _blocks(corpus, (3, 1, 17, 9, 20))
+    got = search(q, x, 6, backend=EXACT[0] if EXACT else "numpy")
+    _same_search(got, search(q, corpus, 6, backend=EXACT[0] if EXACT else "numpy"))
+    plain = np.delete(np.arange(50), 7)[:6]
+    assert (np.sort(got.indices, axis=1)[:, :5] <= plain[5]).all()
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_exclusions_across_block_boundaries(client, backend):
+    """Excluded rows at the first/last row of blocks, the 1-row block, and spanning blocks:
+    the same top-k as the one-machine pass with the same exclusions."""
+    _, corpus, q = _data()
+    offsets = np.cumsum((0,) + AWKWARD_BLOCKS)  # 0, 300, 301, 818, 1237
+    exclude = np.unique(np.r_[0, 299, 300, 301, 817, 818, 1236, np.arange(290, 310),
+                              np.arange(810, 830)]).astype(np.int64)
+    assert np.isin(offsets[1:-1], exclude).all()
+    impl = _backends.get(backend)
+    x = _dask.as_corpus("corpus", _blocks(corpus))
+    got = topk_pass(impl, q, x, 11, exclude=exclude)
+    one = topk_pass(impl, q, corpus, 11, exclude=exclude)
+    np.testing.assert_array_equal(got[1], one[1])
+    np.testing.assert_array_equal(got[0], one[0])
+    assert not np.isin(got[1], exclude).any()
+    # Excluding all but 3 rows: k=5 leaves -inf / -1 padding, as on one machine.
+    keep = np.array([0, 300, 1236])
+    everything = np.setdiff1d(np.arange(corpus.shape[0]), keep)
+    got = topk_pass(impl, q, x, 5, exclude=everything)
+    one = topk_pass(impl, q, corpus, 5, exclude=everything)
+    np.testing.assert_array_equal(got[1], one[1])
+    np.testing.assert_array_equal(got[0], one[0])
+    assert (got[1][:, 3:] == -1).all() and np.isneginf(got[0][:, 3:]).all()
+
+
+def _error(fn):
+    with pytest.raises(ValueError) as info:
+        fn()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("what", ["nan", "inf", "zero"])
+def test_bad_row_in_third_block_names_global_row(client, what):
+    ds, corpus, q = _data()
+    # Untouched rows (they reach the fit's pass, not its gradient step): one in the 3rd block
+    # (rows 301..817), and a later one in the 4th: the first is the one reported.
+    untouched = np.setdiff1d(np.arange(corpus.shape[0]), ds.train.csr().index)
+    row = int(untouched[untouched >= 301 + 200][0])
+    later = int(untouched[untouched >= 1000][0])
+    assert row < 818 <= later
+    for r in (row, later):
+        corpus[r] = {"nan": np.nan, "inf": np.inf, "zero": 0.0}[what]
+        if what != "zero":
+            corpus[r, 1:] = 1.0  # one bad value in an otherwise ordinary row
+    x = _blocks(corpus)
+    one = _error(lambda: search(q, corpus, 5))
+    assert f"row {row} " in one
+    assert _error(lambda: search(q, x, 5)) == one
+    assert _error(lambda: NudgeN().fit(x, ds.train, ds.dev)) == \
+        _error(lambda: NudgeN().fit(corpus, ds.train, ds.dev))
+    if what == "zero":  # a zero row is a fine record for the dot metric
+        _same_search(search(q, x, 5, metric="dot"), search(q, corpus, 5, metric="dot"))
+
+
+# ----------------------------------------------------------------------------------------
+# Sources: Zarr, .npy memmaps
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_zarr_corpus(client, tmp_path, backend):
+    ds, corpus, q = _data()
+    x = _zarr(tmp_path, corpus, 250)  # 5 blocks, the last of 237 rows
+    assert x.chunks[0] == (250, 250, 250, 250, 237)
+    _same_search(search(q, x, 9, backend=backend), search(q, corpus, 9, backend=backend))
+    _same_fit(NudgeN(backend=backend, k_val=3).fit(x, ds.train, ds.dev),
+              NudgeN(backend=backend, k_val=3).fit(corpus, ds.train, ds.dev))
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_npy_shard_corpus(client, tmp_path, backend):
+    ds, corpus, q = _data()
+    x = _npy_shards(tmp_path, corpus, (600, 1, 636), 211)
+    assert 1 in x.chunks[0] and len(x.chunks[0]) > 3
+    _same_search(search(q, x, 9, backend=backend), search(q, corpus, 9, backend=backend))
+    _same_fit(NudgeM(backend=backend).fit(x, ds.train, ds.dev),
+              NudgeM(backend=backend).fit(corpus, ds.train, ds.dev))
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_npy_corpus_opened_on_workers(client, tmp_path, backend):
+    """_dask.npy_corpus: the graph holds paths and row ranges, not the data; the same answers."""
+    import pickle
+
+    ds, corpus, q = _data()
+    paths = []
+    for s, (lo, hi) in enumerate([(0, 700), (700, 701), (701, 1237)]):
+        paths.append(tmp_path / f"shard{s}.npy")
+        np.save(paths[-1], corpus[lo:hi])
+    x = _dask.npy_corpus(paths, block_rows=333)
+    assert x.chunks[0] == (333, 333, 34, 1, 333, 203)
+    assert len(pickle.dumps(dict(x.__dask_graph__()))) < 16_000  # corpus: 183 kB
+    _same_search(search(q, x, 9, backend=backend), search(q, corpus, 9, backend=backend))
+    _same_fit(NudgeN(backend=backend, k_val=3).fit(x, ds.train, ds.dev),
+              NudgeN(backend=backend, k_val=3).fit(corpus, ds.train, ds.dev))
+
+
+def test_npy_corpus_arguments(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((5, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"paths: .*b\.npy holds a float32 array of shape "
+                                         r"\(5, 3\); every shard must be 2-D \(4 columns\)"):
+        _dask.npy_corpus([tmp_path / "a.npy", tmp_path / "b.npy"])
+    with pytest.raises(ValueError, match=r"block_rows: must be an int >= 1"):
+        _dask.npy_corpus([tmp_path / "a.npy"], block_rows=0)
+    with pytest.raises(ValueError, match=r"paths: no \.npy shard given"):
+        _dask.npy_corpus([])
+    x = _dask.npy_corpus(tmp_path / "a.npy")
+    assert x.chunks == ((5,), (4,))
+
+
+@pytest.mark.parametrize("source", ["zarr", "npy"])
+def test_corpus_stays_on_the_workers(client, tmp_path, source):
+    """A corpus the workers read themselves (Zarr, .npy shards): what leaves them during a
+    search (to each other and to the client) is the (n_q, k) lists, not the corpus."""
+    rng = np.random.default_rng(9)
+    corpus = rng.standard_normal((40_000, 64)).astype(np.float32)  # 10 MB
+    q = rng.standard_normal((20, 64)).astype(np.float32)
+    if source == "zarr":
+        x = _zarr(tmp_path, corpus, 3_000)  # 14 blocks
+    else:
+        np.save(tmp_path / "c.npy", corpus)
+        x = _dask.npy_corpus([tmp_path / "c.npy"], block_rows=3_000)
+
+    def sent():
+        return sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total)
+                   .values())
+
+    before = sent()
+    got = search(q, x, 10)
+    moved = sent() - before
+    _same_search(got, search(q, corpus, 10))
+    print(f"{source}: {moved} bytes left the workers")
+    per_block = 20 * 10 * (4 + 8)  # one (n_q, k) float32 + int64 list
+    assert moved < 14 * per_block * 4 + 64 * 1024, f"{moved} bytes left the workers"
+    assert moved < corpus.nbytes / 50
+
+
+# ----------------------------------------------------------------------------------------
+# Fits
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("seed,n,d,blocks", [(0, 1237, 37, AWKWARD_BLOCKS),
+                                             (3, 503, 9, (1, 250, 251, 1))])
+def test_fits_identical(client, backend, seed, n, d, blocks):
+    ds, corpus, q = _data(seed, n, d)
+    x = _blocks(corpus, blocks)
+    n_one = NudgeN(backend=backend, k_val=3).fit(corpus, ds.train, ds.dev)
+    n_dask = NudgeN(backend=backend, k_val=3).fit(x, ds.train, ds.dev)
+    _same_fit(n_dask, n_one)
+    assert n_one.gamma > 0  # the comparison covers tuned vectors that moved
+    _same_fit(NudgeM(backend=backend).fit(x, ds.train, ds.dev),
+              NudgeM(backend=backend).fit(corpus, ds.train, ds.dev))
+    # Searching the tuned corpus: the touched rows (in every block) are excluded from the
+    # distributed pass and merged from the delta on the client.
+    assert len(np.unique(np.searchsorted(np.cumsum(blocks), n_one.indices, side="right"))) > 1
+    got = search(q, x, 9, delta=n_dask, backend=backend)
+    one = search(q, corpus, 9, delta=n_one, backend=backend)
+    if backend in EXACT:
+        _same_search(got, one)
+    else:  # numpy: the untouched records' float32 scores within rounding (see above)
+        np.testing.assert_allclose(got.scores, one.scores, rtol=0, atol=4e-6)
+
+
+def test_fit_gathers_each_row_once(client, monkeypatch):
+    """A fit gathers its touched rows once and the candidates of each pass once (not once per
+    block of validation queries), and never the same row twice."""
+    ds = awkward(n_dev=600)  # the float64 re-scoring takes 256 validation queries at a time
+    corpus = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    gathered, passes = [], []
+    gather, scan = _dask.gather_rows, _dask.topk_pass
+    monkeypatch.setattr(_dask, "gather_rows",
+                        lambda a, o, rows: gathered.append(rows) or gather(a, o, rows))
+    monkeypatch.setattr(_dask, "topk_pass",
+                        lambda *a, **kw: passes.append(1) or scan(*a, **kw))
+    x = _blocks(corpus)
+    for cls, extra in ((NudgeN, 0), (NudgeM, 1)):  # NudgeM: also its untouched answers
+        gathered.clear()
+        passes.clear()
+        _same_fit(cls().fit(x, ds.train, ds.dev), cls().fit(corpus, ds.train, ds.dev))
+        assert passes and len(gathered) <= 1 + len(passes) + extra
+        rows = np.concatenate(gathered)
+        assert np.unique(rows).size == rows.size
+
+
+def test_reference_mode_float64(client):
+    """precision="float64" (numpy backend): the float64 pass state travels and merges too."""
+    ds, corpus, q = _data(seed=3, n=503, d=9)
+    x = _blocks(corpus, (1, 250, 251, 1))
+    for cls in (NudgeN, NudgeM):
+        _same_fit(cls(backend="numpy", precision="float64").fit(x, ds.train, ds.dev),
+                  cls(backend="numpy", precision="float64").fit(corpus, ds.train, ds.dev))
+
+
+@pytest.mark.parametrize("folder", real_dataset_params())
+def test_real_data_nudge_n_identical(client, folder):
+    ds = datasets.load(folder)
+    corpus = ds.corpus  # a memmap of folder/corpus.npy (float16)
+    x = _dask.npy_corpus([folder / "corpus.npy"], block_rows=20_001)
+    assert x.dtype == corpus.dtype and x.shape == corpus.shape
+    one = NudgeN().fit(corpus, ds.train, ds.dev)
+    got = NudgeN().fit(x, ds.train, ds.dev)
+    _same_fit(got, one)
+    assert one.gamma > 0
+
+
+# ----------------------------------------------------------------------------------------
+# apply: the tuned corpus, lazily or into Zarr
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_apply_lazy_identical(client, backend):
+    ds, corpus, _ = _data()
+    x = _blocks(corpus)
+    for cls in (NudgeN, NudgeM):
+        res = cls(backend=backend).fit(corpus, ds.train, ds.dev)
+        assert len(np.unique(np.searchsorted(np.cumsum(AWKWARD_BLOCKS), res.indices,
+                                             side="right"))) > 1
+        tuned = res.apply(x, backend=backend)
+        assert isinstance(tuned, da.Array) and tuned.chunks == x.chunks  # nothing computed yet
+        assert tuned.dtype == np.float32
+        np.testing.assert_array_equal(tuned.compute(), res.apply(corpus, backend=backend))
+        np.testing.assert_array_equal(res.apply(x, chunk_rows=100, backend=backend).compute(),
+                                      res.apply(corpus, chunk_rows=100, backend=backend))
+    half = _blocks(corpus.astype(np.float16))
+    np.testing.assert_array_equal(res.apply(half).compute(),
+                                  res.apply(corpus.astype(np.float16)))
+
+
+def test_apply_into_zarr_and_in_place(client, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    ds, corpus, _ = _data()
+    res = NudgeN(k_val=3).fit(corpus, ds.train, ds.dev)
+    want = res.apply(corpus)
+    x = _zarr(tmp_path, corpus, 250)
+    out = zarr.open_array(str(tmp_path / "tuned.zarr"), mode="w", shape=corpus.shape,
+                          chunks=(125, corpus.shape[1]), dtype="float32")
+    assert res.apply(x, out) is out
+    np.testing.assert_array_equal(out[...], want)
+    # In place: the Zarr array the corpus reads, each block read before its region is written.
+    store = zarr.open_array(str(tmp_path / "corpus.zarr"), mode="r+")
+    assert res.apply(x, store) is store
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "corpus.zarr"))[...], want)
+
+
+def test_apply_into_npy_shards_in_place(client, tmp_path):
+    ds, corpus, _ = _data()
+    res = NudgeM().fit(corpus, ds.train, ds.dev)
+    want = res.apply(corpus)
+    cuts = [(0, 700), (700, 701), (701, 1237)]
+    paths = []
+    for s, (lo, hi) in enumerate(cuts):
+        paths.append(tmp_path / f"shard{s}.npy")
+        np.save(paths[-1], corpus[lo:hi])
+    x = _dask.npy_corpus(paths, block_rows=333)
+    assert res.apply(x, paths) is paths
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in paths]), want)
+    # A new set of shards, from an array with other blocks (each inside one shard).
+    fresh = [tmp_path / "t0.npy", tmp_path / "t1.npy"]
+    np.save(fresh[0], np.zeros((300, 37), np.float32))
+    np.save(fresh[1], np.zeros((937, 37), np.float32))
+    res.apply(_blocks(corpus), fresh)
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in fresh]), want)
+    with pytest.raises(ValueError, match=r"out: shard boundary at row 700 falls inside a "
+                                         r"block of the corpus"):
+        res.apply(_blocks(corpus), paths)
+    with pytest.raises(ValueError, match=r"out: the shards hold 1236 rows, the corpus 1237"):
+        res.apply(_blocks(corpus), paths[:1] + paths[2:])
+    np.save(tmp_path / "f16.npy", np.zeros((1237, 37), np.float16))
+    with pytest.raises(ValueError, match=r"out: .*f16\.npy holds a float16 array of shape "
+                                         r"\(1237, 37\); every shard must be float32"):
+        res.apply(_blocks(corpus), [tmp_path / "f16.npy"])
+
+
+def test_apply_arguments(client, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    ds, corpus, _ = _data()
+    res = NudgeN().fit(corpus, ds.train, ds.dev)
+    x = _blocks(corpus)  # a block boundary at row 300: not a multiple of 250
+    misaligned = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=corpus.shape,
+                                 chunks=(250, corpus.shape[1]), dtype="float32")
+    with pytest.raises(ValueError, match=r"out: its Zarr chunks \(250, 37\) do not line up "
+                                         r".*row 300.*corpus\.rechunk\(\{0: 250, 1: -1\}\)"):
+        res.apply(x, misaligned)
+    with pytest.raises(ValueError, match=r"out: expected a float32 Zarr array of shape "
+                                         r"\(1237, 37\)"):
+        res.apply(x, np.empty(corpus.shape, np.float32))
+    with pytest.raises(ValueError, match=r"corpus: shape \(1236, 37\) differs from the "
+                                         r"fitted corpus \(1237, 37\)"):
+        res.apply(x[1:])
+    with pytest.raises(ValueError, match=r"rechunk\(\{1: -1\}\)"):
+        res.apply(da.from_array(corpus, chunks=(500, 20)))
+
+
+def test_apply_bad_row_names_global_row(client):
+    ds, corpus, _ = _data()
+    res = NudgeN().fit(corpus, ds.train, ds.dev)
+    untouched = np.setdiff1d(np.arange(corpus.shape[0]), res.indices)
+    row = int(untouched[untouched >= 301 + 200][0])  # the 3rd block
+    corpus[row, 3] = np.nan
+    one = _error(lambda: res.apply(corpus))
+    assert f"row {row} " in one
+    assert _error(lambda: res.apply(_blocks(corpus)).compute()) == one
