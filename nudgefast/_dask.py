@@ -22,6 +22,14 @@ The graph runs on the current Dask scheduler: a ``distributed.Client`` when one 
 (the default client), else Dask's local scheduler. Dask is imported only when a dask array is
 given, so the package imports without it.
 
+Each worker runs its own best backend: ``backend="auto"`` (the default) is resolved on the
+worker that scans a block (:func:`worker_backend`: cuda on a GPU worker, else cpp > numba >
+numpy), not on the client; an explicit name is used on every worker (and on the client, for
+the small work it does). Workers with the same backend give the answers below; workers with
+different backends score a record with different float32 rounding (cpp and numba differ in
+the last bits), so a search's scores agree only to float32 rounding (and records tied within
+it may swap), while the fits, which re-rank certified candidates in float64, stay the same.
+
 Results equal the single-machine path's: a block's scores are the same float32 bits as the
 same rows in the one-machine chunk loop for the cpp and numba backends (one fixed-order dot
 product per score, independent of the chunk's shape); the numpy backend's BLAS product is not
@@ -32,6 +40,8 @@ included (tested: tests/test_dask.py).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from . import _backends, _validate
@@ -40,6 +50,8 @@ from .search import rank_rows
 
 #: corpus dtypes the pass reads, as on one machine (``_validate.CORPUS_DTYPES``).
 CORPUS_DTYPES = _validate.CORPUS_DTYPES
+
+log = logging.getLogger("nudgefast")
 
 
 class DaskRows:
@@ -52,9 +64,14 @@ class DaskRows:
 
     DASK_ROWS = True
 
-    def __init__(self, array, name="corpus"):
+    def __init__(self, array, name="corpus", backend="auto"):
         self.array = array
         self.name = name
+        #: the backend the workers use, as the caller named it: ``"auto"`` resolves on each
+        #: worker (its own fastest: cuda on a GPU worker, else cpp > numba > numpy).
+        self.backend = backend
+        #: the backends the workers ran in the last pass (sorted names), for the log/tests.
+        self.last_backends = ()
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.ndim = 2
@@ -161,10 +178,12 @@ def _take_block(block, local, block_info=None):
     return np.asarray(block)[local[block_info[0]["chunk-location"][0]]]
 
 
-def as_corpus(name: str, corpus) -> DaskRows:
+def as_corpus(name: str, corpus, backend="auto") -> DaskRows:
     """A :class:`DaskRows` view of a dask array ``corpus``, checked like ``_validate.as_corpus``
     (2-D, float16/32/64, not empty) and for Dask's own constraints: blocks span every column
-    (one block per row range) and their row counts are known."""
+    (one block per row range) and their row counts are known. ``backend``: what the caller
+    asked for (``"auto"``, or a name the client has already checked), which each worker
+    resolves for itself (see :func:`worker_backend`)."""
     if corpus.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D dask array of shape (N, d), got "
                          f"{corpus.ndim}-D shape {tuple(corpus.shape)}; reshape it to (N, d)")
@@ -182,7 +201,16 @@ def as_corpus(name: str, corpus) -> DaskRows:
     if corpus.shape[0] == 0 or corpus.shape[1] == 0:
         raise ValueError(f"{name}: is empty (shape {tuple(corpus.shape)}); pass at least one "
                          f"record with d >= 1")
-    return DaskRows(corpus, name)
+    return DaskRows(corpus, name, backend)
+
+
+def worker_backend(backend):
+    """Runs on a worker: the backend module for the caller's ``backend`` request, resolved
+    here: ``"auto"`` is this worker's own fastest backend (``_backends.resolve("auto")``: cuda
+    where CuPy sees a GPU, else cpp > numba > numpy), so a cluster of mixed workers uses each
+    one's best; an explicit name loads that backend (raising, with the install hint, on a
+    worker that lacks it)."""
+    return _backends.get(backend)
 
 
 def _block_topk(block, queries, exclude, *, k, row_offset, normalize, backend, chunk_rows,
@@ -192,11 +220,12 @@ def _block_topk(block, queries, exclude, *, k, row_offset, normalize, backend, c
     ``row_offset`` plus the block's first row; ``exclude``: every sorted global excluded row
     (the block takes its own range). The block is scanned in chunks as on one machine; its
     first bad row (global) ends the scan: the client raises for the corpus's first anyway."""
-    impl = _backends.get(backend)  # the worker's own module; raises with the install hint
+    impl = worker_backend(backend)  # resolved here: "auto" is this worker's best
     block = np.asarray(block)
     offset = row_offset + int(block_info[0]["array-location"][0][0])
     out = np.empty((1, 1), dtype=object)
-    out[0, 0] = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows, n_threads)
+    out[0, 0] = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows,
+                      n_threads) + ((impl.NAME,),)
     return out
 
 
@@ -234,22 +263,24 @@ def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n
 
 def _merge(a, b):
     """Two partial top-k lists as one: (score desc, index asc), ``-inf``/``-1`` padding; the
-    first bad row of the two (``-1``: none). A block's list comes in its (1, 1) object array."""
+    first bad row of the two (``-1``: none); the backends that scanned them (sorted names). A
+    block's list comes in its (1, 1) object array."""
     a, b = (x[0, 0] if isinstance(x, np.ndarray) else x for x in (a, b))
     k = a[0].shape[1]
     scores, index = rank_rows(np.concatenate([a[0], b[0]], axis=1),
                               np.concatenate([a[1], b[1]], axis=1), k)
     index[np.isneginf(scores)] = -1
     bads = [x for x in (a[2], b[2]) if x >= 0]
-    return scores, index, min(bads) if bads else -1
+    return scores, index, min(bads) if bads else -1, tuple(sorted(set(a[3]) | set(b[3])))
 
 
 def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=True,
               chunk_rows=None, n_threads=None, row_offset=0, state=None, name=None):
     """``search.topk_pass`` over a :class:`DaskRows` corpus, on the cluster: one task per
     block, a binary merge tree, one (n_q, k) result on the client; rows numbered from
-    ``row_offset``. ``backend``: the module the client resolved; every worker loads the
-    backend of that name. ``state`` (the running top-k, updated in place) is merged with the
+    ``row_offset``. ``backend``: the module the client resolved (for the client's own work);
+    the workers use ``corpus.backend``, the caller's request, each resolving ``"auto"`` for
+    itself (:func:`worker_backend`). ``state`` (the running top-k, updated in place) is merged with the
     corpus's when given. Raises the one-machine error, naming the global row, for the first
     NaN/inf (or, with ``normalize``, zero) row."""
     import dask
@@ -264,19 +295,22 @@ def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=
     parts = corpus.array.map_blocks(
         _block_topk, dask.delayed(queries, pure=True), dask.delayed(exclude, pure=True),
         k=int(k), row_offset=int(row_offset), normalize=bool(normalize),
-        backend=getattr(backend, "NAME", backend), chunk_rows=chunk_rows, n_threads=n_threads,
+        backend=corpus.backend, chunk_rows=chunk_rows, n_threads=n_threads,
         dtype=object, chunks=((1,) * nb, (1,)), meta=np.empty((0, 0), dtype=object),
     ).to_delayed().ravel().tolist()
     while len(parts) > 1:  # pairs: depth log2(blocks), each merge O(n_q k)
         parts = [dask.delayed(_merge, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts)
                  else parts[i] for i in range(0, len(parts), 2)]
     result = dask.compute(parts[0])[0]
-    scores, index, bad = result[0, 0] if isinstance(result, np.ndarray) else result
+    scores, index, bad, used = result[0, 0] if isinstance(result, np.ndarray) else result
+    corpus.last_backends = used
+    log.info("dask pass: %d blocks of %s scanned with backend(s) %s (requested %r)", nb, name,
+             ", ".join(used), corpus.backend)
     if bad >= 0:
         # The row's values decide the message (NaN/inf or zero): fetch that one row.
         raise _validate.corpus_row_error(name, corpus, int(bad) - row_offset, normalize)
     if state is not None:
-        merged = _merge((state[0], state[1], -1), (scores, index, -1))
+        merged = _merge((state[0], state[1], -1, ()), (scores, index, -1, ()))
         state[0][...] = merged[0]
         state[1][...] = merged[1]
         return state
@@ -298,10 +332,10 @@ def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_thread
     import dask
     import dask.array as da
 
-    rows = as_corpus("corpus", corpus)
+    rows = as_corpus("corpus", corpus, backend)
     chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
     n_threads = _validate.as_threads("n_threads", n_threads)
-    name = _backends.resolve(backend)
+    _backends.resolve(backend)  # an unknown name fails here; "auto" resolves on each worker
     n, d = rows.shape
     if n != result.n_records or d != result.vectors.shape[1]:
         raise ValueError(f"corpus: shape {rows.shape} differs from the fitted corpus "
@@ -309,7 +343,7 @@ def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_thread
                          f"the corpus it was fitted on")
     tuned = corpus.map_blocks(
         _apply_block, dask.delayed(np.asarray(result.indices, np.int64), pure=True),
-        dask.delayed(np.asarray(result.vectors, np.float32), pure=True), backend=name,
+        dask.delayed(np.asarray(result.vectors, np.float32), pure=True), backend=backend,
         chunk_rows=chunk_rows, n_threads=n_threads, dtype=np.float32,
         meta=np.empty((0, 0), dtype=np.float32))
     if out is None:
@@ -382,8 +416,9 @@ def _check_zarr_out(out, rows):
 
 def _apply_block(block, indices, vectors, *, backend, chunk_rows, n_threads, block_info=None):
     """Runs on a worker, fused with the read of the block: the block's tuned rows (float32),
-    normalised in chunks as on one machine, its touched rows replaced."""
-    impl = _backends.get(backend)
+    normalised in chunks as on one machine, its touched rows replaced; ``backend`` resolved
+    here (:func:`worker_backend`)."""
+    impl = worker_backend(backend)
     block = np.asarray(block)
     offset = int(block_info[0]["array-location"][0][0])
     m, d = block.shape

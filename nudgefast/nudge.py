@@ -209,13 +209,14 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
                         "NudgeM; here pass float rows (corpus.dequantize(), or the float "
                         "corpus the codes came from)")
     on_device = device_ok and qc is None and _arrays.is_device(corpus)
+    requested = backend  # a dask corpus's workers resolve "auto" themselves
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
     if qc is not None:
         corpus = DequantizedRows(qc, _backends.get(backend), n_threads)
     elif dask_ok and _arrays.is_dask(corpus):
         # Scanned on its workers (search.topk_pass), its rows gathered by index (take_rows).
         from . import _dask
-        corpus = _dask.as_corpus("corpus", corpus)
+        corpus = _dask.as_corpus("corpus", corpus, requested)
     else:
         corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
     n, d = corpus.shape

@@ -161,8 +161,9 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     in place (``backend="auto"`` picks it; a CPU backend raises); or a
     :class:`~nudgefast.QuantizedCorpus` (host codes, a memmap included), searched on its codes;
     or a row-chunked ``dask.array`` (from Zarr, ``.npy`` shards, ...), scanned block by block
-    on the current Dask scheduler's workers with the backend resolved here (see
-    :mod:`nudgefast._dask`; only (n_q, k) lists come back).
+    on the current Dask scheduler's workers, each resolving ``backend="auto"`` to its own
+    fastest backend (an explicit name is used everywhere; see :mod:`nudgefast._dask`; only
+    (n_q, k) lists come back).
     delta: a :class:`NudgeResult`; its touched records are scored by dot product with their
     tuned vectors, every other record by cosine (the tuned corpus is the normalised base plus
     the delta). metric: ``"cosine"`` (default) or ``"dot"`` for the base records without a
@@ -198,6 +199,7 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
         raise ValueError(f"{arg}: applies to a quantized corpus (nudgefast.quantize / "
                          f"QuantizedCorpus) only; leave it None for a float corpus")
     caller = corpus if not quantized and _arrays.is_device(corpus) else queries
+    requested = backend  # a dask corpus's workers resolve "auto" themselves
     backend = _backends.resolve(
         backend, device_input="corpus" if not quantized and _arrays.is_device(corpus) else None)
     qc = corpus if quantized else None
@@ -206,7 +208,7 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
                                             _validate.as_threads("n_threads", n_threads))
     elif _arrays.is_dask(corpus):
         from . import _dask
-        corpus = _dask.as_corpus("corpus", corpus)
+        corpus = _dask.as_corpus("corpus", corpus, requested)
     else:
         corpus = _validate.as_corpus("corpus", corpus, backend=backend)
     n, d = corpus.shape

@@ -6,6 +6,12 @@ cpp and numba ``topk_update`` give a record the same float32 score whatever chun
 """
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -187,7 +193,7 @@ def test_exclusions_across_block_boundaries(client, backend):
                               np.arange(810, 830)]).astype(np.int64)
     assert np.isin(offsets[1:-1], exclude).all()
     impl = _backends.get(backend)
-    x = _dask.as_corpus("corpus", _blocks(corpus))
+    x = _dask.as_corpus("corpus", _blocks(corpus), backend)
     got = topk_pass(impl, q, x, 11, exclude=exclude)
     one = topk_pass(impl, q, corpus, 11, exclude=exclude)
     np.testing.assert_array_equal(got[1], one[1])
@@ -230,6 +236,78 @@ def test_bad_row_in_third_block_names_global_row(client, what):
         _error(lambda: NudgeN().fit(corpus, ds.train, ds.dev))
     if what == "zero":  # a zero row is a fine record for the dot metric
         _same_search(search(q, x, 5, metric="dot"), search(q, corpus, 5, metric="dot"))
+
+
+# ----------------------------------------------------------------------------------------
+# Per-worker backends: backend="auto" resolves on each worker
+
+
+@pytest.fixture
+def worker_auto(client):
+    """``set_order({worker address: order})`` sets ``_backends.AUTO_ORDER`` in those worker
+    processes (what "auto" tries there: a stand-in for a worker with another install); every
+    worker's order is restored afterwards."""
+    def set_order(orders):
+        for addr, order in orders.items():
+            client.run(lambda: setattr(__import__("nudgefast._backends")._backends,
+                                       "AUTO_ORDER", tuple(order)), workers=[addr])
+        got = client.run(lambda: __import__("nudgefast._backends")._backends.resolve("auto"))
+        assert {a: got[a] for a in orders} == {a: o[0] for a, o in orders.items()}
+
+    yield set_order
+    default = _backends.AUTO_ORDER
+    client.run(lambda: setattr(__import__("nudgefast._backends")._backends, "AUTO_ORDER",
+                               default))
+
+
+def _workers(client):
+    return sorted(client.scheduler_info()["workers"])
+
+
+@pytest.mark.skipif(not {"cpp", "numba"} <= set(BACKENDS), reason="needs cpp and numba")
+def test_auto_resolves_on_each_worker(client, worker_auto, caplog):
+    """backend="auto" is each worker's own choice, not the client's: workers whose best is
+    numba give numba's bits (which differ from cpp's in the last place), while the client's
+    "auto" is cpp; an explicit name is used on every worker."""
+    ds, corpus, q = _data()
+    x = _blocks(corpus)
+    assert _backends.resolve("auto") == "cpp"
+    caplog.set_level(logging.INFO, logger="nudgefast")
+    # Every worker with the client's backend: the one-machine answers, bit for bit.
+    _same_search(search(q, x, 9), search(q, corpus, 9))
+    assert "scanned with backend(s) cpp (requested 'auto')" in caplog.text
+    numba_one, cpp_one = (search(q, corpus, 9, backend=b) for b in ("numba", "cpp"))
+    assert not np.array_equal(numba_one.scores, cpp_one.scores)  # the test can tell them apart
+    worker_auto({a: ("numba", "numpy") for a in _workers(client)})
+    caplog.clear()
+    _same_search(search(q, x, 9), numba_one)
+    assert "scanned with backend(s) numba (requested 'auto')" in caplog.text
+    caplog.clear()
+    _same_search(search(q, x, 9, backend="cpp"), cpp_one)  # explicit: honoured everywhere
+    assert "scanned with backend(s) cpp (requested 'cpp')" in caplog.text
+    # The fits re-rank in float64: the same fit whichever backend the workers ran.
+    _same_fit(NudgeN(k_val=3).fit(x, ds.train, ds.dev),
+              NudgeN(k_val=3).fit(corpus, ds.train, ds.dev))
+    res = NudgeM().fit(corpus, ds.train, ds.dev)
+    np.testing.assert_array_equal(res.apply(x).compute(), res.apply(corpus, backend="numba"))
+
+
+@pytest.mark.skipif(not {"cpp", "numba"} <= set(BACKENDS), reason="needs cpp and numba")
+def test_mixed_worker_backends(client, worker_auto, caplog):
+    """One worker's best is numba, the other's cpp: each block runs on its worker's backend;
+    the search agrees with one machine to float32 rounding, the fits bit for bit."""
+    ds, corpus, q = _data()
+    a, b = _workers(client)
+    worker_auto({a: ("numba", "numpy"), b: ("cpp", "numba", "numpy")})
+    x = _blocks(corpus, (100,) * 12 + (37,))  # 13 blocks: both (idle) workers take some
+    caplog.set_level(logging.INFO, logger="nudgefast")
+    got = search(q, x, 9)
+    assert "scanned with backend(s) cpp, numba (requested 'auto')" in caplog.text
+    one = search(q, corpus, 9)
+    np.testing.assert_allclose(got.scores, one.scores, rtol=0, atol=4e-6)
+    assert (got.indices == one.indices).mean() > 0.99
+    for cls, kw in ((NudgeN, {"k_val": 3}), (NudgeM, {})):
+        _same_fit(cls(**kw).fit(x, ds.train, ds.dev), cls(**kw).fit(corpus, ds.train, ds.dev))
 
 
 # ----------------------------------------------------------------------------------------
