@@ -559,3 +559,58 @@ def test_apply_bad_row_names_global_row(client):
     one = _error(lambda: res.apply(corpus))
     assert f"row {row} " in one
     assert _error(lambda: res.apply(_blocks(corpus)).compute()) == one
+
+
+# ----------------------------------------------------------------------------------------
+# Faults: a worker process killed mid-pass (the NaN row's error: see
+# test_bad_row_in_third_block_names_global_row)
+
+
+def test_worker_killed_mid_fit_completes_with_same_result():
+    """A worker process SIGKILLed while it scans a block of the fit's top-k pass: its nanny
+    restarts it, Dask recomputes the tasks it ran and the results it held, and the fit returns
+    the one-machine result. Its own
+    cluster (the kill must not disturb the shared one); every block read sleeps, so a pass
+    takes seconds."""
+    ds, corpus, _ = _data()
+    one = NudgeN(k_val=3).fit(corpus, ds.train, ds.dev)
+
+    def slow(block):  # defined here: pickled by value to the workers
+        time.sleep(0.25)
+        return block
+
+    x = _blocks(corpus, (62,) * 19 + (59,)).map_blocks(slow, dtype=corpus.dtype)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, worker_dashboard_address=None) as cl, \
+            distributed.Client(cl, set_as_default=False) as c:
+        before = c.run(os.getpid)
+        killed = {}
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not killed:
+                # A worker scanning a block of the fit's top-k pass, with some of the pass's
+                # partial lists already held (they are lost with it, and recomputed).
+                busy = [a for a, keys in c.processing().items()
+                        if any("block_topk" in str(key) for key in keys)]
+                held = [key for keys in c.has_what().values() for key in keys
+                        if "block_topk" in str(key) or "merge" in str(key)]
+                if busy and len(held) >= 2:
+                    killed["addr"], killed["pid"] = busy[0], before[busy[0]]
+                    killed["at"] = time.monotonic()
+                    os.kill(before[busy[0]], signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_when_busy, daemon=True)
+        with c.as_current():
+            killer.start()
+            got = NudgeN(k_val=3).fit(x, ds.train, ds.dev)
+            done = time.monotonic()
+        killer.join()
+        assert killed and killed["at"] < done, "the worker was not killed during the fit"
+        c.wait_for_workers(2, timeout=60)
+        after = c.run(os.getpid)
+        assert killed["pid"] not in after.values() and len(after) == 2  # restarted by its nanny
+    _same_fit(got, one)
+    assert one.gamma > 0
