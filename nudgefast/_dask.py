@@ -109,16 +109,39 @@ class DaskRows:
 
 def gather_rows(array, offsets, wanted) -> np.ndarray:
     """Rows ``wanted`` (sorted, unique) of a row-chunked dask ``array`` (block starts
-    ``offsets``) in its dtype: one compute, one task per block holding any of them."""
+    ``offsets``) in its dtype: one compute, one task per block holding any of them, fused
+    with the task that reads the block (mapped over every block, only the blocks holding
+    rows computed: ``array.blocks[...]`` first would make each block a separate result the
+    scheduler could move to another worker), each block's rows sent straight to the client
+    (not concatenated on a worker first, which would move them twice)."""
     import dask
 
+    nb = len(offsets) - 1
     block_of = np.searchsorted(offsets, wanted, side="right") - 1
     held = np.unique(block_of)
     cuts = np.searchsorted(block_of, np.r_[held, held[-1] + 1])
-    local = [wanted[lo:hi] - offsets[b] for b, lo, hi in zip(held, cuts[:-1], cuts[1:])]
-    return np.asarray(array.blocks[held.tolist()].map_blocks(
+    local = [np.zeros(0, np.int64)] * nb
+    counts = np.zeros(nb, np.int64)
+    for b, lo, hi in zip(held, cuts[:-1], cuts[1:]):
+        local[b], counts[b] = wanted[lo:hi] - offsets[b], hi - lo
+    parts = array.map_blocks(
         _take_block, dask.delayed(local, pure=True), dtype=array.dtype,
-        chunks=(tuple(int(c) for c in np.diff(cuts)), (array.shape[1],))).compute())
+        chunks=(tuple(int(c) for c in counts), (array.shape[1],))
+    ).to_delayed().ravel()[held].tolist()
+    return np.concatenate(_compute_each(parts), axis=0)
+
+
+def _compute_each(parts):
+    """The results of the delayed ``parts`` on the current scheduler; on a distributed
+    client, each sent from its worker to the client (``dask.compute`` of several would
+    gather them into one finalize task on one worker first: the data would cross twice)."""
+    import dask
+    from dask.base import get_scheduler
+
+    client = getattr(get_scheduler(), "__self__", None)
+    if type(client).__name__ == "Client" and hasattr(client, "gather"):
+        return client.gather(client.compute(parts))
+    return dask.compute(*parts)
 
 
 def npy_corpus(paths, block_rows=None):
@@ -173,8 +196,8 @@ class NpyShard:
 
 
 def _take_block(block, local, block_info=None):
-    """Runs on a worker: the rows ``local[b]`` of block ``b`` of the selected blocks, in the
-    corpus's dtype (a copy of those rows only)."""
+    """Runs on a worker: the rows ``local[b]`` of block ``b``, in the corpus's dtype (a copy
+    of those rows only)."""
     return np.asarray(block)[local[block_info[0]["chunk-location"][0]]]
 
 
