@@ -3,8 +3,11 @@ read by the single-process path (a ``.npy`` memmap, 2 threads) and by a 2-worker
 ``LocalCluster`` of processes (``.npy`` shards through ``nudgefast._dask.npy_corpus``, and an
 uncompressed Zarr array), with the bytes that cross between processes.
 
-    python bench/dask_report.py --out bench/results/<date>_<machine>_dask-2M
-    python bench/dask_report.py --sizes 20000 --repeats 1 --out /tmp/d   # a quick look
+    PYTHONPATH=. python bench/dask_report.py --out bench/results/<date>_<machine>_dask-2M
+    PYTHONPATH=. python bench/dask_report.py --sizes 20000 --repeats 1 --out /tmp/d  # a look
+
+(``PYTHONPATH=.`` in a checkout: a script under ``bench/`` would import an installed nudgefast
+first; the script checks that it and the workers import the same one.)
 
 Per corpus size N: ``benchmark.synthetic_workload(N, memmap_dir=...)`` writes the float32
 (N, 384) corpus (unit rows) with 5000 train / 1000 validation queries; the corpus is copied to
@@ -47,11 +50,26 @@ from nudgefast import _dask, benchmark
 log = logging.getLogger("dask_report")
 
 
-def _best(fn, repeats):
-    """(best seconds, last result) of ``repeats`` timed runs after one warm-up."""
+def _settle(cluster):
+    """Wait until the scheduler has released every key of the previous run: a run submitted
+    before the release is processed would find the same keys (same tokens) still in memory
+    and reuse them instead of computing."""
+    if cluster is None:
+        return
+    deadline = time.monotonic() + 30
+    while cluster.scheduler.tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if cluster.scheduler.tasks:
+        raise RuntimeError(f"{len(cluster.scheduler.tasks)} keys still held by the scheduler")
+
+
+def _best(fn, repeats, cluster=None):
+    """(best seconds, every time, last result) of ``repeats`` timed runs after one warm-up."""
+    _settle(cluster)
     fn()
     times, out = [], None
     for _ in range(repeats):
+        _settle(cluster)
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
@@ -93,6 +111,7 @@ def _measured(client, cluster, fn):
     bytes dict, per-worker scan {worker: (rows, busy seconds)})."""
     import distributed
 
+    _settle(cluster)
     client.run(lambda dask_worker: dask_worker.transfer_outgoing_log.clear())
     before = _wire(client, cluster)
     with distributed.get_task_stream(client) as ts:
@@ -150,7 +169,7 @@ def run_size(n, args, client, cluster):
         ops = {"search": lambda x=x: nf.search(q, x, args.k),
                "fit": lambda x=x: nf.NudgeN().fit(x, wl.train, wl.val)}
         for op, fn in ops.items():
-            best, times, out = _best(fn, args.repeats)
+            best, times, out = _best(fn, args.repeats, cluster)
             same = _same_search(out, ref[op]) if op == "search" else _same_fit(out, ref[op])
             out, wall, moved, scan = _measured(client, cluster, fn)
             block_rows = np.asarray(x.chunks[0])
@@ -249,6 +268,11 @@ def main(argv=None):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
+        where = set(client.run(lambda: __import__("nudgefast").__file__).values())
+        if where != {nf.__file__}:
+            raise RuntimeError(f"the workers import {where}, this process {nf.__file__}; run "
+                               f"with PYTHONPATH=<checkout> so that both import the same")
+        log.info("nudgefast: %s", nf.__file__)
         used = client.run(lambda: __import__("nudgefast._backends")._backends.resolve("auto"))
         log.info("worker backends (auto): %s; OMP_NUM_THREADS on workers: %s", used,
                  client.run(lambda: os.environ.get("OMP_NUM_THREADS")))
