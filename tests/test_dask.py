@@ -310,6 +310,26 @@ def test_mixed_worker_backends(client, worker_auto, caplog):
         _same_fit(cls(**kw).fit(x, ds.train, ds.dev), cls(**kw).fit(corpus, ds.train, ds.dev))
 
 
+@pytest.mark.skipif(not {"cpp", "numba"} <= set(BACKENDS), reason="needs cpp and numba")
+def test_explicit_backend_missing_on_a_worker(client):
+    """An explicit backend a worker lacks is an error naming it and the fix, raised from the
+    worker: no silent fall back to that worker's "auto"."""
+    _, corpus, q = _data()
+    a = _workers(client)[0]
+    broken = (None, "ImportError: no numba here; fix: pip install numba")
+    client.run(lambda: __import__("nudgefast._backends")._backends._cache.__setitem__(
+        "numba", broken), workers=[a])
+    try:
+        with pytest.raises(RuntimeError, match=r"backend='numba' is not available here: "
+                                               r"ImportError: no numba here; fix: pip install"):
+            search(q, _blocks(corpus, (100,) * 12 + (37,)), 9, backend="numba")
+    finally:
+        client.run(lambda: __import__("nudgefast._backends")._backends._cache.pop("numba"),
+                   workers=[a])
+    _same_search(search(q, _blocks(corpus), 9, backend="numba"),
+                 search(q, corpus, 9, backend="numba"))
+
+
 # ----------------------------------------------------------------------------------------
 # Sources: Zarr, .npy memmaps
 
