@@ -34,28 +34,12 @@ struct ThreadState {
 void seed_state(ThreadState& st, const QTopkProblem& p, const QTopkKernel& kernel, const float* best_scores,
                 const int64_t* best_index) {
     const int64_t k = p.k;
-    st.scores.resize(p.n_q * k);
-    st.index.resize(p.n_q * k);
     st.thresh.assign(p.n_q, std::numeric_limits<float>::infinity());
     st.max_dist.assign(p.n_q, -1);
-    for (int64_t q = 0; q < p.n_q; ++q) {
-        const float* cs = best_scores + q * k;
-        const int64_t* ci = best_index + q * k;
-        float floor_s = -std::numeric_limits<float>::infinity();
-        int64_t floor_i = kEmptyIndex;
-        if (k > 0 && std::all_of(ci, ci + k, [](int64_t v) { return v >= 0; })) {
-            floor_s = cs[0];
-            floor_i = ci[0];
-            for (int64_t j = 1; j < k; ++j)
-                if (ranks_before(floor_s, floor_i, cs[j], ci[j])) floor_s = cs[j], floor_i = ci[j];
-        }
-        std::fill(st.scores.begin() + q * k, st.scores.begin() + (q + 1) * k, floor_s);
-        std::fill(st.index.begin() + q * k, st.index.begin() + (q + 1) * k, floor_i);
-        if (k > 0) {
-            st.thresh[q] = floor_s;
-            st.max_dist[q] = hamming_max_dist(floor_s, p.n_bits);
-        }
-    }
+    seed_heaps(st.scores, st.index, p.n_q, k, best_scores, best_index, [&](int64_t q, float floor_s) {
+        st.thresh[q] = floor_s;
+        st.max_dist[q] = hamming_max_dist(floor_s, p.n_bits);
+    });
     st.tile.resize(static_cast<std::size_t>(kernel.tile_bytes(p.d)));
     st.divisor.resize(static_cast<std::size_t>(kernel.record_tile));
     st.scratch = QTopkScratch{st.scores.data(), st.index.data(), st.thresh.data(), st.max_dist.data(),
@@ -79,6 +63,23 @@ int64_t run(const QTopkKernel& kernel, QTopkProblem p, const void* queries, floa
         [&](ThreadState& st, int64_t begin, int64_t end) { kernel.block(p, st.scratch, begin, end); });
 }
 
+// The fields both ops fill alike: the queries' count and width (d bytes, or w words' bytes), k,
+// the chunk of codes and its rows' global numbering and exclusions.
+QTopkProblem chunk_problem(int64_t n_q, int64_t d, int64_t k, const uint8_t* codes, int64_t m, int64_t row_stride,
+                           int64_t row_offset, const int64_t* exclude, int64_t n_exclude) {
+    QTopkProblem p{};
+    p.n_q = n_q;
+    p.d = d;
+    p.k = k;
+    p.codes = codes;
+    p.m = m;
+    p.row_stride = row_stride;
+    p.row_offset = row_offset;
+    p.exclude = exclude;
+    p.n_exclude = n_exclude;
+    return p;
+}
+
 }  // namespace
 
 int64_t qtopk_int8(const int8_t* qcodes, const float* qscale, const float* qoffset, int64_t n_q, int64_t d,
@@ -90,23 +91,13 @@ int64_t qtopk_int8(const int8_t* qcodes, const float* qscale, const float* qoffs
     std::vector<double> low64(static_cast<std::size_t>(round_up(d, 8)), 0.0), step64(low64.size(), 0.0);
     if (normalize)
         for (int64_t j = 0; j < d; ++j) low64[j] = low[j], step64[j] = step[j];
-    QTopkProblem p{};
-    p.n_q = n_q;
-    p.d = d;
-    p.k = k;
-    p.codes = codes;
-    p.m = m;
-    p.row_stride = row_stride;
-    p.row_offset = row_offset;
-    p.exclude = exclude;
-    p.n_exclude = n_exclude;
+    QTopkProblem p = chunk_problem(n_q, d, k, codes, m, row_stride, row_offset, exclude, n_exclude);
     p.qscale = qscale;
     p.qoffset = qoffset;
     p.signed_codes = signed_codes;
     p.normalize = normalize;
     p.low = low64.data();
     p.step = step64.data();
-    p.n_bits = 0;
     return run(qtopk_int8_kernel(), p, qcodes, best_scores, best_index, n_threads);
 }
 
@@ -114,16 +105,7 @@ int64_t qtopk_hamming(const uint8_t* qbits, int64_t n_q, int64_t w, const uint8_
                       int64_t row_stride, int64_t row_offset, const int64_t* exclude, int64_t n_exclude,
                       int64_t n_bits, float* best_scores, int64_t* best_index, int64_t k, int n_threads) {
     if (m == 0) return -1;
-    QTopkProblem p{};
-    p.n_q = n_q;
-    p.d = w;
-    p.k = k;
-    p.codes = codes;
-    p.m = m;
-    p.row_stride = row_stride;
-    p.row_offset = row_offset;
-    p.exclude = exclude;
-    p.n_exclude = n_exclude;
+    QTopkProblem p = chunk_problem(n_q, w, k, codes, m, row_stride, row_offset, exclude, n_exclude);
     p.n_bits = n_bits;
     run(qtopk_hamming_kernel(), p, qbits, best_scores, best_index, n_threads);
     return -1;

@@ -35,24 +35,9 @@ struct ThreadState {
 void seed_state(ThreadState& st, const TopkProblem& p, const TopkKernel& kernel, const float* best_scores,
                 const int64_t* best_index) {
     const int64_t k = p.k;
-    st.scores.resize(p.n_q * k);
-    st.index.resize(p.n_q * k);
     st.thresh.assign(p.n_qt, std::numeric_limits<float>::infinity());
-    for (int64_t q = 0; q < p.n_q; ++q) {
-        const float* cs = best_scores + q * k;
-        const int64_t* ci = best_index + q * k;
-        float floor_s = -std::numeric_limits<float>::infinity();
-        int64_t floor_i = kEmptyIndex;
-        if (k > 0 && std::all_of(ci, ci + k, [](int64_t v) { return v >= 0; })) {
-            floor_s = cs[0];
-            floor_i = ci[0];
-            for (int64_t j = 1; j < k; ++j)
-                if (ranks_before(floor_s, floor_i, cs[j], ci[j])) floor_s = cs[j], floor_i = ci[j];
-        }
-        std::fill(st.scores.begin() + q * k, st.scores.begin() + (q + 1) * k, floor_s);
-        std::fill(st.index.begin() + q * k, st.index.begin() + (q + 1) * k, floor_i);
-        if (k > 0) st.thresh[q] = floor_s;
-    }
+    seed_heaps(st.scores, st.index, p.n_q, k, best_scores, best_index,
+               [&](int64_t q, float floor_s) { st.thresh[q] = floor_s; });
     st.panels.resize(static_cast<std::size_t>(kernel.record_tile * p.d));
     st.norm.resize(static_cast<std::size_t>(kernel.record_tile));
     st.inv_norm.resize(static_cast<std::size_t>(kernel.record_tile));

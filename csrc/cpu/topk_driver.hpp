@@ -6,11 +6,37 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common.hpp"
 
 namespace nudgefast {
+
+// Fills a thread's (n_q, k) heaps: every slot of query q starts as the caller's k-th entry of q
+// (empty when the caller has fewer than k), so a chunk row must rank before it to matter and the
+// heaps end up holding chunk rows only; on_floor(q, score) hears each query's floor (k > 0).
+template <class OnFloor>
+void seed_heaps(std::vector<float>& scores, std::vector<int64_t>& index, int64_t n_q, int64_t k,
+                const float* best_scores, const int64_t* best_index, OnFloor on_floor) {
+    scores.resize(n_q * k);
+    index.resize(n_q * k);
+    for (int64_t q = 0; q < n_q; ++q) {
+        const float* cs = best_scores + q * k;
+        const int64_t* ci = best_index + q * k;
+        float floor_s = -std::numeric_limits<float>::infinity();
+        int64_t floor_i = kEmptyIndex;
+        if (k > 0 && std::all_of(ci, ci + k, [](int64_t v) { return v >= 0; })) {
+            floor_s = cs[0];
+            floor_i = ci[0];
+            for (int64_t j = 1; j < k; ++j)
+                if (ranks_before(floor_s, floor_i, cs[j], ci[j])) floor_s = cs[j], floor_i = ci[j];
+        }
+        std::fill(scores.begin() + q * k, scores.begin() + (q + 1) * k, floor_s);
+        std::fill(index.begin() + q * k, index.begin() + (q + 1) * k, floor_i);
+        if (k > 0) on_floor(q, floor_s);
+    }
+}
 
 // State: a thread's heaps (`scores`, `index`: n_q x k), its kernel `scratch` (with `first_bad`)
 // and `ready` (set by `seed`). seed(State&) fills one; block(State&, begin, end) runs the kernel
