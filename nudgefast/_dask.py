@@ -45,8 +45,7 @@ import logging
 import numpy as np
 
 from . import _backends, _validate
-from ._defaults import chunk_rows_for
-from .search import rank_rows
+from .search import chunk_loop, normalize_pass, rank_rows
 
 #: corpus dtypes the pass reads, as on one machine (``_validate.CORPUS_DTYPES``).
 CORPUS_DTYPES = _validate.CORPUS_DTYPES
@@ -253,35 +252,22 @@ def _block_topk(block, queries, exclude, *, k, row_offset, normalize, backend, c
 
 
 def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n_threads):
-    n_q = queries.shape[0]
-    m, d = block.shape
-    lo, hi = np.searchsorted(exclude, [row_offset, row_offset + m])
-    exclude = exclude[lo:hi]
-    score_dtype = np.float64 if queries.dtype == np.float64 else np.float32
-    best_scores = np.full((n_q, k), -np.inf, dtype=score_dtype)
-    best_index = np.full((n_q, k), -1, dtype=np.int64)
-    if m == 0:
-        return best_scores, best_index, -1
-    if getattr(impl, "STREAMS_CORPUS", False):
-        # The GPU backend streams a host block itself (pinned buffers, its own chunk size).
-        scores, index, bad = impl.topk_stream(queries, block, k, exclude=exclude,
+    """One block's ``(scores, index, first bad global row or -1)``, its rows numbered from
+    ``row_offset``: the one-machine chunk loop (``search.chunk_loop``), or the GPU backend's
+    own streaming of a host block (pinned buffers, its own chunk size)."""
+    if getattr(impl, "STREAMS_CORPUS", False) and block.shape[0]:
+        lo, hi = np.searchsorted(exclude, [row_offset, row_offset + block.shape[0]])
+        scores, index, bad = impl.topk_stream(queries, block, k, exclude=exclude[lo:hi],
                                               normalize=normalize, chunk_rows=chunk_rows,
                                               n_threads=n_threads, progress=None,
                                               row_offset=row_offset, state=None)
         return scores, index, int(bad)
-    step = chunk_rows or chunk_rows_for(n_q, d, block.dtype.itemsize)
-    for start in range(0, m, step):
-        stop = min(start + step, m)
-        chunk = block[start:stop]
-        if not chunk.flags.c_contiguous:
-            chunk = np.ascontiguousarray(chunk)
-        g0, g1 = row_offset + start, row_offset + stop
-        lo, hi = np.searchsorted(exclude, [g0, g1])
-        bad = impl.topk_update(queries, chunk, g0, exclude[lo:hi] - g0, normalize, best_scores,
-                               best_index, n_threads=n_threads)
-        if bad >= 0:
-            return best_scores, best_index, int(bad)
-    return best_scores, best_index, -1
+
+    def update(chunk, g0, local, best_scores, best_index, threads):
+        return impl.topk_update(queries, chunk, g0, local, normalize, best_scores, best_index,
+                                n_threads=threads)
+    return chunk_loop(update, queries, block, k, exclude, chunk_rows, n_threads, row_offset,
+                      None)
 
 
 def _merge(a, b):
@@ -445,15 +431,8 @@ def _apply_block(block, indices, vectors, *, backend, chunk_rows, n_threads, blo
     block = np.asarray(block)
     offset = int(block_info[0]["array-location"][0][0])
     m, d = block.shape
-    out = np.empty((m, d), dtype=np.float32)
-    step = chunk_rows or chunk_rows_for(1, d, block.dtype.itemsize)
-    for start in range(0, m, step):
-        chunk = block[start:start + step]
-        if not chunk.flags.c_contiguous or chunk.dtype == np.float64:
-            chunk = np.ascontiguousarray(chunk, dtype=np.float32)
-        bad = impl.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
-        if bad >= 0:
-            raise _validate.row_error("corpus", offset + start + bad, block[start + bad], True)
+    out = normalize_pass(impl, block, np.empty((m, d), dtype=np.float32), chunk_rows=chunk_rows,
+                         n_threads=n_threads, row_offset=offset)
     lo, hi = np.searchsorted(indices, [offset, offset + m])
     out[indices[lo:hi] - offset] = vectors[lo:hi]
     return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validate
+from ._backends import numpy_backend
 from .quantize import QuantizedCorpus
 
 SCALAR = ("int8", "uint8")
@@ -76,22 +77,20 @@ class DequantizedRows:
 
     def rows(self, codes, out=None) -> np.ndarray:
         """Float32 rows of ``codes`` (m, width), C-contiguous (into ``out`` when given)."""
-        if self.qc.precision in SCALAR and self.backend is not None:
-            out = np.empty(codes.shape, np.float32) if out is None else out
-            self.backend.dequantize_rows(np.ascontiguousarray(codes),
-                                         self.qc.precision == "int8", self._low, self._step, out,
-                                         n_threads=self.n_threads)
-            return out
-        if out is not None:
-            out[...] = self.rows(codes)
-            return out
+        if out is None:
+            out = np.empty((codes.shape[0], self.shape[1]), np.float32)
         if self.qc.precision in SCALAR:
-            x = codes.astype(np.float32)
-            if self.qc.precision == "int8":
-                x += np.float32(128)
-            x *= self._step
-            x += self._low
-            return x
+            (self.backend or numpy_backend).dequantize_rows(
+                np.ascontiguousarray(codes), self.qc.precision == "int8", self._low, self._step,
+                out, n_threads=self.n_threads)
+            return out
+        packed = np.ascontiguousarray(codes).view(np.uint8)
+        if self.qc.precision == "binary":
+            packed = packed ^ np.uint8(0x80)  # binary = ubinary with the top bit flipped
+        bits = np.unpackbits(packed, axis=1, count=self.shape[1])
+        np.multiply(bits, 2, out=out, casting="unsafe")  # 0/1 -> 0/2 -> -1/+1
+        out -= 1
+        return out
         packed = np.ascontiguousarray(codes).view(np.uint8)
         if self.qc.precision == "binary":
             packed = packed ^ np.uint8(0x80)  # binary = ubinary with the top bit flipped

@@ -88,7 +88,22 @@ def topk_pass(backend, queries, corpus, k, *, exclude=None, normalize=True, chun
 def _topk_loop(scorer, queries, corpus, k, exclude, normalize, chunk_rows, n_threads, row_offset,
                state, name, bar):
     """topk_pass for a backend without its own streaming: chunks through ``scorer`` (the
-    backend's ``topk_update``, or a quantized corpus's op)."""
+    backend's ``topk_update``, or a quantized corpus's op); a flagged row raises."""
+    best_scores, best_index, bad = chunk_loop(scorer, queries, corpus, k, exclude, chunk_rows,
+                                              n_threads, row_offset, state, bar)
+    if bad >= 0:
+        raise _validate.corpus_row_error(name, getattr(scorer, "rows", corpus),
+                                         bad - row_offset, normalize)
+    return best_scores, best_index
+
+
+def chunk_loop(scorer, queries, corpus, k, exclude, chunk_rows, n_threads, row_offset, state,
+               bar=None):
+    """Merge ``corpus`` (host rows numbered from ``row_offset``) chunk by chunk into the top-k
+    ``state`` (created when None) through ``scorer(chunk, first_row, local_exclude,
+    best_scores, best_index, n_threads) -> first bad global row or -1``; ``exclude``: sorted
+    global rows. Stops at the first chunk with a flagged row. Returns ``(scores, index, bad)``.
+    The one chunk loop: here, and per block on a Dask worker (``_dask``)."""
     n_q = queries.shape[0]
     n_rows, d = corpus.shape
     if state is None:
@@ -107,21 +122,21 @@ def _topk_loop(scorer, queries, corpus, k, exclude, normalize, chunk_rows, n_thr
             chunk = np.ascontiguousarray(chunk)  # a strided view: copy this chunk only
         g0, g1 = row_offset + start, row_offset + stop
         lo, hi = np.searchsorted(exclude, [g0, g1])
-        local = exclude[lo:hi] - g0
-        bad = scorer(chunk, g0, local, best_scores, best_index, n_threads)
+        bad = scorer(chunk, g0, exclude[lo:hi] - g0, best_scores, best_index, n_threads)
         if bad >= 0:
-            raise _validate.corpus_row_error(name, getattr(scorer, "rows", corpus),
-                                             bad - row_offset, normalize)
+            return best_scores, best_index, int(bad)
         if bar is not None:
             bar.update(stop - start)
-    return best_scores, best_index
+    return best_scores, best_index, -1
 
 
-def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, name="corpus"):
+def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, name="corpus",
+                   row_offset=0):
     """Stream ``corpus`` once into ``out`` (N, d) float32, every row normalised by the backend's
     ``normalize_rows`` (one read, one write). A row with NaN/inf or of norm zero raises, as in
-    the top-k pass. ``corpus`` and ``out`` are both host arrays, or both CuPy arrays (the GPU
-    backend normalises those on the device). Returns ``out``."""
+    the top-k pass, naming it as row ``row_offset + r`` (a Dask block's first global row).
+    ``corpus`` and ``out`` are both host arrays, or both CuPy arrays (the GPU backend
+    normalises those on the device). Returns ``out``."""
     n, d = corpus.shape
     xp = _arrays.xp(corpus)
     step = chunk_rows or chunk_rows_for(1, d, corpus.dtype.itemsize)
@@ -131,7 +146,8 @@ def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, nam
             chunk = xp.ascontiguousarray(chunk, dtype=np.float32)  # this chunk only
         bad = backend.normalize_rows(chunk, out[start:start + step], n_threads=n_threads)
         if bad >= 0:
-            raise _validate.corpus_row_error(name, corpus, start + bad, True)
+            raise _validate.row_error(name, row_offset + start + bad,
+                                      _arrays.take_rows(corpus, [start + bad])[0], True)
     return out
 
 
@@ -203,9 +219,9 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     backend = _backends.resolve(
         backend, device_input="corpus" if not quantized and _arrays.is_device(corpus) else None)
     qc = corpus if quantized else None
+    n_threads = _validate.as_threads("n_threads", n_threads)
     if quantized:
-        corpus = _quantized.DequantizedRows(qc, _backends.get(backend),
-                                            _validate.as_threads("n_threads", n_threads))
+        corpus = _quantized.DequantizedRows(qc, _backends.get(backend), n_threads)
     elif _arrays.is_dask(corpus):
         from . import _dask
         corpus = _dask.as_corpus("corpus", corpus, requested)
@@ -215,7 +231,6 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)
     chunk_rows = _validate.as_size("chunk_rows", chunk_rows)
-    n_threads = _validate.as_threads("n_threads", n_threads)
     query_block = _validate.as_size("query_block", query_block, allow_none=False)
     if metric not in ("cosine", "dot"):
         raise ValueError(f"metric: must be 'cosine' or 'dot', got {metric!r}")
