@@ -77,6 +77,30 @@ class DaskRows:
         self.offsets = np.r_[0, np.cumsum(array.chunks[0])].astype(np.int64)
         self._rows = np.zeros(0, np.int64)  # sorted rows gathered so far
         self._values = np.zeros((0, self.shape[1]), self.dtype)  # their stored values
+        self._pending = np.zeros(0, np.int64)  # rows the next pass brings along (want)
+
+    def want(self, rows) -> None:
+        """Rows the next pass over the corpus brings back with its lists (read by the tasks
+        that scan their blocks, no pass of their own), for the :meth:`take` calls after it;
+        a fit names its touched records (and NUDGE-M its validation answers) before its
+        pass."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = rows[(rows >= 0) & (rows < self.shape[0])]
+        self._pending = np.union1d(self._pending, np.setdiff1d(rows, self._rows))
+
+    def take_pending(self) -> np.ndarray:
+        """The rows :meth:`want` named (sorted, unique), now handed to a pass."""
+        rows, self._pending = self._pending, np.zeros(0, np.int64)
+        return rows
+
+    def keep(self, rows, values) -> None:
+        """Rows a pass brought back (``rows`` corpus row numbers, ``values`` stored)."""
+        new = ~np.isin(rows, self._rows)
+        if new.any():
+            rows = np.concatenate([self._rows, rows[new]])
+            order = np.argsort(rows, kind="stable")
+            self._rows = rows[order]
+            self._values = np.concatenate([self._values, values[new]])[order]
 
     def prefetch(self, index) -> None:
         """Gather the rows of ``index`` (any shape; ``-1`` and rows already held skipped) in
@@ -95,15 +119,31 @@ class DaskRows:
         # float16/float32 widen exactly to float64: the same values as a host gather.
         return self._values[np.searchsorted(self._rows, rows)].astype(np.float64)
 
+    def __getitem__(self, key):
+        """``rows[i]`` / ``rows[index_array]``: rows gathered by index (as :meth:`take`, in the
+        corpus's dtype; an int gives one (d,) row). Slices are not supported: a range of rows
+        is a pass, not a gather."""
+        if isinstance(key, (int, np.integer)):
+            return self._stored(np.array([key], np.int64))[0]
+        if isinstance(key, (slice, tuple)) or key is Ellipsis:
+            raise TypeError(f"{self.name}: a dask corpus is indexed by row numbers only (got "
+                            f"{key!r}); scan it with search, gather rows with an index array")
+        return self._stored(np.asarray(key, np.int64))
+
+    def _stored(self, rows):
+        shape = rows.shape
+        rows = rows.reshape(-1)
+        rows = np.where(rows < 0, rows + self.shape[0], rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"{self.name}: row index out of range [0, {self.shape[0]})")
+        self._gather(rows)
+        return self._values[np.searchsorted(self._rows, rows)].reshape(shape + (self.shape[1],))
+
     def _gather(self, rows):
         missing = np.setdiff1d(rows, self._rows)
         if missing.size == 0:
             return
-        got = gather_rows(self.array, self.offsets, missing)
-        rows = np.concatenate([self._rows, missing])
-        order = np.argsort(rows, kind="stable")
-        self._rows = rows[order]
-        self._values = np.concatenate([self._values, got])[order]
+        self.keep(missing, gather_rows(self.array, self.offsets, missing))
 
 
 def gather_rows(array, offsets, wanted) -> np.ndarray:
@@ -135,10 +175,9 @@ def _compute_each(parts):
     client, each sent from its worker to the client (``dask.compute`` of several would
     gather them into one finalize task on one worker first: the data would cross twice)."""
     import dask
-    from dask.base import get_scheduler
 
-    client = getattr(get_scheduler(), "__self__", None)
-    if type(client).__name__ == "Client" and hasattr(client, "gather"):
+    client = _client()
+    if client is not None:
         return client.gather(client.compute(parts))
     return dask.compute(*parts)
 
@@ -235,20 +274,41 @@ def worker_backend(backend):
     return _backends.get(backend)
 
 
-def _block_topk(block, queries, exclude, *, k, row_offset, normalize, backend, chunk_rows,
-                n_threads, block_info=None):
-    """Runs on a worker, fused with the task that reads the block: one block's top-k as a
-    (1, 1) object array holding ``(scores, index, first_bad)``, its rows numbered from
-    ``row_offset`` plus the block's first row; ``exclude``: every sorted global excluded row
-    (the block takes its own range). The block is scanned in chunks as on one machine; its
-    first bad row (global) ends the scan: the client raises for the corpus's first anyway."""
+def _block_topk(block, queries, exclude, wanted, *, k, row_offset, normalize, backend,
+                chunk_rows, n_threads, exact, block_info=None):
+    """Runs on a worker, fused with the task that reads the block: one block's part (see
+    :func:`_part`), its rows numbered from ``row_offset`` plus the block's first row;
+    ``exclude``: every sorted global excluded row (the block takes its own range);
+    ``wanted``: sorted global rows whose stored values ride along with the list (the rows a
+    fit needs, read here instead of by a second pass over the blocks); ``exact``: also the
+    float64 score of each listed record (``nudge.exact_scores``'s arithmetic, so the client
+    need not gather the candidates' rows). The block is scanned in chunks as on one machine;
+    its first bad row (global) ends the scan: the client raises for the corpus's first
+    anyway."""
     impl = worker_backend(backend)  # resolved here: "auto" is this worker's best
     block = np.asarray(block)
     offset = row_offset + int(block_info[0]["array-location"][0][0])
+    scores, index, bad = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows,
+                               n_threads)
+    f64 = None
+    if exact and bad < 0:
+        from .nudge import exact_scores
+        f64 = exact_scores(queries, index, lambda rows: np.asarray(
+            block[rows - offset], dtype=np.float64))
+    lo, hi = np.searchsorted(wanted, [offset, offset + block.shape[0]])
     out = np.empty((1, 1), dtype=object)
-    out[0, 0] = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows,
-                      n_threads) + ((impl.NAME,),)
+    out[0, 0] = _part(scores, index, f64, bad, (impl.NAME,), wanted[lo:hi],
+                      np.array(block[wanted[lo:hi] - offset]))
     return out
+
+
+def _part(scores, index, f64, bad, used, rows, values):
+    """What a block (or a merge of blocks) sends on: its (n_q, k) list (float32 scores and
+    global rows; ``f64`` the float64 scores of those rows or None), its first bad global row
+    (-1: none), the backends that scanned it (sorted names), and the wanted rows it holds
+    (global numbers and stored values)."""
+    return dict(scores=scores, index=index, f64=f64, bad=int(bad), used=tuple(used),
+                rows=rows, values=values)
 
 
 def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n_threads):
@@ -270,58 +330,125 @@ def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n
                       None)
 
 
-def _merge(a, b):
-    """Two partial top-k lists as one: (score desc, index asc), ``-inf``/``-1`` padding; the
-    first bad row of the two (``-1``: none); the backends that scanned them (sorted names). A
-    block's list comes in its (1, 1) object array."""
-    a, b = (x[0, 0] if isinstance(x, np.ndarray) else x for x in (a, b))
-    k = a[0].shape[1]
-    scores, index = rank_rows(np.concatenate([a[0], b[0]], axis=1),
-                              np.concatenate([a[1], b[1]], axis=1), k)
+def _merge(*parts):
+    """Partial results as one (:func:`_part`): the lists ranked by (score desc, index asc),
+    ``-inf``/``-1`` padding, the float64 scores riding along; the first bad row; the union of
+    the backends; the wanted rows concatenated. A block's part comes in its (1, 1) object
+    array."""
+    parts = [p[0, 0] if isinstance(p, np.ndarray) else p for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    k = parts[0]["scores"].shape[1]
+    scores = np.concatenate([p["scores"] for p in parts], axis=1)
+    index = np.concatenate([p["index"] for p in parts], axis=1)
+    key = np.where(index < 0, np.iinfo(np.int64).max, index)
+    order = np.lexsort((key, -scores), axis=1)[:, :k]  # rank_rows' order, kept for f64
+    scores = np.take_along_axis(scores, order, axis=1)
+    index = np.take_along_axis(index, order, axis=1)
     index[np.isneginf(scores)] = -1
-    bads = [x for x in (a[2], b[2]) if x >= 0]
-    return scores, index, min(bads) if bads else -1, tuple(sorted(set(a[3]) | set(b[3])))
+    f64 = None
+    if all(p["f64"] is not None for p in parts):
+        f64 = np.take_along_axis(np.concatenate([p["f64"] for p in parts], axis=1), order,
+                                 axis=1)
+        f64[index < 0] = -np.inf
+    bads = [p["bad"] for p in parts if p["bad"] >= 0]
+    return _part(scores, index, f64, min(bads) if bads else -1,
+                 sorted(set().union(*(p["used"] for p in parts))),
+                 np.concatenate([p["rows"] for p in parts]),
+                 np.concatenate([p["values"] for p in parts]))
+
+
+def _client():
+    """The active ``distributed.Client`` Dask would run a graph on, else None (the local
+    scheduler)."""
+    from dask.base import get_scheduler
+
+    client = getattr(get_scheduler(), "__self__", None)
+    if type(client).__name__ == "Client" and hasattr(client, "gather"):
+        return client
+    return None
+
+
+def _reduce(parts):
+    """The blocks' parts merged into one, on the current scheduler. On a distributed client:
+    the blocks are computed where they are read; then each worker merges the parts it holds
+    into one (a task pinned to it; it runs elsewhere only if that worker died), and the client
+    merges the W lists: O(n_q k) per worker crosses the network, whatever the number of
+    blocks. On the local scheduler: a binary tree of merges."""
+    import dask
+
+    client = _client()
+    if client is None:
+        while len(parts) > 1:  # pairs: depth log2(blocks), each merge O(n_q k)
+            parts = [dask.delayed(_merge, pure=True)(parts[i], parts[i + 1])
+                     if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        return _merge(dask.compute(parts[0])[0])
+    from distributed import wait
+
+    futures = client.compute(parts)
+    wait(futures)
+    for f in futures:
+        if f.status == "error":
+            f.result()  # raises the worker's error (a bad backend request, a read error)
+    holders = client.who_has(futures)
+    groups = {}
+    for f in futures:
+        groups.setdefault((tuple(holders.get(f.key, ())) or (None,))[0], []).append(f)
+    merged = [client.submit(_merge, *fs, workers=None if w is None else [w],
+                            allow_other_workers=True, pure=False) if len(fs) > 1 else fs[0]
+              for w, fs in groups.items()]
+    return _merge(*client.gather(merged))
 
 
 def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=True,
-              chunk_rows=None, n_threads=None, row_offset=0, state=None, name=None):
+              chunk_rows=None, n_threads=None, row_offset=0, state=None, name=None,
+              exact=False):
     """``search.topk_pass`` over a :class:`DaskRows` corpus, on the cluster: one task per
-    block, a binary merge tree, one (n_q, k) result on the client; rows numbered from
-    ``row_offset``. ``backend``: the module the client resolved (for the client's own work);
-    the workers use ``corpus.backend``, the caller's request, each resolving ``"auto"`` for
-    itself (:func:`worker_backend`). ``state`` (the running top-k, updated in place) is merged with the
-    corpus's when given. Raises the one-machine error, naming the global row, for the first
-    NaN/inf (or, with ``normalize``, zero) row."""
+    block, the lists merged per worker (:func:`_reduce`), one (n_q, k) result on the client;
+    rows numbered from ``row_offset``. ``backend``: the module the client resolved (for the
+    client's own work); the workers use ``corpus.backend``, the caller's request, each
+    resolving ``"auto"`` for itself (:func:`worker_backend`). ``state`` (the running top-k,
+    updated in place) is merged with the corpus's when given. The rows :meth:`DaskRows.want`
+    named ride along and are kept by ``corpus``. ``exact``: also return the float64 scores of
+    the listed records (as ``nudge.exact_scores`` computes them), as a third array; not with
+    ``state``. Raises the one-machine error, naming the global row, for the first NaN/inf
+    (or, with ``normalize``, zero) row."""
     import dask
 
+    if exact and state is not None:
+        raise ValueError("exact: a pass merged into a running state has no float64 scores")
     name = name or corpus.name
     queries = np.ascontiguousarray(queries)
     exclude = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+    wanted = corpus.take_pending()
     nb = len(corpus.offsets) - 1
-    # The queries and the exclusions are one key each: a worker fetches each once. Mapped over
-    # the blocks, the scan fuses with the task that reads each block (Zarr, .npy, ...), so no
-    # block exists apart from it to be moved to another worker: only the lists travel.
+    # The queries, the exclusions and the wanted rows are one key each: a worker fetches each
+    # once. Mapped over the blocks, the scan fuses with the task that reads each block (Zarr,
+    # .npy, ...), so no block exists apart from it to be moved to another worker: only the
+    # lists (and the wanted rows) travel.
     parts = corpus.array.map_blocks(
         _block_topk, dask.delayed(queries, pure=True), dask.delayed(exclude, pure=True),
-        k=int(k), row_offset=int(row_offset), normalize=bool(normalize),
-        backend=corpus.backend, chunk_rows=chunk_rows, n_threads=n_threads,
-        dtype=object, chunks=((1,) * nb, (1,)), meta=np.empty((0, 0), dtype=object),
+        dask.delayed(wanted, pure=True), k=int(k), row_offset=int(row_offset),
+        normalize=bool(normalize), backend=corpus.backend, chunk_rows=chunk_rows,
+        n_threads=n_threads, exact=bool(exact), dtype=object, chunks=((1,) * nb, (1,)),
+        meta=np.empty((0, 0), dtype=object),
     ).to_delayed().ravel().tolist()
-    while len(parts) > 1:  # pairs: depth log2(blocks), each merge O(n_q k)
-        parts = [dask.delayed(_merge, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts)
-                 else parts[i] for i in range(0, len(parts), 2)]
-    result = dask.compute(parts[0])[0]
-    scores, index, bad, used = result[0, 0] if isinstance(result, np.ndarray) else result
-    corpus.last_backends = used
+    result = _reduce(parts)
+    corpus.last_backends = result["used"]
     log.info("dask pass: %d blocks of %s scanned with backend(s) %s (requested %r)", nb, name,
-             ", ".join(used), corpus.backend)
-    if bad >= 0:
+             ", ".join(result["used"]), corpus.backend)
+    corpus.keep(result["rows"] - row_offset, result["values"])
+    if result["bad"] >= 0:
         # The row's values decide the message (NaN/inf or zero): fetch that one row.
-        raise _validate.corpus_row_error(name, corpus, int(bad) - row_offset, normalize)
+        raise _validate.corpus_row_error(name, corpus, result["bad"] - row_offset, normalize)
+    scores, index = result["scores"], result["index"]
+    if exact:
+        return scores, index, result["f64"]
     if state is not None:
-        merged = _merge((state[0], state[1], -1, ()), (scores, index, -1, ()))
-        state[0][...] = merged[0]
-        state[1][...] = merged[1]
+        merged = _merge(_part(state[0], state[1], None, -1, (), wanted[:0], wanted[:0]),
+                        _part(scores, index, None, -1, (), wanted[:0], wanted[:0]))
+        state[0][...] = merged["scores"]
+        state[1][...] = merged["index"]
         return state
     return scores, index
 

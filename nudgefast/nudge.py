@@ -193,14 +193,17 @@ class _Prepared:
 
 
 def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
-             n_threads, device_ok=False, quantized_ok=False, dask_ok=False) -> _Prepared:
+             n_threads, device_ok=False, quantized_ok=False, dask_ok=False,
+             defer_base=False) -> _Prepared:
     """Validated inputs, the query gradients and the touched base rows. ``device_ok``: a
     device corpus is read in place by the GPU backend (``prep.corpus`` is then a CuPy view);
     without it (callers that need host rows) a device corpus is an error. ``quantized_ok``: a
     :class:`QuantizedCorpus` is read through its dequantized rows (``prep.corpus`` is then a
     ``DequantizedRows`` view: the pass streams the codes, the touched rows are dequantized).
     ``dask_ok``: a row-chunked dask array is read on its cluster (``prep.corpus`` is then a
-    ``_dask.DaskRows``); without it a dask corpus is an error."""
+    ``_dask.DaskRows``); without it a dask corpus is an error. ``defer_base``: a dask
+    corpus's touched rows are read by the fit's pass (``prep.base`` is None until
+    ``_untouched_topk`` sets it), not by a gather of their own before it."""
     from ._quantized import DequantizedRows
     from .quantize import QuantizedCorpus
     qc = corpus if isinstance(corpus, QuantizedCorpus) else None
@@ -251,12 +254,22 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     touched, grad = query_gradients(
         impl, train_q, np.repeat(np.arange(len(train), dtype=np.int64), train_csr.counts),
         records, n_threads=n_threads)
-    base = unit_rows(_arrays.take_rows(corpus, touched), touched,
-                     lambda row: _validate.corpus_row_error("corpus", corpus, row, True))
+    if defer_base and getattr(corpus, "DASK_ROWS", False):
+        corpus.want(touched)  # read with the pass's blocks; the base rows follow the pass
+        base = None
+    else:
+        base = touched_base(corpus, touched)
     timings["query_gradient"] = time.perf_counter() - t0
     log.info("NUDGE: N=%d d=%d, %d train pairs touch t=%d records, %d validation queries",
              n, d, records.size, touched.size, val_q.shape[0])
     return _Prepared(corpus, impl, val_q, val_csr, touched, grad, base, timings, backend, qc)
+
+
+def touched_base(corpus, touched):
+    """The touched records' normalised float64 rows (a zero or NaN/inf row raises, naming
+    it)."""
+    return unit_rows(_arrays.take_rows(corpus, touched), touched,
+                     lambda row: _validate.corpus_row_error("corpus", corpus, row, True))
 
 
 def query_gradients(impl, queries, pair_query, pair_record, *, n_threads=None):
@@ -299,8 +312,9 @@ def certified_topk(scan, queries, rows_of, need, width):
     """Each query's exact float64 top of the untouched records: ``(scores, index, complete)``,
     (n_q, width) sorted by (score desc, index asc).
 
-    ``scan(rows, k)`` is the float32 pass for queries ``rows`` (its top-k state); the float64
-    scores of what it kept re-rank them. A kept record is certain when its float64 score beats
+    ``scan(rows, k)`` is the float32 pass for queries ``rows`` (its top-k state, and
+    optionally a third array: the float64 scores of the kept records, as :func:`exact_scores`
+    computes them); the float64 scores of what it kept re-rank them. A kept record is certain when its float64 score beats
     every record the pass dropped: those scored at most the lowest kept float32 score, so at
     most that plus ``score_eps`` in float64. Lists hold their certain prefix only (``-inf`` /
     ``-1`` after it); a query with fewer than ``need`` certain records is scanned again with 4x
@@ -314,9 +328,13 @@ def certified_topk(scan, queries, rows_of, need, width):
     complete = np.zeros(n_q, bool)
     todo, k = np.arange(n_q), width
     while todo.size:
-        s32, idx = scan(todo, k)
+        found = scan(todo, k)
+        s32, idx = found[0], found[1]
         kept = idx >= 0
-        f64, idx = rank_rows(exact_scores(queries[todo], idx, rows_of), idx)
+        # A scan that scored its records in float64 where they live (a dask corpus's
+        # workers) returns them as a third array: the same numbers exact_scores gives.
+        f64 = found[2] if len(found) > 2 else exact_scores(queries[todo], idx, rows_of)
+        f64, idx = rank_rows(f64, idx)
         full = kept.all(axis=1)
         low = np.where(kept, s32, np.inf).min(axis=1) + eps[todo]
         certain = np.where(full[:, None], f64 > low[:, None], idx >= 0)
@@ -346,6 +364,12 @@ def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_thread
     def scan(rows, k):
         q = prep.val_q[rows]
         show = progress if rows.size == prep.val_q.shape[0] else False
+        if on_cluster:
+            # Scored in float64 on the workers (no candidate rows to gather); the rows the
+            # fit named (DaskRows.want) come back with the lists.
+            from . import _dask
+            return _dask.topk_pass(prep.backend, q, prep.corpus, k, exclude=prep.touched,
+                                   chunk_rows=chunk_rows, n_threads=n_threads, exact=True)
         state = topk_pass(prep.backend, q, prep.corpus, k, exclude=prep.touched,
                           chunk_rows=chunk_rows, n_threads=n_threads, progress=show,
                           desc="NUDGE corpus pass")
@@ -357,6 +381,8 @@ def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_thread
             # The candidates' rows in one gather from the cluster, not one per query block.
             prep.corpus.prefetch(state[1][state[1] < n])
         return state
+
+    on_cluster = getattr(prep.corpus, "DASK_ROWS", False) and extra_corpus is None
 
     def rows_of(rows):
         # Gathered where the corpus lives: a device corpus sends back these rows only.
@@ -372,6 +398,8 @@ def _untouched_topk(prep: _Prepared, need, *, extra_corpus, chunk_rows, n_thread
     # scores (mixing float32 and float64 scores of tied answers would split intervals that
     # meet at one point by rounding noise), and certified (see certified_topk).
     scores, index, _ = certified_topk(scan, prep.val_q, rows_of, need, need + FIT_EXTRA)
+    if prep.base is None:  # a dask corpus: the touched rows came back with the pass
+        prep.base = touched_base(prep.corpus, prep.touched)
     prep.timings["corpus_pass"] = time.perf_counter() - t0
     return scores, index
 
@@ -520,6 +548,8 @@ def most_covered_gamma(low, high, rule="midpoint"):
 def _fit_m(prep: _Prepared, rule, eps, *, extra_corpus, chunk_rows, n_threads, progress,
            val_block):
     n_val = prep.val_q.shape[0]
+    if getattr(prep.corpus, "DASK_ROWS", False):
+        prep.corpus.want(prep.val_csr.index)  # the untouched answers' rows, with the pass
     unt_s, unt_i = _untouched_topk(prep, 2, extra_corpus=extra_corpus, chunk_rows=chunk_rows,
                                    n_threads=n_threads, progress=progress)
     t0 = time.perf_counter()
@@ -594,7 +624,7 @@ class _Nudge:
 
     def _prepare(self, corpus, train, val, **kw):
         return _prepare(corpus, train, val, self.backend, self.dtype, n_threads=self.n_threads,
-                        device_ok=True, quantized_ok=True, dask_ok=True, **kw)
+                        device_ok=True, quantized_ok=True, dask_ok=True, defer_base=True, **kw)
 
 
 class NudgeN(_Nudge):
