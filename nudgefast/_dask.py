@@ -45,7 +45,7 @@ import logging
 import numpy as np
 
 from . import _backends, _validate
-from .search import chunk_loop, normalize_pass, rank_rows
+from .search import chunk_loop, normalize_pass, rank_order
 
 #: corpus dtypes the pass reads, as on one machine (``_validate.CORPUS_DTYPES``).
 CORPUS_DTYPES = _validate.CORPUS_DTYPES
@@ -341,8 +341,7 @@ def _merge(*parts):
     k = parts[0]["scores"].shape[1]
     scores = np.concatenate([p["scores"] for p in parts], axis=1)
     index = np.concatenate([p["index"] for p in parts], axis=1)
-    key = np.where(index < 0, np.iinfo(np.int64).max, index)
-    order = np.lexsort((key, -scores), axis=1)[:, :k]  # rank_rows' order, kept for f64
+    order = rank_order(scores, index, k)  # rank_rows' order, applied to f64 too
     scores = np.take_along_axis(scores, order, axis=1)
     index = np.take_along_axis(index, order, axis=1)
     index[np.isneginf(scores)] = -1
@@ -493,27 +492,104 @@ def apply(result, corpus, out=None, *, chunk_rows=None, backend="auto", n_thread
     return out
 
 
+def apply_touched(result, corpus, out=None):
+    """``NudgeResult.apply(touched_only=True)`` for a dask ``corpus``: only the touched rows
+    change, every other row stays as stored. ``out`` None: a lazy dask array (the corpus's
+    blocks and dtype, the touched rows replaced in the tasks that read their blocks).
+    ``out`` a Zarr array of the corpus's shape (float16/float32, any chunks), or a list of
+    ``.npy`` shard paths holding the corpus's rows in order (float16/float32; the corpus's own
+    shards tune it in place): the vectors are written by one task per Zarr chunk or shard
+    holding touched rows, each sent its own rows' vectors only; the corpus is not read and no
+    other chunk or shard is opened for writing. Returns ``out`` (or the lazy array)."""
+    import dask
+
+    rows = as_corpus("corpus", corpus)
+    result._check_shape(rows.shape)
+    indices = np.asarray(result.indices, np.int64)
+    vectors = np.asarray(result.vectors, np.float32)
+    if out is None:
+        return corpus.map_blocks(_replace_rows, dask.delayed(indices, pure=True),
+                                 dask.delayed(vectors, pure=True), dtype=corpus.dtype,
+                                 meta=np.empty((0, 0), dtype=corpus.dtype))
+    if isinstance(out, (list, tuple)):
+        paths, offsets = _shards(out, rows, dtypes=(np.float16, np.float32))
+        starts = offsets
+        write = _write_npy_rows
+        targets = paths
+    else:
+        _check_zarr_out(out, rows, dtypes=(np.float16, np.float32), aligned=False)
+        starts = np.r_[np.arange(0, rows.shape[0], int(out.chunks[0])), rows.shape[0]]
+        write = _write_zarr_rows
+        targets = None
+    which = np.searchsorted(starts, indices, side="right") - 1
+    tasks = []
+    for part in np.unique(which):
+        sel = np.flatnonzero(which == part)
+        target = out if targets is None else targets[part]
+        tasks.append(dask.delayed(write, pure=False)(target, int(starts[part]), indices[sel],
+                                                     vectors[sel]))
+    if tasks:
+        _compute_each(tasks)
+    log.info("apply (touched rows only): %d rows written into %d of %d %s", indices.size,
+             len(tasks), len(starts) - 1, "shards" if targets is not None else "Zarr chunks")
+    return out
+
+
+def _replace_rows(block, indices, vectors, block_info=None):
+    """Runs on a worker: a copy of the block (its dtype) with its touched rows replaced."""
+    block = np.array(block)
+    offset = int(block_info[0]["array-location"][0][0])
+    lo, hi = np.searchsorted(indices, [offset, offset + block.shape[0]])
+    block[indices[lo:hi] - offset] = vectors[lo:hi]
+    return block
+
+
+def _write_npy_rows(path, first, rows, vectors):
+    """Runs on a worker: ``vectors`` into the global ``rows`` of the shard at ``path`` (whose
+    first global row is ``first``), through a memmap (only those rows' pages are written)."""
+    shard = np.load(path, mmap_mode="r+")
+    shard[rows - first] = vectors.astype(shard.dtype)
+    shard.flush()
+    del shard
+    return rows.size
+
+
+def _write_zarr_rows(array, first, rows, vectors):
+    """Runs on a worker: ``vectors`` into ``rows`` of the Zarr ``array`` (all inside one of
+    its row chunks, which starts at ``first``: no other task writes that chunk)."""
+    array.set_orthogonal_selection((rows, slice(None)), vectors.astype(array.dtype))
+    return rows.size
+
+
+def _shards(paths, rows, dtypes=(np.float32,)):
+    """The ``.npy`` shard paths of an ``apply`` target and their first global rows (+ N):
+    each 2-D, ``rows.shape[1]`` columns, one of ``dtypes``, the N rows in order."""
+    paths = [str(p) for p in paths]
+    sizes = []
+    names = "/".join(np.dtype(t).name for t in dtypes)
+    for path in paths:
+        head = np.load(path, mmap_mode="r")
+        if head.ndim != 2 or head.dtype not in dtypes or head.shape[1] != rows.shape[1]:
+            raise ValueError(f"out: {path} holds a {head.dtype} array of shape "
+                             f"{head.shape}; every shard must be {names} with "
+                             f"{rows.shape[1]} columns (np.save(path, np.empty((n, "
+                             f"{rows.shape[1]}), np.{np.dtype(dtypes[-1]).name})))")
+        sizes.append(head.shape[0])
+        del head
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    if offsets[-1] != rows.shape[0]:
+        raise ValueError(f"out: the shards hold {int(offsets[-1])} rows, the corpus "
+                         f"{rows.shape[0]}; pass shards of the corpus's rows, in order")
+    return paths, offsets
+
+
 class _NpyWriter:
     """``.npy`` shards (float32, (n_i, d), in row order) as the target of ``da.store``: a
     block's region is written into the one shard that holds it, through a memmap opened by
     the worker that made the block (pickled as paths and row offsets)."""
 
     def __init__(self, paths, rows):
-        self.paths = [str(p) for p in paths]
-        sizes = []
-        for path in self.paths:
-            head = np.load(path, mmap_mode="r")
-            if head.ndim != 2 or head.dtype != np.float32 or head.shape[1] != rows.shape[1]:
-                raise ValueError(f"out: {path} holds a {head.dtype} array of shape "
-                                 f"{head.shape}; every shard must be float32 with "
-                                 f"{rows.shape[1]} columns (np.save(path, np.empty((n, "
-                                 f"{rows.shape[1]}), np.float32)))")
-            sizes.append(head.shape[0])
-            del head
-        self.offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
-        if self.offsets[-1] != rows.shape[0]:
-            raise ValueError(f"out: the shards hold {int(self.offsets[-1])} rows, the corpus "
-                             f"{rows.shape[0]}; pass shards of the corpus's rows, in order")
+        self.paths, self.offsets = _shards(paths, rows)
         split = np.setdiff1d(self.offsets[1:-1], rows.offsets)
         if split.size:
             raise ValueError(f"out: shard boundary at row {int(split[0])} falls inside a block "
@@ -529,19 +605,27 @@ class _NpyWriter:
         del shard
 
 
-def _check_zarr_out(out, rows):
+def _check_zarr_out(out, rows, dtypes=(np.float32,), aligned=True):
+    """``out`` is a Zarr array of the corpus's shape, of one of ``dtypes``, chunked by whole
+    rows; ``aligned``: every block boundary of the corpus is a multiple of its chunk rows."""
     shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
     chunks = getattr(out, "chunks", None)
     is_zarr = type(out).__module__.split(".", 1)[0] == "zarr"
-    if not is_zarr or tuple(shape) != rows.shape or np.dtype(dtype) != np.float32:
-        raise ValueError(f"out: expected a float32 Zarr array of shape {rows.shape} (e.g. "
+    names = "/".join(np.dtype(t).name for t in dtypes)
+    if not is_zarr or tuple(shape) != rows.shape or np.dtype(dtype) not in dtypes:
+        raise ValueError(f"out: expected a {names} Zarr array of shape {rows.shape} (e.g. "
                          f"zarr.open_array(path, mode='w', shape={rows.shape}, "
                          f"chunks=(rows, {rows.shape[1]}), dtype='float32')), got "
                          f"{type(out).__name__} {dtype} {tuple(shape) if shape else ''}; or "
                          f"pass None for a lazy dask array")
+    if len(chunks) != 2 or int(chunks[1]) != rows.shape[1]:
+        raise ValueError(f"out: its Zarr chunks {tuple(chunks)} split the rows; chunk it "
+                         f"({int(chunks[0])}, {rows.shape[1]}) with whole rows")
+    if not aligned:
+        return
     step = int(chunks[0])
     inner = rows.offsets[1:-1]
-    if len(chunks) != 2 or int(chunks[1]) != rows.shape[1] or (inner % step).any():
+    if (inner % step).any():
         bad = inner[inner % step != 0]
         raise ValueError(f"out: its Zarr chunks {tuple(chunks)} do not line up with the "
                          f"corpus's row blocks (block boundary at row "

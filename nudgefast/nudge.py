@@ -54,8 +54,21 @@ class NudgeResult:
     precision: str | None = None
     codes: np.ndarray | None = None
 
-    def apply(self, corpus, out=None, *, chunk_rows=None, backend="auto", n_threads=None):
+    def apply(self, corpus, out=None, *, touched_only=False, chunk_rows=None, backend="auto",
+              n_threads=None):
         """The tuned corpus (N, d) float32: every row normalised, touched rows replaced.
+
+        ``touched_only=True``: only the touched rows change; every other row stays as stored
+        (its dtype, its norm: search normalises rows as it scores them, so for a corpus of
+        unit rows the answers are those of the full apply up to the normalisation's
+        rounding). Nothing but those rows is read or written: ``out`` (the corpus itself, or
+        storage holding its rows: a float16/float32 array or memmap of its shape, a Zarr
+        array, ``.npy`` shard paths) gets ``vectors`` written into the touched rows, rounded
+        to its dtype; without ``out``, a copy of the corpus in its dtype (for a dask corpus a
+        lazy dask array) with those rows replaced. A dask corpus's storage is written by one
+        task per Zarr chunk or ``.npy`` shard holding touched rows; the other chunks and shards
+        are not touched. Not for a quantized corpus (its ``apply`` only re-codes the touched
+        rows already).
 
         Streams ``corpus`` through the backend's ``normalize_rows`` (one read, one write: it
         runs at memory bandwidth); writes into ``out`` when given (a C-contiguous float32
@@ -83,11 +96,18 @@ class NudgeResult:
         """
         from .quantize import QuantizedCorpus
         if isinstance(corpus, QuantizedCorpus):
+            if touched_only:
+                raise ValueError("touched_only: a quantized corpus's apply re-codes only the "
+                                 "touched rows already; leave touched_only False")
             return self._apply_codes(corpus, out, chunk_rows)
         if _arrays.is_dask(corpus):
             from . import _dask
+            if touched_only:
+                return _dask.apply_touched(self, corpus, out)
             return _dask.apply(self, corpus, out, chunk_rows=chunk_rows, backend=backend,
                                n_threads=n_threads)
+        if touched_only:
+            return self._apply_touched(corpus, out)
         caller = corpus
         on_device = _arrays.is_device(corpus)
         backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
@@ -96,10 +116,7 @@ class NudgeResult:
         n_threads = _validate.as_threads("n_threads", n_threads)
         impl = _backends.get(backend)
         n, d = corpus.shape
-        if n != self.n_records or d != self.vectors.shape[1]:
-            raise ValueError(f"corpus: shape {tuple(corpus.shape)} differs from the fitted "
-                             f"corpus ({self.n_records}, {self.vectors.shape[1]}); apply the "
-                             f"result to the corpus it was fitted on")
+        self._check_shape(corpus.shape)
         if out is None:
             target = _arrays.xp(corpus).empty((n, d), dtype=np.float32)
         else:
@@ -107,6 +124,38 @@ class NudgeResult:
         normalize_pass(impl, corpus, target, chunk_rows=chunk_rows, n_threads=n_threads)
         _arrays.put_rows(target, self.indices, self.vectors)
         return out if out is not None else _arrays.like(target, caller)
+
+    def _apply_touched(self, corpus, out):
+        """``apply(touched_only=True)`` for a host or device array: ``vectors`` written into
+        the touched rows of ``out`` (or of a copy of the corpus)."""
+        on_device = _arrays.is_device(corpus)
+        corpus = _validate.as_corpus("corpus", corpus, backend="cuda" if on_device else None)
+        self._check_shape(corpus.shape)
+        if out is None:
+            target = _arrays.xp(corpus).array(corpus, copy=True)
+        else:
+            target = _arrays.device_view(out, "out") if on_device and _arrays.is_device(out) \
+                else out
+            shape = tuple(corpus.shape)
+            if (_arrays.is_device(target) != on_device
+                    or tuple(getattr(target, "shape", ())) != shape
+                    or getattr(target, "dtype", None) not in (np.float16, np.float32)
+                    or (not on_device and not (isinstance(target, np.ndarray)
+                                               and target.flags.writeable))):
+                raise ValueError(f"out: expected a writable float16/float32 array of shape "
+                                 f"{shape} where the corpus lives, holding its rows (the "
+                                 f"corpus itself to tune in place), got "
+                                 f"{getattr(out, 'dtype', type(out).__name__)} "
+                                 f"{tuple(getattr(out, 'shape', ()))}; or pass None for a copy")
+        _arrays.put_rows(target, self.indices, self.vectors.astype(target.dtype))
+        return out if out is not None else target
+
+    def _check_shape(self, shape):
+        n, d = shape
+        if n != self.n_records or d != self.vectors.shape[1]:
+            raise ValueError(f"corpus: shape {tuple(shape)} differs from the fitted corpus "
+                             f"({self.n_records}, {self.vectors.shape[1]}); apply the result "
+                             f"to the corpus it was fitted on")
 
     def _apply_codes(self, qc, out, chunk_rows):
         from ._quantized import requantize

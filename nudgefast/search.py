@@ -154,9 +154,14 @@ def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, nam
 def rank_rows(scores, index, k=None):
     """Each row sorted by (score desc, index asc), -1 padding after every real candidate of
     equal (-inf) score; the first ``k`` columns (all without ``k``)."""
-    key = np.where(index < 0, np.iinfo(np.int64).max, index)
-    order = np.lexsort((key, -scores), axis=1)[:, :k]
+    order = rank_order(scores, index, k)
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+def rank_order(scores, index, k=None):
+    """The column order :func:`rank_rows` sorts each row by (for arrays riding along)."""
+    key = np.where(index < 0, np.iinfo(np.int64).max, index)
+    return np.lexsort((key, -scores), axis=1)[:, :k]
 
 
 def merge_candidates(scores, indices, cand_scores, cand_indices, k):

@@ -600,6 +600,74 @@ def test_apply_into_npy_shards_in_place(client, tmp_path):
         res.apply(_blocks(corpus), [tmp_path / "f16.npy"])
 
 
+def _touched_only_want(corpus, res):
+    want = np.array(corpus, copy=True)
+    want[res.indices] = res.vectors.astype(corpus.dtype)
+    return want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_apply_touched_only_into_zarr_writes_only_their_chunks(client, tmp_path, dtype):
+    """touched_only: the vectors go into the touched rows of the corpus's own Zarr store, one
+    task per Zarr chunk holding any; the chunks without touched rows are not rewritten (their
+    files keep their bytes and modification times); the untouched rows keep their values."""
+    zarr = pytest.importorskip("zarr")
+    ds, corpus, _ = _data()
+    corpus = corpus.astype(dtype)
+    res = NudgeN(k_val=3).fit(corpus, ds.train, ds.dev)
+    x = _zarr(tmp_path, corpus, 100)  # 13 chunks; the corpus's blocks are its chunks
+    # A result touching rows in chunks 1, 4 and 12 only (its first rows in those chunks).
+    keep = np.concatenate([res.indices[(res.indices >= lo) & (res.indices < lo + 100)][:3]
+                           for lo in (100, 400, 1200)])
+    sel = np.searchsorted(res.indices, keep)
+    part = type(res)(res.variant, res.gamma, keep, res.vectors[sel], res.gammas, res.val_accuracy,
+                     res.n_records)
+    want = _touched_only_want(corpus, part)
+    np.testing.assert_array_equal(part.apply(x, touched_only=True).compute(), want)
+    np.testing.assert_array_equal(part.apply(corpus, touched_only=True), want)
+    root = tmp_path / "corpus.zarr"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*")
+              if p.is_file() and "zarr.json" not in p.name}
+    store = zarr.open_array(str(root), mode="r+")
+    assert part.apply(x, store, touched_only=True) is store
+    np.testing.assert_array_equal(zarr.open_array(str(root))[...], want)
+    changed = sorted(str(p.relative_to(root)) for p, (t, b) in before.items()
+                     if p.stat().st_mtime_ns != t or p.read_bytes() != b)
+    assert sorted(int(c.split("/")[1]) for c in changed) == [1, 4, 12], changed
+
+
+def test_apply_touched_only_npy_shards_in_place(client, tmp_path):
+    """touched_only into the corpus's own float16 .npy shards (in place; any block layout):
+    the touched rows hold the vectors rounded to float16, every other row as it was; a shard
+    without touched rows is not opened for writing."""
+    ds, corpus, _ = _data()
+    corpus = corpus.astype(np.float16)
+    res = NudgeM().fit(corpus, ds.train, ds.dev)
+    cuts = [(0, 700), (700, 701), (701, 1237)]
+    if 700 in res.indices:  # the one-row shard must hold no touched row for the mtime check
+        pytest.skip("row 700 touched")
+    paths = []
+    for s, (lo, hi) in enumerate(cuts):
+        paths.append(tmp_path / f"shard{s}.npy")
+        np.save(paths[-1], corpus[lo:hi])
+    mtime = paths[1].stat().st_mtime_ns
+    want = _touched_only_want(corpus, res)
+    x = _dask.npy_corpus(paths, block_rows=333)
+    assert res.apply(x, paths, touched_only=True) is paths
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in paths]), want)
+    assert paths[1].stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match=r"out: the shards hold 1236 rows, the corpus 1237"):
+        res.apply(x, paths[:1] + paths[2:], touched_only=True)
+    # Host: in place into a writable float16 memmap; a read-only one is refused.
+    np.save(tmp_path / "all.npy", corpus)
+    mm = np.load(tmp_path / "all.npy", mmap_mode="r+")
+    assert res.apply(mm, mm, touched_only=True) is mm
+    np.testing.assert_array_equal(np.load(tmp_path / "all.npy"), want)
+    ro = np.load(tmp_path / "all.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match=r"out: expected a writable float16/float32 array"):
+        res.apply(ro, ro, touched_only=True)
+
+
 def test_apply_arguments(client, tmp_path):
     zarr = pytest.importorskip("zarr")
     ds, corpus, _ = _data()
