@@ -4,14 +4,23 @@ A corpus of 10^8 - 10^9 records is a set of shards (a Zarr array, ``.npy`` files
 cluster. The top-k pass distributes as NUDGE's cost does: each block of rows is scanned by the
 backend's ``topk_update`` in a task on the worker that reads it (mapped over the blocks, the
 scan fuses with the task that reads the block, so a block is never a separate result the
-scheduler could move to another worker), giving an (n_q, k) partial top-k; the partial lists
-merge in a binary tree of tasks with the single-machine tie rule (score desc, index asc;
-``-inf`` / ``-1`` padding), so the client receives one (n_q, k) list. Only O(n_q k) per block
-crosses the network; the queries and the excluded rows enter the graph once each (one key a
-worker fetches once; each block takes its own range of the exclusions). The rows a fit needs
-(the touched records, the selected candidates, one bad row for its error) are gathered by
-index, one task per block that holds any of them: O(t) rows reach the client, never the
-corpus.
+scheduler could move to another worker), giving an (n_q, k) partial top-k. On a distributed
+client each worker then merges the lists of the blocks it holds (one task pinned to it) with
+the single-machine tie rule (score desc, index asc; ``-inf`` / ``-1`` padding), and the client
+merges the W lists: O(n_q k) per worker crosses the network, whatever the number of blocks
+(on Dask's local scheduler: a binary tree of merges). The queries and the excluded rows enter
+the graph once each (one key a worker fetches once; each block takes its own range of the
+exclusions).
+
+A fit reads the corpus once: its touched records (and NUDGE-M's validation answers) are named
+before its pass (:meth:`DaskRows.want`) and come back with the lists from the tasks that scan
+their blocks, and each block scores its listed candidates in float64 (``nudge.exact_scores``'s
+arithmetic, the same bits as on one machine), so the candidates' rows never travel. Rows
+needed otherwise (the tuner's candidates, one bad row for its error) are gathered by index,
+one task per block that holds any of them. O(t) rows reach the client, never the corpus.
+
+``NudgeResult.apply`` writes a tuned corpus block by block, or (``touched_only``) only the
+touched rows into the Zarr chunks or ``.npy`` shards that hold them (:func:`apply_touched`).
 
 A corpus whose blocks are in the graph itself (``da.from_array`` of a NumPy array or of a
 memmap: dask pickles the data into the graph) is read by the client and shipped to the

@@ -38,10 +38,11 @@ import warnings
 
 import numpy as np
 
-from . import _backends, _validate
+from . import _arrays, _backends, _validate
 from .handoff import Delta, _replace_atomically
 from .nudge import (NudgeM, NudgeN, NudgeResult, _prepare, certified_topk, exact_scores,
-                    most_covered_gamma, nudge_n_coefficients, query_gradients, unit_rows)
+                    most_covered_gamma, nudge_n_coefficients, query_gradients, touched_base,
+                    unit_rows)
 from .queryset import _answer_lists, as_queryset
 from .search import rank_rows, topk_pass
 
@@ -104,6 +105,16 @@ class Tuner:
     Every operation returns a :class:`Delta`: the rows whose served vector changed (tuned
     rows, rows reverted to their base embedding, new records) and the deleted positions, with
     what the operation did in ``delta.summary``.
+
+    The corpus may be a row-chunked ``dask.array`` (Zarr, ``.npy`` shards via
+    :func:`nudgefast._dask.npy_corpus`, ...): every pass over it (the fit's, a rescan, a new
+    validation query's) runs block by block on the current Dask scheduler's workers, which
+    send back the lists with their float64 scores (the candidates' rows stay there); the
+    rows the tuner reads (touched records, NUDGE-M's validation answers) come back with a
+    pass or are gathered by index, each once (see :mod:`nudgefast._dask`); the corpus never
+    comes to this process.
+    Rows added with :meth:`add_records` are host arrays kept by the tuner. The results are
+    those of the same tuner on the rows as a NumPy array.
     """
 
     def __init__(self, estimator=None, *, margin=32):
@@ -202,6 +213,14 @@ class Tuner:
             yield offset, rows
             offset += rows.shape[0]
 
+    def _prefetch(self, positions):
+        """Gather the rows at ``positions`` (any shape; -1 skipped) that a dask corpus holds,
+        in one compute, for the ``_raw_rows`` calls that follow (a no-op on host rows)."""
+        part = self._corpus
+        if getattr(part, "DASK_ROWS", False):
+            positions = np.asarray(positions, np.int64).reshape(-1)
+            part.prefetch(positions[(positions >= 0) & (positions < part.shape[0])])
+
     def _raw_rows(self, positions):
         """float64 rows at ``positions`` (any order), gathered from the segments."""
         positions = np.asarray(positions, np.int64)
@@ -247,23 +266,68 @@ class Tuner:
     def _pass(self, queries, k, *, start=0, desc="tuner pass"):
         """Each query's exact top-k untouched, undeleted records over positions >= ``start``
         (the certain prefix, as a fit selects: ``certified_topk``). Returns (scores, index,
-        complete): complete where the list holds every such record."""
+        complete): complete where the list holds every such record.
+
+        A dask corpus is scanned on its workers, which also score the records they list in
+        float64 (``exact_scores``' arithmetic: the same bits as here), so the candidates'
+        rows are never gathered (n_val x (need + margin) rows); the rows :meth:`_want` named
+        come back with the pass. The added segments (host rows) are merged in here and their
+        listed records scored here."""
         est = self.estimator
         exclude = self._excluded()
 
         def scan(rows, width):
-            q, state = queries[rows], None
+            q, state, exact = queries[rows], None, None
             for offset, part in self._segments():
                 if offset + part.shape[0] <= start:
                     continue
                 assert offset >= start, "passes start at a segment boundary"
+                if getattr(part, "DASK_ROWS", False) and state is None:
+                    from . import _dask
+                    s32, index, f64 = _dask.topk_pass(
+                        self._impl, q, part, width, exclude=exclude, chunk_rows=est.chunk_rows,
+                        n_threads=self._threads, row_offset=offset, name="corpus", exact=True)
+                    state, exact = (s32, index), (offset, part.shape[0], index.copy(), f64)
+                    continue
                 state = topk_pass(self._impl, q, part, width, exclude=exclude,
                                   chunk_rows=est.chunk_rows, n_threads=self._threads,
                                   progress=est.progress if rows.size == queries.shape[0]
                                   else False, row_offset=offset, state=state,
                                   name="corpus" if offset == 0 else "rows", desc=desc)
-            return state
+            if exact is None:
+                return state
+            return state[0], state[1], self._merged_f64(q, state[1], *exact)
         return certified_topk(scan, queries, self._raw_rows, self.need, k)
+
+    def _merged_f64(self, q, index, offset, size, dask_index, dask_f64):
+        """float64 scores of the records in ``index``: the dask segment's list
+        (``dask_index``, rows ``offset .. offset + size``) merged with host segments' rows.
+        The dask segment's records take the workers' scores, the others are scored here
+        (``exact_scores``: the same numbers wherever computed)."""
+        if np.array_equal(index, dask_index):  # no added row made the list
+            return dask_f64
+        on_dask = (index >= offset) & (index < offset + size)
+        # Each listed dask record's place in its query's dask list: one sort of (query, row).
+        span = np.int64(self._n + 1)
+        rows = np.arange(index.shape[0], dtype=np.int64)[:, None] * span
+        keys = (rows + dask_index + 1).reshape(-1)
+        order = np.argsort(keys, kind="stable")
+        want = (rows + index + 1).reshape(-1)
+        found = order[np.minimum(np.searchsorted(keys, want, sorter=order), keys.size - 1)]
+        out = np.where(on_dask, dask_f64.reshape(-1)[found].reshape(index.shape), -np.inf)
+        host = (index >= 0) & ~on_dask
+        if host.any():
+            out = np.where(host, exact_scores(q, np.where(host, index, -1), self._raw_rows),
+                           out)
+        return out
+
+    def _want(self, positions):
+        """Rows a dask corpus brings back with its next pass (``DaskRows.want``), so they need
+        no gather of their own (a no-op on host rows)."""
+        part = self._corpus
+        if getattr(part, "DASK_ROWS", False):
+            positions = np.asarray(positions, np.int64).reshape(-1)
+            part.want(positions[(positions >= 0) & (positions < part.shape[0])])
 
     def _exact(self, queries, index):
         """float64 score of each listed record (-inf for -1), as a fit computes it."""
@@ -279,11 +343,19 @@ class Tuner:
         The corpus is referenced, not copied: it must stay as it is while the tuner is used
         (rows added later go through :meth:`add_records`). Returns the first delta: every
         touched row.
+
+        A row-chunked ``dask.array`` corpus is read on its cluster: the passes run on the
+        workers (one task per block; the (n_q, k) lists come back with their float64
+        scores, so no candidate row is gathered), the touched rows (and NUDGE-M's validation
+        answers) come back with the fit's pass, and the rows later operations touch are
+        gathered by index (:class:`nudgefast._dask.DaskRows`); the same state, gamma and
+        deltas as for the rows as a NumPy array.
         """
         t0 = time.perf_counter()
         est = self.estimator
         prep = _prepare(corpus, train, val, est.backend, np.float32, unique_train=True,
-                        unique_val=True, skip_empty_val=True, n_threads=est.n_threads)
+                        unique_val=True, skip_empty_val=True, n_threads=est.n_threads,
+                        dask_ok=True, defer_base=True)
         n, d = prep.corpus.shape
         if self.variant == "nudge-n":
             _validate.as_k("k_val", est.k_val, n)
@@ -305,9 +377,7 @@ class Tuner:
         self._t = t
         self._slot_rec = prep.touched.copy()
         self._slot_of = {int(r): s for s, r in enumerate(prep.touched)}
-        self._base = prep.base
         self._grad = prep.grad
-        self._init_coefficients()
         # Validation: queries, answers, untouched candidate lists, products.
         self._vq = prep.val_q
         self._vq64 = None
@@ -316,7 +386,12 @@ class Tuner:
         self._valive = np.ones(prep.val_q.shape[0], bool)
         self._m = self._weights()
         K = self.need + self.margin
+        if self.variant == "nudge-m":
+            self._want(prep.val_csr.index)  # a dask corpus: the answers' rows, with the pass
         self._Ls, self._Li, self._Lcomplete = self._pass(self._vq, K, desc="NUDGE corpus pass")
+        # A dask corpus's touched rows came back with the pass (``_prepare(defer_base=True)``).
+        self._base = touched_base(prep.corpus, prep.touched) if prep.base is None else prep.base
+        self._init_coefficients()
         self._derive()
         gamma_prev = float("nan")
         vectors = self._project(np.arange(t))
@@ -451,6 +526,7 @@ class Tuner:
         self._pq = np.repeat(np.arange(len(self._vans), dtype=np.int64), counts)
         self._px = (np.concatenate([a for a, alive in zip(self._vans, self._valive) if alive])
                     if counts.sum() else np.zeros(0, np.int64)).astype(np.int64)
+        self._prefetch(self._px)  # a dask corpus: the answers' rows in one gather
         self._sx_unt = self._exact(self._vq[self._pq], self._px[:, None])[:, 0] \
             if self._px.size else np.zeros(0)
         P = self._px.size
@@ -971,6 +1047,8 @@ class Tuner:
             raise ValueError("answers: no validation query has an answer; give answer lists")
         q = q[keep]
         answers = [index[ptr[i]:ptr[i + 1]].copy() for i in keep]
+        if self.variant == "nudge-m":
+            self._want(np.concatenate(answers))  # a dask corpus: their rows, with the pass
         s, i, complete = self._pass(q, self._Li.shape[1], desc="tuner validation pass")
         t = self._t
         S, H = self._products(q, np.arange(t))
@@ -1082,11 +1160,14 @@ class Tuner:
     # State on disk
 
     def _fingerprint(self, corpus):
-        """Shape, dtype and a hash of 64 spread rows: enough to refuse another corpus."""
+        """Shape, dtype and a hash of 64 spread rows: enough to refuse another corpus. The
+        rows are read in one index-array access (a dask corpus: one gather on its workers);
+        their bytes in row order are hashed, so the value does not depend on how they were
+        read (a host array, a memmap, a dask corpus of the same rows give the same)."""
         n = corpus.shape[0]
-        h = hashlib.sha256(f"{corpus.shape}{corpus.dtype}".encode())
-        for p in np.unique(np.linspace(0, n - 1, 64).astype(np.int64)):
-            h.update(np.ascontiguousarray(corpus[p]).tobytes())
+        h = hashlib.sha256(f"{tuple(corpus.shape)}{corpus.dtype}".encode())
+        rows = np.unique(np.linspace(0, n - 1, 64).astype(np.int64))
+        h.update(np.ascontiguousarray(np.asarray(corpus[rows], dtype=corpus.dtype)).tobytes())
         return h.hexdigest()
 
     def save(self, path) -> None:
@@ -1105,7 +1186,9 @@ class Tuner:
                 "corpus_dtype": str(self._corpus.dtype),
                 "fingerprint": self._fingerprint(self._corpus), "gamma": self._gamma,
                 "n_added": len(self._added), "ids": None if self._ids is None else
-                self._ids.dtype.kind, "corpus_path": self._corpus_path()}
+                self._ids.dtype.kind, "corpus_path": self._corpus_path(),
+                "corpus_kind": "dask" if getattr(self._corpus, "DASK_ROWS", False)
+                else "array"}
         t = self._t
         vcount = np.array([a.size for a in self._vans], np.int64)
         arrays = dict(
@@ -1127,8 +1210,11 @@ class Tuner:
         log.info("Tuner: state saved to %s", path)
 
     def _corpus_path(self):
-        """The .npy file behind a memory-mapped corpus (so ``load`` can reopen it), or None."""
+        """The .npy file behind a memory-mapped corpus (so ``load`` can reopen it), or None
+        (an in-memory corpus, a dask corpus: ``load`` needs it passed)."""
         base = self._corpus
+        if getattr(base, "DASK_ROWS", False):
+            return None
         while base is not None and not isinstance(base, np.memmap):
             base = getattr(base, "base", None)
         name = getattr(base, "filename", None)
@@ -1139,10 +1225,14 @@ class Tuner:
              progress=None) -> "Tuner":
         """Read a state :meth:`save` wrote, for the same ``corpus`` (checked by shape, dtype
         and a fingerprint). Without ``corpus``, the .npy file the state was fitted on is
-        memory-mapped again (when it was a memmap). ``backend`` and ``n_threads`` override the
-        saved ones.
+        memory-mapped again (when it was a memmap); a state fitted on an in-memory or a dask
+        corpus needs it passed. ``corpus`` may be a row-chunked ``dask.array`` (whatever the
+        state was fitted on, if it holds the same rows): later passes run on its workers,
+        rows are gathered by index, as after :meth:`fit`. ``backend`` and ``n_threads``
+        override the saved ones.
         Derived values (validation products, hits or intervals) are recomputed; the corpus is
-        not read beyond the fingerprint's rows."""
+        not read beyond the fingerprint's rows and, for NUDGE-M, the validation answers' rows
+        (a dask corpus: one gather each)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such tuner state file")
@@ -1161,6 +1251,10 @@ class Tuner:
                              f"nudgefast reads version {STATE_VERSION}; upgrade nudgefast")
         if corpus is None:
             where = meta.get("corpus_path")
+            if not where and meta.get("corpus_kind") == "dask":
+                raise ValueError(f"corpus: the state in {path} was fitted on a dask corpus; "
+                                 f"pass that dask array (e.g. da.from_zarr(...) or "
+                                 f"nudgefast._dask.npy_corpus(...) of the same rows)")
             if not where:
                 raise ValueError(f"corpus: the state in {path} was fitted on an in-memory "
                                  f"corpus; pass the corpus it was fitted on")
@@ -1168,7 +1262,11 @@ class Tuner:
                 raise ValueError(f"corpus: the state in {path} was fitted on {where}, which is "
                                  f"gone; pass the corpus it was fitted on")
             corpus = np.load(where, mmap_mode="r")
-        corpus = _validate.as_corpus("corpus", corpus)
+        if _arrays.is_dask(corpus):
+            from . import _dask
+            corpus = _dask.as_corpus("corpus", corpus, backend or meta["backend"])
+        else:
+            corpus = _validate.as_corpus("corpus", corpus)
         want = (meta["n_base"], meta["d"])
         if corpus.shape != want or str(corpus.dtype) != meta["corpus_dtype"]:
             raise ValueError(f"corpus: the state in {path} was saved for a {meta['corpus_dtype']}"
