@@ -72,9 +72,12 @@ class DaskRows:
 
     DASK_ROWS = True
 
-    def __init__(self, array, name="corpus", backend="auto"):
+    def __init__(self, array, name="corpus", backend="auto", corrector=None):
         self.array = array
         self.name = name
+        #: a fitted Corrector the rows are read through (stale corpus, corrected where each
+        #: block is read; ``shape`` is then (N, d_new)), or None
+        self.corrector = corrector
         #: the backend the workers use, as the caller named it: ``"auto"`` resolves on each
         #: worker (its own fastest: cuda on a GPU worker, else cpp > numba > numpy).
         self.backend = backend
@@ -82,10 +85,12 @@ class DaskRows:
         self.last_backends = ()
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
+        if corrector is not None:
+            self.shape, self.dtype = (self.shape[0], corrector.d_new), np.dtype(np.float32)
         self.ndim = 2
         self.offsets = np.r_[0, np.cumsum(array.chunks[0])].astype(np.int64)
         self._rows = np.zeros(0, np.int64)  # sorted rows gathered so far
-        self._values = np.zeros((0, self.shape[1]), self.dtype)  # their stored values
+        self._values = np.zeros((0, array.shape[1]), array.dtype)  # their stored values
         self._pending = np.zeros(0, np.int64)  # rows the next pass brings along (want)
 
     def want(self, rows) -> None:
@@ -124,9 +129,7 @@ class DaskRows:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"{self.name}: row index out of range [0, {self.shape[0]})")
-        self._gather(rows)
-        # float16/float32 widen exactly to float64: the same values as a host gather.
-        return self._values[np.searchsorted(self._rows, rows)].astype(np.float64)
+        return self._stored(rows).astype(np.float64)
 
     def __getitem__(self, key):
         """``rows[i]`` / ``rows[index_array]``: rows gathered by index (as :meth:`take`, in the
@@ -146,7 +149,11 @@ class DaskRows:
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"{self.name}: row index out of range [0, {self.shape[0]})")
         self._gather(rows)
-        return self._values[np.searchsorted(self._rows, rows)].reshape(shape + (self.shape[1],))
+        # float16/float32 widen exactly to float64: the same values as a host gather.
+        values = self._values[np.searchsorted(self._rows, rows)]
+        if self.corrector is not None:  # the stale rows, corrected here
+            values = self.corrector.corrected_rows(values, rows)
+        return values.reshape(shape + (self.shape[1],))
 
     def _gather(self, rows):
         missing = np.setdiff1d(rows, self._rows)
@@ -248,12 +255,14 @@ def _take_block(block, local, block_info=None):
     return np.asarray(block)[local[block_info[0]["chunk-location"][0]]]
 
 
-def as_corpus(name: str, corpus, backend="auto") -> DaskRows:
+def as_corpus(name: str, corpus, backend="auto", corrector=None) -> DaskRows:
     """A :class:`DaskRows` view of a dask array ``corpus``, checked like ``_validate.as_corpus``
     (2-D, float16/32/64, not empty) and for Dask's own constraints: blocks span every column
     (one block per row range) and their row counts are known. ``backend``: what the caller
     asked for (``"auto"``, or a name the client has already checked), which each worker
-    resolves for itself (see :func:`worker_backend`)."""
+    resolves for itself (see :func:`worker_backend`). ``corrector``: a fitted Corrector
+    whose view of the stale rows is the corpus (one graph key: its maps and its sample's
+    fresh rows reach each worker once)."""
     if corpus.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D dask array of shape (N, d), got "
                          f"{corpus.ndim}-D shape {tuple(corpus.shape)}; reshape it to (N, d)")
@@ -271,7 +280,10 @@ def as_corpus(name: str, corpus, backend="auto") -> DaskRows:
     if corpus.shape[0] == 0 or corpus.shape[1] == 0:
         raise ValueError(f"{name}: is empty (shape {tuple(corpus.shape)}); pass at least one "
                          f"record with d >= 1")
-    return DaskRows(corpus, name, backend)
+    if corrector is not None:
+        from .corrector import as_corrector
+        as_corrector("corrector", corrector)._check_corpus(tuple(int(s) for s in corpus.shape))
+    return DaskRows(corpus, name, backend, corrector)
 
 
 def worker_backend(backend):
@@ -283,8 +295,8 @@ def worker_backend(backend):
     return _backends.get(backend)
 
 
-def _block_topk(block, queries, exclude, wanted, *, k, row_offset, normalize, backend,
-                chunk_rows, n_threads, exact, block_info=None):
+def _block_topk(block, queries, exclude, wanted, corrector, *, k, row_offset, normalize,
+                backend, chunk_rows, n_threads, exact, block_info=None):
     """Runs on a worker, fused with the task that reads the block: one block's part (see
     :func:`_part`), its rows numbered from ``row_offset`` plus the block's first row;
     ``exclude``: every sorted global excluded row (the block takes its own range);
@@ -293,10 +305,14 @@ def _block_topk(block, queries, exclude, wanted, *, k, row_offset, normalize, ba
     float64 score of each listed record (``nudge.exact_scores``'s arithmetic, so the client
     need not gather the candidates' rows). The block is scanned in chunks as on one machine;
     its first bad row (global) ends the scan: the client raises for the corpus's first
-    anyway."""
+    anyway. ``corrector``: a fitted Corrector the block's stale rows are read through (the
+    wanted rows still travel as stored), or None."""
     impl = worker_backend(backend)  # resolved here: "auto" is this worker's best
-    block = np.asarray(block)
+    block = stored = np.asarray(block)
     offset = row_offset + int(block_info[0]["array-location"][0][0])
+    if corrector is not None:  # corrected chunk by chunk inside the scan (CorrectedRows)
+        from .corrector import CorrectedRows  # the corpus was checked on the client
+        block = CorrectedRows(stored, corrector, offset)
     scores, index, bad = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows,
                                n_threads)
     f64 = None
@@ -307,7 +323,7 @@ def _block_topk(block, queries, exclude, wanted, *, k, row_offset, normalize, ba
     lo, hi = np.searchsorted(wanted, [offset, offset + block.shape[0]])
     out = np.empty((1, 1), dtype=object)
     out[0, 0] = _part(scores, index, f64, bad, (impl.NAME,), wanted[lo:hi],
-                      np.array(block[wanted[lo:hi] - offset]))
+                      np.array(stored[wanted[lo:hi] - offset]))
     return out
 
 
@@ -436,7 +452,8 @@ def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=
     # lists (and the wanted rows) travel.
     parts = corpus.array.map_blocks(
         _block_topk, dask.delayed(queries, pure=True), dask.delayed(exclude, pure=True),
-        dask.delayed(wanted, pure=True), k=int(k), row_offset=int(row_offset),
+        dask.delayed(wanted, pure=True), dask.delayed(corpus.corrector, pure=True),
+        k=int(k), row_offset=int(row_offset),
         normalize=bool(normalize), backend=corpus.backend, chunk_rows=chunk_rows,
         n_threads=n_threads, exact=bool(exact), dtype=object, chunks=((1,) * nb, (1,)),
         meta=np.empty((0, 0), dtype=object),

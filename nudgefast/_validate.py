@@ -132,8 +132,10 @@ def as_corpus(name: str, corpus, backend: str | None = None):
     return corpus
 
 
-def as_queries(name: str, queries, d: int | None = None, dtype=np.float32) -> np.ndarray:
-    """A C-contiguous copy of a query matrix in ``dtype``, checked for shape and values."""
+def as_queries(name: str, queries, d: int | None = None, dtype=np.float32,
+               what: str = "query") -> np.ndarray:
+    """A C-contiguous copy of a query matrix in ``dtype``, checked for shape and values;
+    ``what``: what a row is, for the messages (a corrector's pairs are records)."""
     arr = _host_array(name, queries, allow_device=True)
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array of shape (n, d), got {arr.ndim}-D shape "
@@ -147,10 +149,10 @@ def as_queries(name: str, queries, d: int | None = None, dtype=np.float32) -> np
     out = np.array(arr, dtype=dtype, order="C", copy=True)
     if not np.isfinite(out).all():
         row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
-        raise ValueError(f"{name}: row {row} contains NaN or inf; drop or re-embed that query")
+        raise ValueError(f"{name}: row {row} contains NaN or inf; drop or re-embed that {what}")
     if out.shape[0] and (norms := np.linalg.norm(out.astype(np.float64), axis=1)).min() == 0:
         row = int(np.flatnonzero(norms == 0)[0])
-        raise ValueError(f"{name}: row {row} is a zero vector; drop that query")
+        raise ValueError(f"{name}: row {row} is a zero vector; drop or re-embed that {what}")
     return out
 
 
@@ -167,7 +169,9 @@ def as_k(name: str, k, n_records: int) -> int:
 
 def corpus_row_error(name: str, corpus, row: int, normalize: bool) -> ValueError:
     """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm); a
-    device corpus has that one row read back."""
+    device corpus has that one row read back; a corrected view (``source``: the stale corpus
+    it corrects) is judged by its stale row."""
+    corpus = getattr(corpus, "source", corpus)
     return row_error(name, row, _arrays.take_rows(corpus, [row])[0], normalize)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import _arrays, _backends, _validate
 from ._defaults import NUDGE_N_GAMMAS, VAL_BLOCK
 from .queryset import AnswerCSR, as_queryset, check_answers
-from .search import normalize_pass, rank_rows, topk_pass
+from .search import as_corrected, normalize_pass, rank_rows, topk_pass
 
 log = logging.getLogger("nudgefast")
 
@@ -243,7 +243,7 @@ class _Prepared:
 
 def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, skip_empty_val,
              n_threads, device_ok=False, quantized_ok=False, dask_ok=False,
-             defer_base=False) -> _Prepared:
+             defer_base=False, corrector=None) -> _Prepared:
     """Validated inputs, the query gradients and the touched base rows. ``device_ok``: a
     device corpus is read in place by the GPU backend (``prep.corpus`` is then a CuPy view);
     without it (callers that need host rows) a device corpus is an error. ``quantized_ok``: a
@@ -252,7 +252,9 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     ``dask_ok``: a row-chunked dask array is read on its cluster (``prep.corpus`` is then a
     ``_dask.DaskRows``); without it a dask corpus is an error. ``defer_base``: a dask
     corpus's touched rows are read by the fit's pass (``prep.base`` is None until
-    ``_untouched_topk`` sets it), not by a gather of their own before it."""
+    ``_untouched_topk`` sets it), not by a gather of their own before it. ``corrector``: the
+    corpus holds stale embeddings, read through the corrector (``prep.corpus`` is then its
+    corrected view; see :mod:`nudgefast.corrector`)."""
     from ._quantized import DequantizedRows
     from .quantize import QuantizedCorpus
     qc = corpus if isinstance(corpus, QuantizedCorpus) else None
@@ -264,13 +266,18 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     requested = backend  # a dask corpus's workers resolve "auto" themselves
     backend = _backends.resolve(backend, device_input="corpus" if on_device else None)
     if qc is not None:
+        if corrector is not None:
+            raise ValueError("corrector: corrects float embeddings; pass the stale float "
+                             "corpus (or corpus.dequantize()), not a QuantizedCorpus")
         corpus = DequantizedRows(qc, _backends.get(backend), n_threads)
     elif dask_ok and _arrays.is_dask(corpus):
         # Scanned on its workers (search.topk_pass), its rows gathered by index (take_rows).
         from . import _dask
-        corpus = _dask.as_corpus("corpus", corpus, requested)
+        corpus = _dask.as_corpus("corpus", corpus, requested, corrector=corrector)
     else:
         corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
+        if corrector is not None:
+            corpus = as_corrected("corpus", corpus, corrector)
     n, d = corpus.shape
     impl = _backends.get(backend)
     train, train_q = as_queryset("train", train, d, dtype)
@@ -691,7 +698,7 @@ class NudgeN(_Nudge):
         self.k_val = int(k_val)
         self.gammas = NUDGE_N_GAMMAS if gammas is None else _validate.as_gammas("gammas", gammas)
 
-    def fit(self, corpus, train, val) -> NudgeResult:
+    def fit(self, corpus, train, val, *, corrector=None) -> NudgeResult:
         """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once; or a
         device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack), read in
         place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
@@ -703,9 +710,14 @@ class NudgeN(_Nudge):
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).
+
+        corrector: a fitted :class:`~nudgefast.Corrector`: ``corpus`` holds the old model's
+        embeddings, the queries the new model's; the fit is the fit on the corrected corpus,
+        each chunk corrected inside the pass (never written), the result in the new space
+        (search it with ``search(q, corpus, k, delta=result, corrector=corrector)``).
         """
         prep = self._prepare(corpus, train, val, unique_train=True, unique_val=True,
-                             skip_empty_val=True)
+                             skip_empty_val=True, corrector=corrector)
         _validate.as_k("k_val", self.k_val, prep.corpus.shape[0])
         return _fit_n(prep, self.k_val, self.gammas, extra_corpus=None,
                       chunk_rows=self.chunk_rows, n_threads=self.n_threads,
@@ -728,7 +740,7 @@ class NudgeM(_Nudge):
             raise ValueError(f"gamma_rule: must be 'midpoint' or 'left', got {gamma_rule!r}")
         self.gamma_rule = gamma_rule
 
-    def fit(self, corpus, train, val) -> NudgeResult:
+    def fit(self, corpus, train, val, *, corrector=None) -> NudgeResult:
         """Fit on ``corpus`` (N, d) float32/float16 array or memmap, streamed once; or a
         device array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` / DLPack), read in
         place by the GPU backend (``backend="auto"`` picks it; a CPU backend raises); or a
@@ -740,9 +752,14 @@ class NudgeM(_Nudge):
 
         train, val: :class:`QuerySet` (or ``(embeddings, answers)``). Returns a
         :class:`NudgeResult` holding only the touched records (host arrays).
+
+        corrector: a fitted :class:`~nudgefast.Corrector`: ``corpus`` holds the old model's
+        embeddings, the queries the new model's; the fit is the fit on the corrected corpus,
+        each chunk corrected inside the pass (never written), the result in the new space
+        (search it with ``search(q, corpus, k, delta=result, corrector=corrector)``).
         """
         prep = self._prepare(corpus, train, val, unique_train=True, unique_val=True,
-                             skip_empty_val=True)
+                             skip_empty_val=True, corrector=corrector)
         if prep.corpus.shape[0] < 2:
             raise ValueError("corpus: NUDGE-M needs at least 2 records")
         return _fit_m(prep, self.gamma_rule, 0.0, extra_corpus=None, chunk_rows=self.chunk_rows,

@@ -151,6 +151,18 @@ def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, nam
     return out
 
 
+def as_corrected(name, corpus, corrector):
+    """The corrected view of a validated host ``corpus`` (:meth:`Corrector.view`); a device
+    corpus is refused (the corrector's GEMMs run on the host)."""
+    from .corrector import as_corrector
+    corrector = as_corrector("corrector", corrector)
+    if not _arrays.is_host(corpus):
+        raise TypeError(f"{name}: a corrector is applied to host corpora (arrays, memmaps) "
+                        f"and dask corpora; for a GPU array pass a host copy, or "
+                        f"corrector.apply() it first")
+    return corrector.view(corpus)
+
+
 def rank_rows(scores, index, k=None):
     """Each row sorted by (score desc, index asc), -1 padding after every real candidate of
     equal (-inf) score; the first ``k`` columns (all without ``k``)."""
@@ -172,7 +184,7 @@ def merge_candidates(scores, indices, cand_scores, cand_indices, k):
 
 def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", chunk_rows=None,
            n_threads=None, progress=None, query_block=4096, query_precision=None,
-           rescore_multiplier=None, rescore_corpus=None) -> SearchResult:
+           rescore_multiplier=None, rescore_corpus=None, corrector=None) -> SearchResult:
     """Top-``k`` records for each query over ``corpus``, or over the tuned corpus ``delta``
     describes, without materialising a tuned copy.
 
@@ -206,6 +218,12 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     candidates against their 0/1 bits, which ranks them as our +-1 sign vectors do
     (``q . bits = (q . signs + sum(q)) / 2``).
 
+    corrector: a fitted :class:`~nudgefast.Corrector`: ``corpus`` holds the old model's
+    (stale) embeddings, ``queries`` the new model's; each chunk of the corpus is corrected
+    (the map's GEMMs, its sampled records' fresh rows) right before the top-k kernel, so the
+    corrected corpus is searched without being written (host arrays, memmaps and dask
+    corpora; a ``delta`` fitted with the same corrector applies).
+
     Returns a :class:`SearchResult` with float32 scores and int64 indices, in the caller's
     array library (see :class:`SearchResult`).
     """
@@ -226,12 +244,17 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     qc = corpus if quantized else None
     n_threads = _validate.as_threads("n_threads", n_threads)
     if quantized:
+        if corrector is not None:
+            raise ValueError("corrector: corrects float embeddings; pass the stale float "
+                             "corpus (or qc.dequantize()), not a QuantizedCorpus")
         corpus = _quantized.DequantizedRows(qc, _backends.get(backend), n_threads)
     elif _arrays.is_dask(corpus):
         from . import _dask
-        corpus = _dask.as_corpus("corpus", corpus, requested)
+        corpus = _dask.as_corpus("corpus", corpus, requested, corrector=corrector)
     else:
         corpus = _validate.as_corpus("corpus", corpus, backend=backend)
+        if corrector is not None:
+            corpus = as_corrected("corpus", corpus, corrector)
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)
