@@ -184,10 +184,8 @@ class Corrector:
         best, best_cos, stale_epochs, step = None, -np.inf, 0, 0
         b1_, b2_, eps = 0.9, 0.999, 1e-8
         for epoch in range(self.epochs):
-            for s in range(0, x32.shape[0], self.batch):
-                sel = rng.permutation(x32.shape[0])[:self.batch] if False else None
-                idx = slice(s, s + self.batch) if sel is None else sel
-                grads = _mlp_grads(params, x32[idx], y32[idx])
+            for s in range(0, x32.shape[0], self.batch):  # minibatches of this epoch's order
+                grads = _mlp_grads(params, x32[s:s + self.batch], y32[s:s + self.batch])
                 step += 1
                 for k in params:
                     m[k] = b1_ * m[k] + (1 - b1_) * grads[k]

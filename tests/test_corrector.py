@@ -11,7 +11,6 @@ import pytest
 
 from conftest import BACKENDS, REAL
 from nudgefast import Corrector, NudgeM, NudgeN, QuerySet, choose_sample, metrics, search
-from nudgefast import corrector as corrector_mod
 
 CPU = [b for b in BACKENDS if b != "cuda"]
 MODEL_CHANGE = [p for p in REAL if (p / "stale_corpus.npy").exists()]
