@@ -61,17 +61,21 @@ class Corrector:
     """A map from the old model's embeddings to the new model's (see the module docstring).
 
     kind: ``"ridge"`` or ``"mlp"``. alpha: the ridge penalty (relative to the mean diagonal of
-    X^T X); None: the best of :data:`RIDGE_GRID` on the held-out pairs. hidden, epochs, lr,
-    batch, patience: the MLP's width, most epochs, Adam step, minibatch rows, and the epochs
-    without a held-out improvement before it stops (the best epoch's weights are kept).
-    holdout: the fraction of pairs held out for those choices (the final ridge map is refitted
-    on every pair). old_model / new_model: the names of the models it maps between (kept with
-    it, checked by nothing but the caller). seed: the holdout split and the MLP's init and
+    X^T X); None: the best of :data:`RIDGE_GRID` on the held-out pairs. hidden: the MLP's
+    hidden width (0: a linear map trained like the MLP). epochs, lr, batch: the most epochs,
+    the Adam step, the pairs per minibatch (each step also takes 64 train queries when it
+    learns from queries). patience: epochs without a held-out gain before it stops (early
+    stopping on the pairs; on dev it checks every 2 epochs and stops after 4 checks without
+    a gain); the best weights are kept. holdout: the fraction of pairs held out for the
+    penalty's choice (and the pairs' early stopping). tau: the InfoNCE temperature;
+    candidates: records mined per query for it. old_model / new_model: the names of the
+    models it maps between (kept with it). seed: the holdout split, the MLP's init and
     minibatches.
     """
 
-    def __init__(self, kind="ridge", *, alpha=None, hidden=1024, epochs=200, lr=1e-3, batch=256,
-                 patience=15, holdout=0.1, old_model=None, new_model=None, seed=0):
+    def __init__(self, kind="ridge", *, alpha=None, hidden=1024, epochs=40, lr=1e-3, batch=128,
+                 patience=10, holdout=0.1, tau=0.05, candidates=100, old_model=None,
+                 new_model=None, seed=0):
         if kind not in ("ridge", "mlp"):
             raise ValueError(f"kind: must be 'ridge' or 'mlp', got {kind!r}")
         if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0
@@ -82,12 +86,18 @@ class Corrector:
             raise ValueError(f"holdout: must be a float in (0, 0.5), got {holdout!r}")
         self.kind = kind
         self.alpha = alpha
-        self.hidden = _validate.as_size("hidden", hidden, allow_none=False)
+        if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 0:
+            raise ValueError(f"hidden: must be an int >= 0 (0: a linear map), got {hidden!r}")
+        self.hidden = int(hidden)
         self.epochs = _validate.as_size("epochs", epochs, allow_none=False)
         self.lr = float(lr)
         self.batch = _validate.as_size("batch", batch, allow_none=False)
         self.patience = _validate.as_size("patience", patience, allow_none=False)
         self.holdout = holdout
+        if not (isinstance(tau, (int, float)) and tau > 0):
+            raise ValueError(f"tau: must be a positive number, got {tau!r}")
+        self.tau = float(tau)
+        self.candidates = _validate.as_size("candidates", candidates, allow_none=False)
         self.old_model, self.new_model = old_model, new_model
         self.seed = seed
         self.W0 = self.b0 = self.W1 = self.b1 = self.W2 = None
@@ -110,17 +120,39 @@ class Corrector:
     def d_new(self):
         return None if self.W0 is None else self.W0.shape[1]
 
-    def fit(self, stale, fresh, index=None, *, corpus=None, dev=None, dev_old=None
+    def fit(self, stale, fresh, index=None, *, train=None, corpus=None, dev=None, dev_old=None
             ) -> "Corrector":
         """Fit on the pairs ``stale[i] -> fresh[i]`` ((m, d_old) and (m, d_new) arrays, the
         same records embedded by the old and the new model). ``index``: those records' rows
         in the corpus (distinct); the corrected corpus then uses their true fresh rows (kept
-        as float32 unit rows, O(m d_new)). With ``corpus`` (the stale corpus), ``dev`` and
-        ``dev_old``, runs :meth:`check` after fitting (recommended: it is what warns when the
-        correction is worse than staying on the old model). Returns self."""
-        if (corpus is None) != (dev is None) or (dev is None) != (dev_old is None):
-            raise ValueError("corpus, dev, dev_old: pass all three (the check against the old "
-                             "model) or none")
+        as float32 unit rows, O(m d_new)).
+
+        ``kind="mlp"`` also learns from queries when ``train`` is given (a
+        :class:`~nudgefast.QuerySet` of the new model's train query embeddings, answers =
+        corpus rows; needs ``corpus``, the stale corpus): the task loss of the corrector
+        paper, a multi-positive InfoNCE of each query over its answers and its top
+        ``candidates`` records on the ridge-corrected corpus (one search pass mines them; the
+        sampled records score with their fresh rows), added to the pairs' cosine loss. It is
+        early-stopped on ``dev`` (the new model's dev queries), NDCG@10 of their mined
+        candidates re-ranked, when given; else on the held-out pairs.
+
+        With ``corpus``, ``dev`` and ``dev_old`` (the dev queries embedded by the old model),
+        :meth:`check` runs after fitting (recommended: it is what warns when the correction is
+        worse than staying on the old model). Returns self."""
+        from .queryset import QuerySet
+        if train is not None and self.kind != "mlp":
+            raise ValueError("train: queries are learned from by kind='mlp' only; the ridge "
+                             "map is fitted on the pairs (Corrector('mlp') to use them)")
+        if train is not None and corpus is None:
+            raise ValueError("corpus: learning from train queries mines their candidates in "
+                             "the stale corpus; pass it")
+        for name, value in (("train", train), ("dev", dev)):
+            if value is not None and not isinstance(value, QuerySet):
+                raise TypeError(f"{name}: expected a QuerySet of the new model's query "
+                                f"embeddings, got {type(value).__name__}")
+        if dev_old is not None and (dev is None or corpus is None):
+            raise ValueError("dev_old: the check against the old model needs corpus and dev "
+                             "too")
         t0 = time.perf_counter()
         x = _unit(_validate.as_queries("stale", stale, dtype=np.float64, what="record"))
         y = _unit(_validate.as_queries("fresh", fresh, dtype=np.float64, what="record"))
@@ -140,73 +172,38 @@ class Corrector:
         rng = np.random.default_rng(self.seed)
         perm = rng.permutation(x.shape[0])
         n_hold = max(1, int(round(self.holdout * x.shape[0])))
-        hold, train = perm[:n_hold], perm[n_hold:]
+        hold, rest = perm[:n_hold], perm[n_hold:]
         alpha = self.alpha
         if alpha is None:
-            scores = {a: _heldout_cos(_ridge(x[train], y[train], a), x[hold], y[hold])
+            scores = {a: _heldout_cos(_ridge(x[rest], y[rest], a), x[hold], y[hold])
                       for a in RIDGE_GRID}
             alpha = max(scores, key=lambda a: (scores[a], a))
             self.info["ridge_heldout_cos"] = {str(a): float(s) for a, s in scores.items()}
         self.info["alpha"] = float(alpha)
-        if self.kind == "ridge":
-            W, b = _ridge(x, y, alpha)
-            self.W0, self.b0 = W.astype(np.float32), b.astype(np.float32)
-        else:
-            W, b = _ridge(x[train], y[train], alpha)
-            self._fit_mlp(x[train], y[train], x[hold], y[hold], W, b, rng)
+        W, b = _ridge(x, y, alpha)
+        self.W0, self.b0 = W.astype(np.float32), b.astype(np.float32)
+        self.W1 = self.b1 = self.W2 = None
         if index is not None:
             order = np.argsort(index)
             self.index = index[order].astype(np.int64)
             self.fresh = y[order].astype(np.float32)
         else:
             self.index, self.fresh = np.zeros(0, np.int64), None
+        if self.kind == "mlp":
+            mined = _Mined(self, corpus, train, dev) if train is not None else None
+            if mined is None:  # early-stopped on held-out pairs: the map starts from theirs
+                W, b = _ridge(x[rest], y[rest], alpha)
+            _Trainer(self, x, y, W, b, hold if mined is None or mined.dev is None else None,
+                     mined, rng).run()
         self.info["heldout_cos"] = float(_heldout_cos(self, x[hold], y[hold]))
         self.info["pairs"] = int(x.shape[0])
         self.info["fit_seconds"] = time.perf_counter() - t0
         log.info("Corrector(%s): %d pairs, %d -> %d dims, alpha=%.3g, held-out cosine %.4f, "
                  "%.2f s", self.kind, x.shape[0], x.shape[1], y.shape[1], alpha,
                  self.info["heldout_cos"], self.info["fit_seconds"])
-        if dev is not None:
+        if dev_old is not None:
             self.check(corpus, dev, dev_old)
         return self
-
-    def _fit_mlp(self, x, y, xh, yh, W, b, rng):
-        """Adam on the residual network from the ridge map: mean (1 - cosine) of the
-        prediction with the fresh row; the epoch with the best held-out cosine is kept."""
-        d_old, d_new, h = x.shape[1], y.shape[1], self.hidden
-        params = {"W0": W.astype(np.float32), "b0": b.astype(np.float32),
-                  "W1": (rng.standard_normal((d_old, h)) * np.sqrt(2.0 / d_old)
-                         ).astype(np.float32),
-                  "b1": np.zeros(h, np.float32), "W2": np.zeros((h, d_new), np.float32)}
-        m = {k: np.zeros_like(v) for k, v in params.items()}
-        v = {k: np.zeros_like(v) for k, v in params.items()}
-        x32, y32 = x.astype(np.float32), y.astype(np.float32)
-        best, best_cos, stale_epochs, step = None, -np.inf, 0, 0
-        b1_, b2_, eps = 0.9, 0.999, 1e-8
-        for epoch in range(self.epochs):
-            for s in range(0, x32.shape[0], self.batch):  # minibatches of this epoch's order
-                grads = _mlp_grads(params, x32[s:s + self.batch], y32[s:s + self.batch])
-                step += 1
-                for k in params:
-                    m[k] = b1_ * m[k] + (1 - b1_) * grads[k]
-                    v[k] = b2_ * v[k] + (1 - b2_) * grads[k] ** 2
-                    mh = m[k] / (1 - b1_ ** step)
-                    vh = v[k] / (1 - b2_ ** step)
-                    params[k] -= (self.lr * mh / (np.sqrt(vh) + eps)).astype(np.float32)
-            order = rng.permutation(x32.shape[0])
-            x32, y32 = x32[order], y32[order]
-            cos = float(np.mean(np.sum(_normalize(_mlp_forward(params, xh.astype(np.float32))[0])
-                                       * yh, axis=1)))
-            if cos > best_cos:
-                best, best_cos, stale_epochs = {k: p.copy() for k, p in params.items()}, cos, 0
-            else:
-                stale_epochs += 1
-                if stale_epochs >= self.patience:
-                    break
-        self.info["epochs"] = epoch + 1
-        self.info["best_heldout_cos"] = best_cos
-        self.W0, self.b0, self.W1, self.b1, self.W2 = (best[k] for k in
-                                                       ("W0", "b0", "W1", "b1", "W2"))
 
     # ------------------------------------------------------------------------------------
     # apply
@@ -350,6 +347,7 @@ class Corrector:
                 "old_model": self.old_model, "new_model": self.new_model,
                 "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr, "batch": self.batch,
                 "patience": self.patience, "holdout": self.holdout, "seed": self.seed,
+                "tau": self.tau, "candidates": self.candidates,
                 "info": self.info, "dev_scores": self.dev_scores}
         arrays = {"meta": np.array(json.dumps(meta)), "W0": self.W0, "b0": self.b0,
                   "index": self.index}
@@ -379,7 +377,8 @@ class Corrector:
                              f"reads version {VERSION}; upgrade nudgefast")
         self = cls(meta["kind"], alpha=meta["alpha"], hidden=meta["hidden"],
                    epochs=meta["epochs"], lr=meta["lr"], batch=meta["batch"],
-                   patience=meta["patience"], holdout=meta["holdout"],
+                   patience=meta["patience"], holdout=meta["holdout"], tau=meta["tau"],
+                   candidates=meta["candidates"],
                    old_model=meta["old_model"], new_model=meta["new_model"], seed=meta["seed"])
         self.W0, self.b0 = data["W0"], data["b0"]
         if "W1" in data:
@@ -532,19 +531,221 @@ def _heldout_cos(model, x, y):
     return float(np.mean(np.sum(pred * y, axis=1)))
 
 
-def _mlp_forward(p, x):
-    hid_pre = x @ p["W1"] + p["b1"]
-    hid = np.maximum(hid_pre, 0)
-    return x @ p["W0"] + p["b0"] + hid @ p["W2"], hid_pre, hid
+class _Mined:
+    """What the query loss reads: each train query's candidates (its answers first, then its
+    top ``candidates`` records on the ridge-corrected corpus, one search pass for train and
+    dev queries together), the dev queries' candidates (their top records only: re-ranked to
+    score an epoch), and the stale rows of every candidate (O((n_train + n_dev) K) rows,
+    whatever N), those of sampled records replaced by their fresh rows (constants)."""
+
+    def __init__(self, c: Corrector, corpus, train, dev):
+        from .search import search
+        k = int(c.candidates)
+        queries = [train.embeddings] + ([dev.embeddings] if dev is not None else [])
+        q = np.ascontiguousarray(np.vstack(queries), dtype=np.float32)
+        if q.shape[1] != c.d_new:
+            raise ValueError(f"train: queries of d={q.shape[1]}, the new model's embeddings "
+                             f"have d={c.d_new}; pass the new model's query embeddings")
+        n = corpus.shape[0]
+        top = search(q, corpus, min(k, n), corrector=c, progress=False).indices
+        n_train = len(train)
+        csr = train.csr(unique=True)
+        from .queryset import check_answers
+        check_answers("train", csr, n)
+        width = min(k, n) + int(csr.counts.max(initial=0))
+        cand = np.full((n_train, width), -1, np.int64)
+        pos = np.zeros((n_train, width), bool)
+        for i in range(n_train):
+            ans = csr.index[csr.ptr[i]:csr.ptr[i + 1]]
+            rest = top[i][(top[i] >= 0) & ~np.isin(top[i], ans)]
+            cand[i, :ans.size + rest.size] = np.concatenate([ans, rest])
+            pos[i, :ans.size] = True
+        dev_top = top[n_train:]
+        rows = np.unique(np.concatenate([cand[cand >= 0], dev_top[dev_top >= 0]]))
+        self.rows = rows
+        self.cand = np.where(cand >= 0, np.searchsorted(rows, cand), -1)
+        self.pos = pos
+        self.tq = np.ascontiguousarray(train.embeddings, dtype=np.float32)
+        self.has_answer = pos.any(axis=1)
+        self.dev = dev
+        self.dev_cand = np.where(dev_top >= 0, np.searchsorted(rows, dev_top), -1)
+        self.dq = None if dev is None else np.ascontiguousarray(dev.embeddings, np.float32)
+        stale = _take_stale(corpus, rows)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.x = (stale / np.linalg.norm(stale, axis=1, keepdims=True)).astype(np.float32)
+        self.known = np.zeros(rows.size, bool)
+        self.fixed = np.zeros((rows.size, c.d_new), np.float32)
+        if c.index.size:
+            hit = np.minimum(np.searchsorted(c.index, rows), c.index.size - 1)
+            self.known = c.index[hit] == rows
+            self.fixed[self.known] = c.fresh[hit[self.known]]
+        log.info("Corrector: %d train queries, %d candidate records mined (%d with fresh rows)",
+                 n_train, rows.size, int(self.known.sum()))
+
+    def dev_ndcg(self, forward) -> float:
+        """NDCG@10 of the dev queries re-ranking their mined candidates with ``forward``."""
+        from .metrics import metrics
+        z = self.corrected(forward)
+        idx = np.maximum(self.dev_cand, 0)
+        s = np.einsum("qd,qkd->qk", self.dq, z[idx])
+        s[self.dev_cand < 0] = -np.inf
+        order = np.argsort(-s, axis=1, kind="stable")[:, :10]
+        ranked = np.take_along_axis(self.dev_cand, order, axis=1)
+        ranked = np.where(ranked >= 0, self.rows[np.maximum(ranked, 0)], -1)
+        return metrics(ranked, self.dev, 10)["ndcg@10"]
+
+    def corrected(self, forward) -> np.ndarray:
+        z = np.empty_like(self.fixed)
+        free = ~self.known
+        if free.any():
+            z[free] = forward(self.x[free])[0]
+        z[self.known] = self.fixed[self.known]
+        return z
 
 
-def _mlp_grads(p, x, y):
-    """Gradients of mean(1 - cos(pred, y)) (y unit rows)."""
-    pred, hid_pre, hid = _mlp_forward(p, x)
-    norm = np.linalg.norm(pred, axis=1, keepdims=True)
-    u = pred / norm
-    cos = np.sum(u * y, axis=1, keepdims=True)
-    g = -(y - cos * u) / norm / x.shape[0]  # d(1 - cos)/d pred, averaged
-    g_hid = (g @ p["W2"].T) * (hid_pre > 0)
-    return {"W0": x.T @ g, "b0": g.sum(axis=0), "W2": hid.T @ g,
-            "W1": x.T @ g_hid, "b1": g_hid.sum(axis=0)}
+def _take_stale(corpus, rows):
+    """float32 stale rows ``rows`` of a host or dask corpus."""
+    from . import _arrays
+    if _arrays.is_dask(corpus):
+        from . import _dask
+        return _dask.as_corpus("corpus", corpus).take(rows).astype(np.float32)
+    corpus = _validate.as_corpus("corpus", corpus)
+    return np.asarray(corpus[rows], dtype=np.float32)
+
+
+class _Trainer:
+    """Adam on y(x) = normalize(x W0 + b0 + relu(x W1 + b1) W2) from the ridge map (W2 = 0:
+    the residual network starts at zero): the pairs' mean (1 - cosine) and, with mined
+    queries, their InfoNCE (weight 1); early-stopped on the dev re-ranking (every 2 epochs,
+    4 checks without a gain) or the held-out pairs (``patience`` epochs); the best weights
+    are kept."""
+
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+    QUERY_BATCH = 64
+
+    def __init__(self, c, x, y, W, b, hold, mined, rng):
+        self.c, self.mined, self.rng = c, mined, rng
+        keep = np.ones(x.shape[0], bool)
+        if hold is not None:
+            keep[hold] = False
+            self.xh, self.yh = x[hold].astype(np.float32), y[hold].astype(np.float32)
+        self.x, self.y = x[keep].astype(np.float32), y[keep].astype(np.float32)
+        h = c.hidden
+        d_old = x.shape[1]
+        self.p = {"W0": W.astype(np.float32), "b0": b.astype(np.float32)}
+        if h:
+            self.p.update(W1=(rng.standard_normal((d_old, h)) * np.sqrt(2.0 / d_old)
+                              ).astype(np.float32),
+                          b1=np.zeros(h, np.float32), W2=np.zeros((h, W.shape[1]), np.float32))
+        self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
+        self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
+        self.t = 0
+
+    def forward(self, x):
+        z = x @ self.p["W0"] + self.p["b0"]
+        pre = hid = None
+        if "W1" in self.p:
+            pre = x @ self.p["W1"] + self.p["b1"]
+            hid = np.maximum(pre, 0)
+            z += hid @ self.p["W2"]
+        norm = np.linalg.norm(z, axis=1, keepdims=True)
+        u = z / norm
+        return u, (x, pre, hid, norm, u)
+
+    def backward(self, du, cache, grads, weight=1.0):
+        x, pre, hid, norm, u = cache
+        dz = (du - u * np.sum(u * du, axis=1, keepdims=True)) / norm * weight
+        grads["W0"] += x.T @ dz
+        grads["b0"] += dz.sum(axis=0)
+        if pre is not None:
+            grads["W2"] += hid.T @ dz
+            dpre = (dz @ self.p["W2"].T) * (pre > 0)
+            grads["W1"] += x.T @ dpre
+            grads["b1"] += dpre.sum(axis=0)
+
+    def step(self, grads):
+        self.t += 1
+        lr = self.c.lr
+        for k, g in grads.items():
+            self.m[k] = self.BETA1 * self.m[k] + (1 - self.BETA1) * g
+            self.v[k] = self.BETA2 * self.v[k] + (1 - self.BETA2) * g * g
+            mh = self.m[k] / (1 - self.BETA1 ** self.t)
+            vh = self.v[k] / (1 - self.BETA2 ** self.t)
+            self.p[k] -= lr * mh / (np.sqrt(vh) + self.EPS)
+
+    def pair_grads(self, sel, grads):
+        u, cache = self.forward(self.x[sel])
+        self.backward(-self.y[sel] / sel.size, cache, grads)  # d mean(1 - u.y) / du
+
+    def query_grads(self, qi, grads):
+        mi = self.mined
+        cand, pos = mi.cand[qi], mi.pos[qi]
+        valid = cand >= 0
+        uniq, inv = np.unique(cand[valid], return_inverse=True)
+        z = np.empty((uniq.size, mi.fixed.shape[1]), np.float32)
+        free = ~mi.known[uniq]
+        cache = None
+        if free.any():
+            z[free], cache = self.forward(mi.x[uniq[free]])
+        z[~free] = mi.fixed[uniq[~free]]
+        full = np.zeros(cand.shape, np.int64)
+        full[valid] = inv
+        q = mi.tq[qi]
+        tau = self.c.tau
+        s = np.where(valid, np.einsum("qd,qkd->qk", q, z[full]) / tau, -np.inf)
+        s -= s.max(axis=1, keepdims=True)
+        e = np.exp(s)
+        p_all = e / e.sum(axis=1, keepdims=True)
+        e_pos = e * pos
+        p_pos = e_pos / np.maximum(e_pos.sum(axis=1, keepdims=True), 1e-30)
+        ds = (p_all - p_pos) / tau / qi.size  # d mean(-log sum_pos / sum_all) / d (q . z)
+        dz = np.zeros_like(z)
+        np.add.at(dz, full[valid], (ds[..., None] * q[:, None, :])[valid])
+        if cache is not None:
+            self.backward(dz[free], cache, grads)
+
+    def run(self):
+        c, mi, rng = self.c, self.mined, self.rng
+        n_pairs = self.x.shape[0]
+        pair_steps = max(1, -(-n_pairs // c.batch))
+        queries = np.flatnonzero(mi.has_answer) if mi is not None else np.zeros(0, np.int64)
+        query_steps = -(-queries.size // self.QUERY_BATCH)
+        steps = max(pair_steps, query_steps)
+        use_dev = mi is not None and mi.dev is not None
+        every, patience = (2, 4) if use_dev else (1, c.patience)
+        best, best_score, waits, epoch = None, -np.inf, 0, -1
+        for epoch in range(c.epochs):
+            pairs = rng.permutation(n_pairs)
+            qorder = rng.permutation(queries)
+            for s in range(steps):
+                grads = {k: np.zeros_like(v) for k, v in self.p.items()}
+                sel = pairs[(s % pair_steps) * c.batch:(s % pair_steps + 1) * c.batch]
+                if sel.size:
+                    self.pair_grads(sel, grads)
+                if query_steps:
+                    qs = (s % query_steps) * self.QUERY_BATCH
+                    self.query_grads(qorder[qs:qs + self.QUERY_BATCH], grads)
+                self.step(grads)
+            if (epoch + 1) % every:
+                continue
+            if use_dev:
+                score = mi.dev_ndcg(self.forward)
+            else:
+                score = float(np.mean(np.sum(self.forward(self.xh)[0] * self.yh, axis=1)))
+            log.debug("Corrector epoch %d: %s %.4f", epoch + 1,
+                      "dev NDCG@10 (mined)" if use_dev else "held-out cosine", score)
+            if score > best_score + 1e-5:
+                best = {k: v.copy() for k, v in self.p.items()}
+                best_score, waits = score, 0
+                c.info["best_epoch"] = epoch + 1
+            else:
+                waits += 1
+                if waits >= patience:
+                    break
+        c.info["epochs"] = epoch + 1
+        c.info["early_stop"] = "dev NDCG@10 of mined candidates" if use_dev else \
+            "held-out pairs' cosine"
+        c.info["best_score"] = float(best_score)
+        c.W0, c.b0 = best["W0"], best["b0"]
+        if "W1" in best:
+            c.W1, c.b1, c.W2 = best["W1"], best["b1"], best["W2"]

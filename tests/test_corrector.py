@@ -11,6 +11,7 @@ import pytest
 
 from conftest import BACKENDS, REAL
 from nudgefast import Corrector, NudgeM, NudgeN, QuerySet, choose_sample, metrics, search
+from nudgefast import corrector as corrector_mod
 
 CPU = [b for b in BACKENDS if b != "cuda"]
 MODEL_CHANGE = [p for p in REAL if (p / "stale_corpus.npy").exists()]
@@ -260,3 +261,89 @@ def test_real_model_change(folder):
         assert not loses
         plain = metrics(search(dev.embeddings, stale, 10).indices, dev, 10)["ndcg@10"]
         assert s["corrected"] > plain + 0.02
+
+
+def _loss(tr, pairs, qi):
+    """The trainer's objective in float64: mean pair (1 - cos) + mean multi-positive InfoNCE."""
+    u = tr.forward(tr.x[pairs])[0]
+    loss = np.mean(1 - np.sum(u * tr.y[pairs], axis=1))
+    mi = tr.mined
+    z = mi.corrected(tr.forward)
+    for i in qi:
+        c = mi.cand[i][mi.cand[i] >= 0]
+        s = z[c] @ mi.tq[i] / tr.c.tau
+        pos = mi.pos[i][:c.size]
+        loss += (np.log(np.exp(s).sum()) - np.log(np.exp(s[pos]).sum())) / qi.size
+    return loss
+
+
+@pytest.mark.parametrize("hidden", [0, 7])
+def test_trainer_gradients_match_finite_differences(hidden):
+    """The MLP's backward pass (pairs + InfoNCE through the normalisation and the relu) against
+    central differences of the objective, in float64."""
+    from conftest import awkward
+    ds = awkward(n=211, d=9, seed=7, n_train=40, n_dev=12)
+    stale = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    rng = np.random.default_rng(7)
+    fresh = _unit(np.tanh(stale @ rng.standard_normal((9, 11)))).astype(np.float32)
+    sample = np.sort(rng.choice(211, 40, replace=False))
+    train = QuerySet(_unit(rng.standard_normal((40, 11))).astype(np.float32), ds.train.answers[:40])
+    c = Corrector("mlp", hidden=hidden, candidates=12, epochs=1)
+    c.fit(stale[sample], fresh[sample], index=sample, train=train, corpus=stale)
+    mined = corrector_mod._Mined(c, stale, train, None)
+    for name in ("x", "fixed", "tq"):
+        setattr(mined, name, getattr(mined, name).astype(np.float64))
+    x, y = _unit(stale[sample]), _unit(fresh[sample])
+    tr = corrector_mod._Trainer(c, x, y, c.W0.astype(np.float64), c.b0.astype(np.float64),
+                                None, mined, np.random.default_rng(0))
+    tr.x, tr.y = x, y
+    for k in tr.p:
+        tr.p[k] = tr.p[k].astype(np.float64) + 0.05 * rng.standard_normal(tr.p[k].shape)
+    pairs, qi = np.arange(0, 40, 3), np.flatnonzero(mined.has_answer)[:9]
+    grads = {k: np.zeros_like(v) for k, v in tr.p.items()}
+    tr.pair_grads(pairs, grads)
+    tr.query_grads(qi, grads)
+    for k, g in grads.items():
+        flat = tr.p[k].reshape(-1)
+        for j in rng.choice(flat.size, min(6, flat.size), replace=False):
+            keep = flat[j]
+            flat[j] = keep + 1e-6
+            up = _loss(tr, pairs, qi)
+            flat[j] = keep - 1e-6
+            down = _loss(tr, pairs, qi)
+            flat[j] = keep
+            assert g.reshape(-1)[j] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-7), k
+
+
+def test_query_loss_mines_answers_first_and_learns():
+    """Mined candidates: each train query's answers first (positives), then its top records;
+    sampled records are constants (their fresh rows). Training on queries raises the dev
+    re-ranking score over the ridge map it starts from."""
+    from conftest import awkward
+    ds = awkward(n=1237, d=37, seed=8)
+    stale = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    rng = np.random.default_rng(8)
+    fresh = _unit(np.tanh(3 * stale @ rng.standard_normal((37, 37)))).astype(np.float32)
+    sample = np.sort(rng.choice(1237, 150, replace=False))
+    # the new model's queries: their answers' fresh rows, blurred
+    def queries(qs):
+        emb = np.stack([fresh[a].mean(0) for a in qs.answers])
+        return QuerySet(_unit(emb + 0.05 * rng.standard_normal(emb.shape)).astype(np.float32),
+                        qs.answers)
+    train, dev = queries(ds.train), queries(ds.dev)
+    ridge = Corrector().fit(stale[sample], fresh[sample], index=sample)
+    c = Corrector("mlp", hidden=32, candidates=20)
+    c.fit(stale[sample], fresh[sample], index=sample, train=train, corpus=stale, dev=dev)
+    mined = corrector_mod._Mined(ridge, stale, train, dev)
+    for i, ans in enumerate(train.answers):
+        a = np.unique(ans)
+        np.testing.assert_array_equal(mined.rows[mined.cand[i, :a.size]], a)
+        assert mined.pos[i, :a.size].all() and not mined.pos[i, a.size:].any()
+    assert mined.known.sum() > 0
+    k = np.searchsorted(sample, mined.rows[mined.known])
+    np.testing.assert_allclose(mined.fixed[mined.known], _unit(fresh[sample[k]]), atol=1e-6)
+    start = mined.dev_ndcg(lambda x: (ridge.transform(x), None))
+    assert c.info["best_score"] > start + 0.01, (c.info, start)
+    got = metrics(search(dev.embeddings, stale, 10, corrector=c).indices, dev, 10)["ndcg@10"]
+    base = metrics(search(dev.embeddings, stale, 10, corrector=ridge).indices, dev, 10)["ndcg@10"]
+    assert got > base
