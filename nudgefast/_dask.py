@@ -312,7 +312,7 @@ def _block_topk(block, queries, exclude, wanted, corrector, *, k, row_offset, no
     offset = row_offset + int(block_info[0]["array-location"][0][0])
     if corrector is not None:  # corrected chunk by chunk inside the scan (CorrectedRows)
         from .corrector import CorrectedRows  # the corpus was checked on the client
-        block = CorrectedRows(stored, corrector, offset)
+        block = CorrectedRows(stored, corrector, offset, backend=impl, n_threads=n_threads)
     scores, index, bad = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows,
                                n_threads)
     f64 = None

@@ -213,32 +213,31 @@ class Corrector:
             raise RuntimeError("Corrector: call fit(stale, fresh, index) (or Corrector.load) "
                                "first")
 
-    def transform(self, rows, out=None) -> np.ndarray:
+    def transform(self, rows, out=None, *, backend=None, n_threads=None) -> np.ndarray:
         """The corrected rows of ``rows`` ((m, d_old) stale embeddings; float16/32/64): float32
-        unit rows (m, d_new), into ``out`` when given. A zero or NaN/inf row gives NaN (the
-        passes flag it, naming the record)."""
+        unit rows (m, d_new), into ``out`` when given, computed by ``backend``'s
+        ``correct_rows`` (a backend module; None: the NumPy reference). A zero or NaN/inf row
+        gives NaN (the passes flag it, naming the record)."""
+        from ._backends import numpy_backend
         self._check_fitted()
-        x = np.asarray(rows, dtype=np.float32)
+        x = np.asarray(rows)
         if x.ndim != 2 or x.shape[1] != self.d_old:
             raise ValueError(f"rows: expected (m, {self.d_old}) stale embeddings, got shape "
                              f"{x.shape}")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            x = x / np.linalg.norm(x, axis=1, keepdims=True)
-        y = np.matmul(x, self.W0, out=out)
-        y += self.b0
-        if self.W1 is not None:
-            hid = x @ self.W1
-            hid += self.b1
-            np.maximum(hid, 0, out=hid)
-            y += hid @ self.W2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            y /= np.linalg.norm(y, axis=1, keepdims=True)
-        return y
+        if x.dtype not in (np.float16, np.float32) or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], self.d_new), np.float32)
+        (backend or numpy_backend).correct_rows(x, self.W0, self.b0, self.W1, self.b1, self.W2,
+                                               out, n_threads=n_threads)
+        return out
 
-    def corrected_rows(self, stale, positions, out=None) -> np.ndarray:
+    def corrected_rows(self, stale, positions, out=None, *, backend=None, n_threads=None
+                       ) -> np.ndarray:
         """The corrected rows of the stale rows ``stale`` (m, d_old), which are the corpus's
-        rows ``positions`` (m,): the map's output, and each sampled record's fresh row."""
-        y = self.transform(stale, out=out)
+        rows ``positions`` (m,): the map's output (``backend``'s ``correct_rows``), and each
+        sampled record's fresh row."""
+        y = self.transform(stale, out=out, backend=backend, n_threads=n_threads)
         if self.index.size and positions.size:
             hit = np.minimum(np.searchsorted(self.index, positions), self.index.size - 1)
             known = self.index[hit] == positions
@@ -246,19 +245,23 @@ class Corrector:
                 y[known] = self.fresh[hit[known]]
         return y
 
-    def view(self, corpus) -> "CorrectedRows":
+    def view(self, corpus, backend=None, n_threads=None) -> "CorrectedRows":
         """The corrected corpus as a read-only (N, d_new) float32 view of the stale
-        ``corpus`` (host array or memmap), corrected where it is read (see
-        :class:`CorrectedRows`)."""
+        ``corpus`` (host array or memmap), corrected where it is read by ``backend``'s
+        ``correct_rows`` (see :class:`CorrectedRows`)."""
         self._check_fitted()
         self._check_corpus(corpus.shape)
-        return CorrectedRows(corpus, self)
+        return CorrectedRows(corpus, self, backend=backend, n_threads=n_threads)
 
-    def apply(self, corpus, out=None, *, chunk_rows=None):
+    def apply(self, corpus, out=None, *, chunk_rows=None, backend="auto", n_threads=None):
         """The corrected corpus (N, d_new) float32 unit rows, streamed in row chunks from the
-        stale ``corpus`` (an (N, d_old) array or memmap, float16/32): into ``out`` (a writable
-        float32 (N, d_new) array or memmap) when given, else a new array. Returns it."""
+        stale ``corpus`` (an (N, d_old) array or memmap, float16/32; each chunk corrected by
+        ``backend``'s ``correct_rows``): into ``out`` (a writable float32 (N, d_new) array or
+        memmap) when given, else a new array. Returns it."""
+        from . import _backends
         self._check_fitted()
+        impl = _backends.get(_backends.resolve(backend))
+        n_threads = _validate.as_threads("n_threads", n_threads)
         corpus = _validate.as_corpus("corpus", corpus)
         n, d = corpus.shape
         self._check_corpus(corpus.shape)
@@ -271,7 +274,7 @@ class Corrector:
                              f"{shape}, got {getattr(out, 'dtype', type(out).__name__)} "
                              f"{tuple(getattr(out, 'shape', ()))}; or pass None")
         step = _validate.as_size("chunk_rows", chunk_rows) or CHUNK_ROWS
-        view = CorrectedRows(corpus, self)
+        view = CorrectedRows(corpus, self, backend=impl, n_threads=n_threads)
         for s in range(0, n, step):
             e = min(s + step, n)
             view.rows_into(s, e, out[s:e])
@@ -467,10 +470,11 @@ class CorrectedRows:
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, source, corrector, row_offset=0):
+    def __init__(self, source, corrector, row_offset=0, *, backend=None, n_threads=None):
         self.source = source
         self.corrector = corrector
         self.row_offset = int(row_offset)
+        self.backend, self.n_threads = backend, n_threads  # whose correct_rows (None: NumPy)
         self.shape = (source.shape[0], corrector.d_new)
 
     def __len__(self):
@@ -490,13 +494,14 @@ class CorrectedRows:
         """Corrected rows ``rows`` (local numbers, any order)."""
         rows = np.where(rows < 0, rows + self.shape[0], rows)
         stale = np.asarray(self.source[rows])
-        return self.corrector.corrected_rows(stale, rows + self.row_offset)
+        return self.corrector.corrected_rows(stale, rows + self.row_offset, backend=self.backend,
+                                             n_threads=self.n_threads)
 
     def rows_into(self, start, stop, out) -> np.ndarray:
         """Corrected rows ``start:stop`` (into ``out`` when given)."""
         return self.corrector.corrected_rows(
             self.source[start:stop], np.arange(start, stop, dtype=np.int64) + self.row_offset,
-            out=out)
+            out=out, backend=self.backend, n_threads=self.n_threads)
 
     def chunk(self, start, stop) -> np.ndarray:
         """Rows ``start:stop`` corrected into this view's one reused buffer: valid until the

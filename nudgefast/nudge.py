@@ -277,7 +277,7 @@ def _prepare(corpus, train, val, backend, dtype, *, unique_train, unique_val, sk
     else:
         corpus = _validate.as_corpus("corpus", corpus, backend=backend if device_ok else None)
         if corrector is not None:
-            corpus = as_corrected("corpus", corpus, corrector)
+            corpus = as_corrected("corpus", corpus, corrector, _backends.get(backend), n_threads)
     n, d = corpus.shape
     impl = _backends.get(backend)
     train, train_q = as_queryset("train", train, d, dtype)

@@ -151,16 +151,17 @@ def normalize_pass(backend, corpus, out, *, chunk_rows=None, n_threads=None, nam
     return out
 
 
-def as_corrected(name, corpus, corrector):
-    """The corrected view of a validated host ``corpus`` (:meth:`Corrector.view`); a device
-    corpus is refused (the corrector's GEMMs run on the host)."""
+def as_corrected(name, corpus, corrector, backend=None, n_threads=None):
+    """The corrected view of a validated host ``corpus`` (:meth:`Corrector.view`, corrected by
+    the ``backend`` module's ``correct_rows``); a device corpus is refused (the corrector's
+    GEMMs run on the host)."""
     from .corrector import as_corrector
     corrector = as_corrector("corrector", corrector)
     if not _arrays.is_host(corpus):
         raise TypeError(f"{name}: a corrector is applied to host corpora (arrays, memmaps) "
                         f"and dask corpora; for a GPU array pass a host copy, or "
                         f"corrector.apply() it first")
-    return corrector.view(corpus)
+    return corrector.view(corpus, backend, n_threads)
 
 
 def rank_rows(scores, index, k=None):
@@ -254,7 +255,7 @@ def search(queries, corpus, k, delta=None, *, metric="cosine", backend="auto", c
     else:
         corpus = _validate.as_corpus("corpus", corpus, backend=backend)
         if corrector is not None:
-            corpus = as_corrected("corpus", corpus, corrector)
+            corpus = as_corrected("corpus", corpus, corrector, _backends.get(backend), n_threads)
     n, d = corpus.shape
     q = _validate.as_queries("queries", queries, d)
     k = _validate.as_k("k", k, n)

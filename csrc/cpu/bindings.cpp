@@ -562,6 +562,54 @@ int64_t py_normalize_rows(const py::array& chunk, py::array& out, const py::obje
     return normalize_rows(static_cast<const float*>(chunk.data()), m, d, o, threads);
 }
 
+void py_correct_rows(const py::array& x, const py::array& W0, const py::array& b0, const py::object& W1_arg,
+                     const py::object& b1_arg, const py::object& W2_arg, py::array& out, const py::object& n_threads) {
+    check_ndim(x, "x", 2);
+    const bool f16 = has_dtype(x, 'f', 2);
+    if (!(f16 || has_dtype<float>(x)) || !(x.flags() & py::array::c_style)) fail_type("x", "float16 or float32", x);
+    const int64_t m = x.shape(0), d_old = x.shape(1);
+    const float* w0 = in<float>(W0, "W0", 2);
+    check_dim(W0, "W0", 0, d_old);
+    const int64_t d_new = W0.shape(1);
+    const float* bias0 = in<float>(b0, "b0", 1);
+    check_dim(b0, "b0", 0, d_new);
+    const int given = !W1_arg.is_none() + !b1_arg.is_none() + !W2_arg.is_none();
+    if (given != 0 && given != 3)
+        fail_value("W1, b1 and W2 must be given together (the residual MLP) or all be None (the linear map)");
+    const float *w1 = nullptr, *bias1 = nullptr, *w2 = nullptr;
+    int64_t h = 0;
+    if (given) {
+        if (!py::isinstance<py::array>(W1_arg) || !py::isinstance<py::array>(b1_arg) ||
+            !py::isinstance<py::array>(W2_arg))
+            throw py::type_error("nudgefast._cpu: W1, b1 and W2 must be float32 arrays or None");
+        const py::array W1 = py::reinterpret_borrow<py::array>(W1_arg), b1 = py::reinterpret_borrow<py::array>(b1_arg),
+                        W2 = py::reinterpret_borrow<py::array>(W2_arg);
+        w1 = in<float>(W1, "W1", 2);
+        check_dim(W1, "W1", 0, d_old);
+        h = W1.shape(1);
+        bias1 = in<float>(b1, "b1", 1);
+        check_dim(b1, "b1", 0, h);
+        w2 = in<float>(W2, "W2", 2);
+        check_dim(W2, "W2", 0, h);
+        check_dim(W2, "W2", 1, d_new);
+    }
+    float* o = inout<float>(out, "out", 2);
+    check_dim(out, "out", 0, m);
+    check_dim(out, "out", 1, d_new);
+    // Each row tile is read whole before its output rows are written, by one thread: out may be
+    // x itself (float32, d_old == d_new), but must not overlap it otherwise.
+    const auto x0 = reinterpret_cast<std::uintptr_t>(x.data()), o0 = reinterpret_cast<std::uintptr_t>(o);
+    const auto x1 = x0 + static_cast<std::uintptr_t>(x.nbytes()), o1 = o0 + static_cast<std::uintptr_t>(out.nbytes());
+    if (m * d_new > 0 && m * d_old > 0 && x0 < o1 && o0 < x1 && !(x0 == o0 && !f16 && d_old == d_new))
+        fail_value("out overlaps x without being x itself; pass a separate buffer");
+    const int threads = threads_arg(n_threads);
+    py::gil_scoped_release nogil;
+    if (f16)
+        correct_rows(static_cast<const Half*>(x.data()), m, d_old, d_new, h, w0, bias0, w1, bias1, w2, o, threads);
+    else
+        correct_rows(static_cast<const float*>(x.data()), m, d_old, d_new, h, w0, bias0, w1, bias1, w2, o, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -645,6 +693,10 @@ PYBIND11_MODULE(_cpu, m) {
           "(n, m) float64 A @ B.T, each element one FMA chain over k in order (shape-independent).");
     m.def("metrics", &py_metrics, py::arg("retrieved"), py::arg("ans_ptr"), py::arg("ans_index"), py::arg("ans_rel"),
           py::arg("k"), threads, out, "(n, 3) float64 recall@k, ndcg@k, mrr@k (NaN without answers).");
+    m.def("correct_rows", &py_correct_rows, py::arg("x"), py::arg("W0"), py::arg("b0"), py::arg("W1"), py::arg("b1"),
+          py::arg("W2"), py::arg("out"), threads,
+          "out = unit(unit(x) @ W0 + b0 [+ relu(unit(x) @ W1 + b1) @ W2]) into the (m, d_new) float32 out, for "
+          "float16/float32 x (m, d_old); NaN rows where a norm is zero or not finite.");
     m.def("normalize_rows", &py_normalize_rows, py::arg("chunk"), py::arg("out"), threads,
           "out[r] = chunk[r] / |chunk[r]| into the (m, d) float32 out; returns the first row of norm zero or not "
           "finite, or -1.");

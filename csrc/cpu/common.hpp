@@ -434,4 +434,12 @@ void dequantize_rows(const uint8_t* codes, int64_t m, int64_t d, int64_t row_str
 template <typename T>
 int64_t normalize_rows(const T* chunk, int64_t m, int64_t d, float* out, int n_threads);
 
+// T = float or Half; x (m, d_old), W0 (d_old, d_new), b0 (d_new), W1 (d_old, h), b1 (h), W2
+// (h, d_new) and out (m, d_new) C-contiguous; W1 = b1 = W2 = null (and h = 0) for the linear map.
+// out[r] = unit(unit(x[r]) W0 + b0 [+ relu(unit(x[r]) W1 + b1) W2]); NaN rows where a norm is zero
+// or not finite.
+template <typename T>
+void correct_rows(const T* x, int64_t m, int64_t d_old, int64_t d_new, int64_t h, const float* W0, const float* b0,
+                  const float* W1, const float* b1, const float* W2, float* out, int n_threads);
+
 }  // namespace nudgefast

@@ -152,6 +152,26 @@ struct QTopkKernel {
     void (*block)(const QTopkProblem& p, QTopkScratch& s, int64_t begin, int64_t end);
 };
 
+// correct_rows (driver csrc/cpu/correct_rows.cpp, inner loops csrc/cpu/kernels/correct_rows.cpp).
+// A weight matrix (K, N) is packed [panel][k][column]: panels of `panel` columns (the last one
+// narrower: N rounded up to `lanes`), each K x width floats, zero past N.
+struct CorrectKernel {
+    int64_t rows;   // rows per register tile
+    int64_t lanes;  // columns are padded to a multiple of this
+    int64_t panel;  // columns per packed panel (a multiple of lanes)
+    int64_t kc;     // k per block (B's block stays in L1)
+    // a[r] = x[r] / |x[r]| (float32 of the float64 quotient, |x| accumulated in double) for the
+    // (rows, d) float16/float32 rows x; bad[r] = 1 (and a[r] = 0) where |x[r]| is zero or not finite.
+    void (*unit_rows)(const void* x, bool f16, int64_t rows, int64_t d, float* a, int64_t lda, uint8_t* bad);
+    // c = init + a b over (rows, n_pad) with a (rows, K) and b packed for n_pad columns; init: the
+    // bias (n_pad floats) or null (c += a b); relu: max(c, 0) at the end.
+    void (*gemm)(const float* a, int64_t lda, int64_t rows, int64_t K, const float* b, int64_t n_pad,
+                 const float* bias, bool relu, float* c, int64_t ldc);
+    // out[r] = c[r] / |c[r]| over n columns (|c| in double), NaN rows where bad[r] or the norm is zero
+    // or not finite; out (rows, n) C-contiguous.
+    void (*unit_out)(const float* c, int64_t ldc, int64_t rows, int64_t n, const uint8_t* bad, float* out);
+};
+
 // Pointers, not copies: each level's table is then a constant, initialised before any code runs.
 struct KernelTable {
     Isa level;  // the level these kernels were compiled for
@@ -166,6 +186,7 @@ struct KernelTable {
     // by qtopk_int8_kernel() / qtopk_hamming_kernel() when cpu_features() has the feature.
     const QTopkKernel* qtopk_int8_vnni;
     const QTopkKernel* qtopk_hamming_vpopcnt;
+    const CorrectKernel* correct;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -213,6 +213,19 @@ def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):
                         _f64(ans_rel), int(k), n_threads)
 
 
+def correct_rows(x, W0, b0, W1, b1, W2, out, *, n_threads=None):
+    # float16/float32 rows are read in place (a memmap chunk included); anything else is converted
+    # once (this chunk only). out is written in place, so never converted: the binding checks it.
+    x = np.asarray(x)
+    if x.dtype not in (np.float16, np.float32) or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+
+    def f32(a):
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+
+    _cpu.correct_rows(x, f32(W0), f32(b0), f32(W1), f32(b1), f32(W2), out, n_threads)
+
+
 def dequantize_rows(codes, signed, low, step, out, *, n_threads=None):
     _cpu.dequantize_rows(codes, bool(signed), np.ascontiguousarray(low, np.float32),
                          np.ascontiguousarray(step, np.float32), out, n_threads)

@@ -1068,6 +1068,14 @@ def qtopk_hamming(qbits, codes, row_offset, exclude, n_bits, best_scores, best_i
                        n_bits=int(n_bits))
 
 
+def correct_rows(x, W0, b0, W1, b1, W2, out, *, n_threads=None):
+    # Host chunks of a stale corpus (corrected right before the top-k kernel receives them):
+    # the reference's float32 GEMMs on the host; a round trip over PCIe per chunk would cost
+    # more than it saves.
+    from . import numpy_backend
+    numpy_backend.correct_rows(x, W0, b0, W1, b1, W2, out)
+
+
 def dequantize_rows(codes, signed, low, step, out, *, n_threads=None):
     # Host rows for the per-chunk float pass (a quantized corpus lives on the host); the
     # reference's float32 arithmetic, so the rows are the same bits as on every backend.

@@ -87,6 +87,24 @@ kth=None) -> (n_b, n_gamma) int64``
     is zero, else ``-1``; what such a row's ``out`` holds is unspecified (the caller raises).
     Memory-bound: one read of ``chunk``, one write of ``out``.
 
+``correct_rows(x, W0, b0, W1, b1, W2, out) -> None``
+    A fitted corrector (nudgefast.corrector) applied to a chunk of stale corpus rows: with
+    ``xh = x / |x|`` (the norm accumulated in float64, the quotient rounded once to float32),
+    ``y = xh @ W0 + b0``, plus ``relu(xh @ W1 + b1) @ W2`` when ``W1`` is given, and
+    ``out = y / |y|`` (float64 norm, one rounding). ``x`` (m, d_old) float16 or float32 with
+    C-contiguous rows (a memmap chunk included); ``W0`` (d_old, d_new), ``b0`` (d_new,), ``W1``
+    (d_old, h), ``b1`` (h,), ``W2`` (h, d_new) float32 (``W1``/``b1``/``W2`` all None for the
+    linear map); ``out`` (m, d_new) float32 C-contiguous, every element written. A row of ``x``
+    whose norm is zero or not finite, or whose ``y`` has such a norm, gives a NaN row (the
+    top-k kernel that reads ``out`` flags it); nothing is raised. The products are float32:
+    here NumPy's matmul (BLAS order); the compiled backend computes each element of ``y`` and of
+    the hidden layer as one float32 FMA chain (the bias, then k = 0 .. K-1 in order), the same
+    bits on every instruction-set level and thread count. Either is within
+    ``(d_old + h + 16) * 2**-24 * (|b0| + |xh| @ |W0| + (|b1| + |xh| @ |W1|) @ |W2|)`` of the
+    exact ``y`` per element (for unit ``xh`` and ``|y|`` of order 1: about 1e-5 after the
+    normalisation; tests/ops/test_correct_rows.py checks that bound against float64).
+    Compute-bound: ``2 m (d_old d_new + h (d_old + d_new))`` flops.
+
 ``metrics(retrieved, ans_ptr, ans_index, ans_rel, k) -> (n, 3) float64``
     Per query recall@k, ndcg@k (graded), mrr@k over the first ``k`` columns of ``retrieved``
     (answers sorted unique, ``ans_rel`` aligned). Queries without answers get NaN.
@@ -301,6 +319,35 @@ def normalize_rows(chunk, out, *, n_threads=None):
         np.divide(x, norms[:, None], out=x)
         out[s:s + step] = x
     return -1
+
+
+def _unit_rows(rows):
+    """(float32 unit rows, bad) with the norms in float64; bad rows are zero."""
+    x = np.asarray(rows, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    bad = ~np.isfinite(norms) | (norms == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = (x / norms[:, None]).astype(np.float32)
+    unit[bad] = 0
+    return unit, bad
+
+
+def correct_rows(x, W0, b0, W1, b1, W2, out, *, n_threads=None):
+    # Blocks of rows keep the temporaries (float64 rows, the hidden layer) near 8 MiB each.
+    width = max(x.shape[1], W0.shape[1], 0 if W1 is None else W1.shape[1], 1)
+    step = max(1, (8 << 20) // (8 * width))
+    for s in range(0, x.shape[0], step):
+        xh, bad = _unit_rows(x[s:s + step])
+        y = xh @ W0
+        y += b0
+        if W1 is not None:
+            hid = xh @ W1
+            hid += b1
+            np.maximum(hid, 0, out=hid)
+            y += hid @ W2
+        unit, bad_y = _unit_rows(y)
+        unit[bad | bad_y] = np.nan
+        out[s:s + step] = unit
 
 
 def metrics(retrieved, ans_ptr, ans_index, ans_rel, k, *, n_threads=None):

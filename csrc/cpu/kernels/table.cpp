@@ -10,6 +10,7 @@ extern const Dot64Kernel dot64_kernel;
 extern const SweepKernel sweep_kernel;
 extern const QTopkKernel qtopk_int8_kernel;
 extern const QTopkKernel qtopk_hamming_kernel;
+extern const CorrectKernel correct_kernel;
 #if defined(NUDGEFAST_AVX512_SUBPATHS)
 extern const QTopkKernel qtopk_int8_vnni_kernel;
 extern const QTopkKernel qtopk_hamming_vpopcnt_kernel;
@@ -21,7 +22,7 @@ extern const QTopkKernel qtopk_hamming_vpopcnt_kernel;
 extern const KernelTable kernel_table = {Isa::NUDGEFAST_LEVEL, &topk_kernel, &normalize_kernel, &dot64_kernel,
                                          &sweep_kernel,
                                          &qtopk_int8_kernel, &qtopk_hamming_kernel, NUDGEFAST_SUBPATH(qtopk_int8_vnni_kernel),
-                                         NUDGEFAST_SUBPATH(qtopk_hamming_vpopcnt_kernel)};
+                                         NUDGEFAST_SUBPATH(qtopk_hamming_vpopcnt_kernel), &correct_kernel};
 
 }  // namespace NUDGEFAST_LEVEL
 }  // namespace nudgefast
