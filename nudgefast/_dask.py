@@ -16,8 +16,8 @@ A fit reads the corpus once: its touched records (and NUDGE-M's validation answe
 before its pass (:meth:`DaskRows.want`) and come back with the lists from the tasks that scan
 their blocks, and each block scores its listed candidates in float64 (``nudge.exact_scores``'s
 arithmetic, the same bits as on one machine), so the candidates' rows never travel. Rows
-needed otherwise (the tuner's candidates, one bad row for its error) are gathered by index,
-one task per block that holds any of them. O(t) rows reach the client, never the corpus.
+needed otherwise (rows a tuner's later operation touches, one bad row for its error) are
+gathered by index, one task per block that holds any of them. O(t) rows reach the client, never the corpus.
 
 ``NudgeResult.apply`` writes a tuned corpus block by block, or (``touched_only``) only the
 touched rows into the Zarr chunks or ``.npy`` shards that hold them (:func:`apply_touched`).
@@ -65,10 +65,11 @@ log = logging.getLogger("nudgefast")
 class DaskRows:
     """A validated row-chunked dask corpus: ``shape``/``dtype`` like an array, rows numbered
     across blocks by ``offsets`` (``offsets[b]`` is block ``b``'s first global row; the last
-    entry is N). Never materialised on the client: :meth:`take` gathers rows by index, and
-    keeps the rows it gathered (what one fit reads: its touched records and candidates,
-    O(t + n_val k) rows), so a fit gathers each row once and reads the blocks once per
-    gather, not once per block of validation queries."""
+    entry is N). Never materialised on the client: the rows :meth:`want` names come back
+    with the next pass, :meth:`take` gathers others by index, and both are kept (a fit's
+    touched records and NUDGE-M's answers; a tuner's later rows: O(touched rows)), each read
+    once. With a ``corrector`` the view is of the corrected rows: ``take`` / ``[]`` return
+    them (d_new wide), while the kept values are the stored stale rows."""
 
     DASK_ROWS = True
 
@@ -140,7 +141,16 @@ class DaskRows:
         if isinstance(key, (slice, tuple)) or key is Ellipsis:
             raise TypeError(f"{self.name}: a dask corpus is indexed by row numbers only (got "
                             f"{key!r}); scan it with search, gather rows with an index array")
-        return self._stored(np.asarray(key, np.int64))
+        key = np.asarray(key)
+        if key.dtype == bool:
+            raise TypeError(f"{self.name}: a boolean mask would read the whole corpus; pass "
+                            f"row numbers (np.flatnonzero(mask))")
+        return self._stored(key.astype(np.int64))
+
+    def stored_row(self, row) -> np.ndarray:
+        """Row ``row`` as stored (the stale row under a corrector), for an error message."""
+        self._gather(np.array([row], np.int64))
+        return self._values[np.searchsorted(self._rows, row)]
 
     def _stored(self, rows):
         shape = rows.shape
@@ -151,8 +161,9 @@ class DaskRows:
         self._gather(rows)
         # float16/float32 widen exactly to float64: the same values as a host gather.
         values = self._values[np.searchsorted(self._rows, rows)]
-        if self.corrector is not None:  # the stale rows, corrected here
-            values = self.corrector.corrected_rows(values, rows)
+        if self.corrector is not None:  # the stale rows, corrected here as on one machine
+            values = self.corrector.corrected_rows(values, rows, backend=_backends.get(
+                _backends.resolve(self.backend)))
         return values.reshape(shape + (self.shape[1],))
 
     def _gather(self, rows):
@@ -300,8 +311,9 @@ def _block_topk(block, queries, exclude, wanted, corrector, *, k, row_offset, no
     """Runs on a worker, fused with the task that reads the block: one block's part (see
     :func:`_part`), its rows numbered from ``row_offset`` plus the block's first row;
     ``exclude``: every sorted global excluded row (the block takes its own range);
-    ``wanted``: sorted global rows whose stored values ride along with the list (the rows a
-    fit needs, read here instead of by a second pass over the blocks); ``exact``: also the
+    ``wanted``: sorted corpus rows (numbered from 0, not ``row_offset``) whose stored values
+    ride along with the list (the rows a fit needs, read here instead of by a second pass over
+    the blocks); ``exact``: also the
     float64 score of each listed record (``nudge.exact_scores``'s arithmetic, so the client
     need not gather the candidates' rows). The block is scanned in chunks as on one machine;
     its first bad row (global) ends the scan: the client raises for the corpus's first
@@ -309,10 +321,11 @@ def _block_topk(block, queries, exclude, wanted, corrector, *, k, row_offset, no
     wanted rows still travel as stored), or None."""
     impl = worker_backend(backend)  # resolved here: "auto" is this worker's best
     block = stored = np.asarray(block)
-    offset = row_offset + int(block_info[0]["array-location"][0][0])
+    first = int(block_info[0]["array-location"][0][0])  # the block's first corpus row
+    offset = row_offset + first  # ... as numbered in the lists
     if corrector is not None:  # corrected chunk by chunk inside the scan (CorrectedRows)
         from .corrector import CorrectedRows  # the corpus was checked on the client
-        block = CorrectedRows(stored, corrector, offset, backend=impl, n_threads=n_threads)
+        block = CorrectedRows(stored, corrector, first, backend=impl, n_threads=n_threads)
     scores, index, bad = _scan(impl, block, queries, exclude, k, offset, normalize, chunk_rows,
                                n_threads)
     f64 = None
@@ -320,10 +333,10 @@ def _block_topk(block, queries, exclude, wanted, corrector, *, k, row_offset, no
         from .nudge import exact_scores
         f64 = exact_scores(queries, index, lambda rows: np.asarray(
             block[rows - offset], dtype=np.float64))
-    lo, hi = np.searchsorted(wanted, [offset, offset + block.shape[0]])
+    lo, hi = np.searchsorted(wanted, [first, first + block.shape[0]])
     out = np.empty((1, 1), dtype=object)
     out[0, 0] = _part(scores, index, f64, bad, (impl.NAME,), wanted[lo:hi],
-                      np.array(stored[wanted[lo:hi] - offset]))
+                      np.array(stored[wanted[lo:hi] - first]))
     return out
 
 
@@ -331,7 +344,7 @@ def _part(scores, index, f64, bad, used, rows, values):
     """What a block (or a merge of blocks) sends on: its (n_q, k) list (float32 scores and
     global rows; ``f64`` the float64 scores of those rows or None), its first bad global row
     (-1: none), the backends that scanned it (sorted names), and the wanted rows it holds
-    (global numbers and stored values)."""
+    (corpus row numbers and stored values)."""
     return dict(scores=scores, index=index, f64=f64, bad=int(bad), used=tuple(used),
                 rows=rows, values=values)
 
@@ -340,7 +353,8 @@ def _scan(impl, block, queries, exclude, k, row_offset, normalize, chunk_rows, n
     """One block's ``(scores, index, first bad global row or -1)``, its rows numbered from
     ``row_offset``: the one-machine chunk loop (``search.chunk_loop``), or the GPU backend's
     own streaming of a host block (pinned buffers, its own chunk size)."""
-    if getattr(impl, "STREAMS_CORPUS", False) and block.shape[0]:
+    if getattr(impl, "STREAMS_CORPUS", False) and block.shape[0] \
+            and not getattr(block, "HOST_ROWS", False):  # a corrected view: the chunk loop
         lo, hi = np.searchsorted(exclude, [row_offset, row_offset + block.shape[0]])
         scores, index, bad = impl.topk_stream(queries, block, k, exclude=exclude[lo:hi],
                                               normalize=normalize, chunk_rows=chunk_rows,
@@ -393,12 +407,17 @@ def _client():
     return None
 
 
+#: Lists a worker merges at a time (the pass holds at most about this many per worker).
+MERGE_FAN_IN = 8
+
+
 def _reduce(parts):
     """The blocks' parts merged into one, on the current scheduler. On a distributed client:
-    the blocks are computed where they are read; then each worker merges the parts it holds
-    into one (a task pinned to it; it runs elsewhere only if that worker died), and the client
-    merges the W lists: O(n_q k) per worker crosses the network, whatever the number of
-    blocks. On the local scheduler: a binary tree of merges."""
+    as blocks complete, the lists each worker holds are merged there, ``MERGE_FAN_IN`` at a
+    time (a task pinned to that worker; it runs elsewhere only if the worker died), so a
+    worker holds a bounded number of lists whatever its number of blocks; the client merges
+    the last list of each worker: O(n_q k) per worker crosses the network, whatever the number
+    of blocks. On the local scheduler: a binary tree of merges."""
     import dask
 
     client = _client()
@@ -407,21 +426,26 @@ def _reduce(parts):
             parts = [dask.delayed(_merge, pure=True)(parts[i], parts[i + 1])
                      if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
         return _merge(dask.compute(parts[0])[0])
-    from distributed import wait
+    from distributed import as_completed
 
-    futures = client.compute(parts)
-    wait(futures)
-    for f in futures:
-        if f.status == "error":
-            f.result()  # raises the worker's error (a bad backend request, a read error)
-    holders = client.who_has(futures)
-    groups = {}
-    for f in futures:
-        groups.setdefault((tuple(holders.get(f.key, ())) or (None,))[0], []).append(f)
-    merged = [client.submit(_merge, *fs, workers=None if w is None else [w],
-                            allow_other_workers=True, pure=False) if len(fs) > 1 else fs[0]
-              for w, fs in groups.items()]
-    return _merge(*client.gather(merged))
+    def submit(fs, worker):
+        return client.submit(_merge, *fs, workers=None if worker is None else [worker],
+                             allow_other_workers=True, pure=False)
+
+    held = {}  # worker -> finished lists there, not merged yet
+    done = as_completed(client.compute(parts))
+    for batch in done.batches():
+        for f in batch:
+            if f.status == "error":
+                f.result()  # raises the worker's error (a bad backend request, a read error)
+        holders = client.who_has(batch)
+        for f in batch:
+            worker = (tuple(holders.get(f.key, ())) or (None,))[0]  # None: lost, recomputed
+            held.setdefault(worker, []).append(f)
+            if len(held[worker]) >= MERGE_FAN_IN:
+                done.add(submit(held.pop(worker), worker))
+    last = [submit(fs, w) if len(fs) > 1 else fs[0] for w, fs in held.items()]
+    return _merge(*client.gather(last))
 
 
 def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=True,
@@ -462,7 +486,7 @@ def topk_pass(backend, queries, corpus: DaskRows, k, *, exclude=None, normalize=
     corpus.last_backends = result["used"]
     log.info("dask pass: %d blocks of %s scanned with backend(s) %s (requested %r)", nb, name,
              ", ".join(result["used"]), corpus.backend)
-    corpus.keep(result["rows"] - row_offset, result["values"])
+    corpus.keep(result["rows"], result["values"])  # corpus rows, as want() named them
     if result["bad"] >= 0:
         # The row's values decide the message (NaN/inf or zero): fetch that one row.
         raise _validate.corpus_row_error(name, corpus, result["bad"] - row_offset, normalize)
@@ -544,7 +568,7 @@ def apply_touched(result, corpus, out=None):
         targets = paths
     else:
         _check_zarr_out(out, rows, dtypes=(np.float16, np.float32), aligned=False)
-        starts = np.r_[np.arange(0, rows.shape[0], int(out.chunks[0])), rows.shape[0]]
+        starts = np.r_[np.arange(0, rows.shape[0], _write_unit(out)), rows.shape[0]]
         write = _write_zarr_rows
         targets = None
     which = np.searchsorted(starts, indices, side="right") - 1
@@ -582,8 +606,14 @@ def _write_npy_rows(path, first, rows, vectors):
 
 def _write_zarr_rows(array, first, rows, vectors):
     """Runs on a worker: ``vectors`` into ``rows`` of the Zarr ``array`` (all inside one of
-    its row chunks, which starts at ``first``: no other task writes that chunk)."""
-    array.set_orthogonal_selection((rows, slice(None)), vectors.astype(array.dtype))
+    its write units (chunk or shard), which starts at ``first``: no other task writes it)."""
+    # One region from the first to the last touched row (inside the unit, which Zarr reads and
+    # rewrites whole anyway): a plain slice write, which every Zarr layout supports
+    # (zarr 3.1's orthogonal selection mis-shapes row lists on sharded arrays).
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    region = array[lo:hi]
+    region[rows - lo] = vectors.astype(array.dtype)
+    array[lo:hi] = region
     return rows.size
 
 
@@ -631,6 +661,13 @@ class _NpyWriter:
         del shard
 
 
+def _write_unit(out) -> int:
+    """Rows of the unit a Zarr write rewrites: its shard (zarr 3 sharding: ``chunks`` are then
+    the inner chunks, read and written together within one shard), else its chunk."""
+    shards = getattr(out, "shards", None)
+    return int((shards or out.chunks)[0])
+
+
 def _check_zarr_out(out, rows, dtypes=(np.float32,), aligned=True):
     """``out`` is a Zarr array of the corpus's shape, of one of ``dtypes``, chunked by whole
     rows; ``aligned``: every block boundary of the corpus is a multiple of its chunk rows."""
@@ -649,7 +686,7 @@ def _check_zarr_out(out, rows, dtypes=(np.float32,), aligned=True):
                          f"({int(chunks[0])}, {rows.shape[1]}) with whole rows")
     if not aligned:
         return
-    step = int(chunks[0])
+    step = _write_unit(out)
     inner = rows.offsets[1:-1]
     if (inner % step).any():
         bad = inner[inner % step != 0]

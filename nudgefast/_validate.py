@@ -169,9 +169,10 @@ def as_k(name: str, k, n_records: int) -> int:
 
 def corpus_row_error(name: str, corpus, row: int, normalize: bool) -> ValueError:
     """The error for a corpus row the streaming pass flagged (NaN/inf, or zero norm); a
-    device corpus has that one row read back; a corrected view (``source``: the stale corpus
-    it corrects) is judged by its stale row."""
-    corpus = getattr(corpus, "source", corpus)
+    device corpus has that one row read back; a corrected view (``stored_row``: the stale row
+    it corrects) is judged by its stored row."""
+    if hasattr(corpus, "stored_row"):
+        return row_error(name, row, corpus.stored_row(row), normalize)
     return row_error(name, row, _arrays.take_rows(corpus, [row])[0], normalize)
 
 

@@ -78,8 +78,8 @@ class Corrector:
                  new_model=None, seed=0):
         if kind not in ("ridge", "mlp"):
             raise ValueError(f"kind: must be 'ridge' or 'mlp', got {kind!r}")
-        if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0
-                                      and np.isfinite(alpha)):
+        if alpha is not None and (isinstance(alpha, bool) or not (
+                isinstance(alpha, (int, float)) and alpha > 0 and np.isfinite(alpha))):
             raise ValueError(f"alpha: must be a positive number or None (chosen on held-out "
                              f"pairs), got {alpha!r}")
         if not (isinstance(holdout, float) and 0 < holdout < 0.5):
@@ -90,16 +90,24 @@ class Corrector:
             raise ValueError(f"hidden: must be an int >= 0 (0: a linear map), got {hidden!r}")
         self.hidden = int(hidden)
         self.epochs = _validate.as_size("epochs", epochs, allow_none=False)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+                np.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr: must be a positive number, got {lr!r}")
         self.lr = float(lr)
         self.batch = _validate.as_size("batch", batch, allow_none=False)
         self.patience = _validate.as_size("patience", patience, allow_none=False)
         self.holdout = holdout
-        if not (isinstance(tau, (int, float)) and tau > 0):
+        if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and tau > 0):
             raise ValueError(f"tau: must be a positive number, got {tau!r}")
         self.tau = float(tau)
         self.candidates = _validate.as_size("candidates", candidates, allow_none=False)
+        for name, value in (("old_model", old_model), ("new_model", new_model)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}: a model name (str) or None, got {type(value).__name__}")
         self.old_model, self.new_model = old_model, new_model
-        self.seed = seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed: must be an int, got {seed!r}")
+        self.seed = int(seed)
         self.W0 = self.b0 = self.W1 = self.b1 = self.W2 = None
         #: sorted corpus rows whose fresh embedding is known, and those rows (unit, float32)
         self.index = np.zeros(0, np.int64)
@@ -108,6 +116,7 @@ class Corrector:
         self.info = {}
         #: :meth:`check`'s dev scores ({"old_model": ..., "corrected": ...}) once it ran
         self.dev_scores = None
+        self._token = None  # a Dask token, renewed by fit and load
 
     # ------------------------------------------------------------------------------------
     # fit
@@ -154,6 +163,8 @@ class Corrector:
             raise ValueError("dev_old: the check against the old model needs corpus and dev "
                              "too")
         t0 = time.perf_counter()
+        self.info = {}
+        self._token = os.urandom(16).hex()
         x = _unit(_validate.as_queries("stale", stale, dtype=np.float64, what="record"))
         y = _unit(_validate.as_queries("fresh", fresh, dtype=np.float64, what="record"))
         if x.shape[0] != y.shape[0]:
@@ -179,6 +190,9 @@ class Corrector:
                       for a in RIDGE_GRID}
             alpha = max(scores, key=lambda a: (scores[a], a))
             self.info["ridge_heldout_cos"] = {str(a): float(s) for a, s in scores.items()}
+            held_out = scores[alpha]
+        else:
+            held_out = _heldout_cos(_ridge(x[rest], y[rest], alpha), x[hold], y[hold])
         self.info["alpha"] = float(alpha)
         W, b = _ridge(x, y, alpha)
         self.W0, self.b0 = W.astype(np.float32), b.astype(np.float32)
@@ -189,13 +203,15 @@ class Corrector:
             self.fresh = y[order].astype(np.float32)
         else:
             self.index, self.fresh = np.zeros(0, np.int64), None
+        self.info["heldout_cos"] = float(held_out)  # the ridge map fitted without them
         if self.kind == "mlp":
             mined = _Mined(self, corpus, train, dev) if train is not None else None
-            if mined is None:  # early-stopped on held-out pairs: the map starts from theirs
+            on_pairs = mined is None or mined.dev is None
+            if on_pairs:  # early-stopped on the held-out pairs: trained without them
                 W, b = _ridge(x[rest], y[rest], alpha)
-            _Trainer(self, x, y, W, b, hold if mined is None or mined.dev is None else None,
-                     mined, rng).run()
-        self.info["heldout_cos"] = float(_heldout_cos(self, x[hold], y[hold]))
+            _Trainer(self, x, y, W, b, hold if on_pairs else None, mined, rng).run()
+            self.info["heldout_cos"] = float(_heldout_cos(self, x[hold], y[hold])) \
+                if on_pairs else None  # (trained on every pair: no held-out pairs left)
         self.info["pairs"] = int(x.shape[0])
         self.info["fit_seconds"] = time.perf_counter() - t0
         log.info("Corrector(%s): %d pairs, %d -> %d dims, alpha=%.3g, held-out cosine %.4f, "
@@ -389,10 +405,16 @@ class Corrector:
         self.index = data["index"]
         self.fresh = data.get("fresh")
         self.info, self.dev_scores = meta["info"], meta["dev_scores"]
+        self._token = os.urandom(16).hex()
         if self.W0.shape != (meta["d_old"], meta["d_new"]):
             raise ValueError(f"{path}: its map is {self.W0.shape}, its header says "
                              f"({meta['d_old']}, {meta['d_new']}); save it again")
         return self
+
+    def __dask_tokenize__(self):
+        """A cheap token for Dask graphs (hashing the maps and the sample's fresh rows on every
+        pass would cost O(m d)): a random id renewed by every fit and load."""
+        return ("nudgefast.Corrector", self._token)
 
     def __repr__(self):
         if self.W0 is None:
@@ -453,7 +475,9 @@ def as_corrector(name, value) -> Corrector:
     if not isinstance(value, Corrector):
         raise TypeError(f"{name}: expected a fitted nudgefast.Corrector, got "
                         f"{type(value).__name__}")
-    value._check_fitted()
+    if value.W0 is None:
+        raise ValueError(f"{name}: the Corrector is not fitted; call {name}.fit(stale, fresh, "
+                         f"index) (or Corrector.load(path)) first")
     return value
 
 
@@ -479,6 +503,10 @@ class CorrectedRows:
 
     def __len__(self):
         return self.shape[0]
+
+    def stored_row(self, row) -> np.ndarray:
+        """Row ``row`` as stored (stale), for an error message."""
+        return np.asarray(self.source[row])
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
@@ -545,18 +573,20 @@ class _Mined:
 
     def __init__(self, c: Corrector, corpus, train, dev):
         from .search import search
+        from .queryset import check_answers
         k = int(c.candidates)
-        queries = [train.embeddings] + ([dev.embeddings] if dev is not None else [])
-        q = np.ascontiguousarray(np.vstack(queries), dtype=np.float32)
-        if q.shape[1] != c.d_new:
-            raise ValueError(f"train: queries of d={q.shape[1]}, the new model's embeddings "
-                             f"have d={c.d_new}; pass the new model's query embeddings")
+        for name, qs in (("train", train), ("dev", dev)):
+            if qs is not None and qs.embeddings.shape[1] != c.d_new:
+                raise ValueError(f"{name}: queries of d={qs.embeddings.shape[1]}, the new "
+                                 f"model's embeddings have d={c.d_new}; pass the new model's "
+                                 f"query embeddings")
         n = corpus.shape[0]
-        top = search(q, corpus, min(k, n), corrector=c, progress=False).indices
         n_train = len(train)
         csr = train.csr(unique=True)
-        from .queryset import check_answers
         check_answers("train", csr, n)
+        queries = [train.embeddings] + ([dev.embeddings] if dev is not None else [])
+        q = np.ascontiguousarray(np.vstack(queries), dtype=np.float32)
+        top = search(q, corpus, min(k, n), corrector=c, progress=False).indices
         width = min(k, n) + int(csr.counts.max(initial=0))
         cand = np.full((n_train, width), -1, np.int64)
         pos = np.zeros((n_train, width), bool)
@@ -718,7 +748,18 @@ class _Trainer:
         steps = max(pair_steps, query_steps)
         use_dev = mi is not None and mi.dev is not None
         every, patience = (2, 4) if use_dev else (1, c.patience)
-        best, best_score, waits, epoch = None, -np.inf, 0, -1
+        def evaluate():
+            if use_dev:
+                return mi.dev_ndcg(self.forward)
+            return float(np.mean(np.sum(self.forward(self.xh)[0] * self.yh, axis=1)))
+
+        # The start (the ridge map, the residual at zero) is a candidate too: training never
+        # returns weights that score worse than where it began.
+        best, best_score, waits, epoch = None, evaluate(), 0, -1
+        best = {k: v.copy() for k, v in self.p.items()}
+        c.info["best_epoch"] = 0
+        if not np.isfinite(best_score):
+            best_score = -np.inf
         for epoch in range(c.epochs):
             pairs = rng.permutation(n_pairs)
             qorder = rng.permutation(queries)
@@ -731,12 +772,9 @@ class _Trainer:
                     qs = (s % query_steps) * self.QUERY_BATCH
                     self.query_grads(qorder[qs:qs + self.QUERY_BATCH], grads)
                 self.step(grads)
-            if (epoch + 1) % every:
+            if (epoch + 1) % every and epoch + 1 < c.epochs:
                 continue
-            if use_dev:
-                score = mi.dev_ndcg(self.forward)
-            else:
-                score = float(np.mean(np.sum(self.forward(self.xh)[0] * self.yh, axis=1)))
+            score = evaluate()
             log.debug("Corrector epoch %d: %s %.4f", epoch + 1,
                       "dev NDCG@10 (mined)" if use_dev else "held-out cosine", score)
             if score > best_score + 1e-5:

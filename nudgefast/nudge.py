@@ -153,9 +153,11 @@ class NudgeResult:
     def _check_shape(self, shape):
         n, d = shape
         if n != self.n_records or d != self.vectors.shape[1]:
+            hint = (" (a result fitted with a corrector is in the new model's space: apply it "
+                    "to corrector.apply(corpus))" if n == self.n_records else "")
             raise ValueError(f"corpus: shape {tuple(shape)} differs from the fitted corpus "
                              f"({self.n_records}, {self.vectors.shape[1]}); apply the result "
-                             f"to the corpus it was fitted on")
+                             f"to the corpus it was fitted on{hint}")
 
     def _apply_codes(self, qc, out, chunk_rows):
         from ._quantized import requantize

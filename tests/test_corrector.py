@@ -169,7 +169,8 @@ def test_bad_inputs_name_the_argument():
         Corrector("linear")
     with pytest.raises(ValueError, match="alpha: must be a positive number"):
         Corrector(alpha=-1.0)
-    with pytest.raises(RuntimeError, match="call fit"):
+    with pytest.raises(ValueError, match=r"corrector: the Corrector is not fitted; call "
+                                         r"corrector\.fit"):
         search(fresh[:3], stale, 3, corrector=Corrector())
     with pytest.raises(ValueError, match="fresh: 99 rows for 100 stale rows"):
         Corrector().fit(stale[:100], fresh[:99])
@@ -347,3 +348,57 @@ def test_query_loss_mines_answers_first_and_learns():
     got = metrics(search(dev.embeddings, stale, 10, corrector=c).indices, dev, 10)["ndcg@10"]
     base = metrics(search(dev.embeddings, stale, 10, corrector=ridge).indices, dev, 10)["ndcg@10"]
     assert got > base
+
+
+def test_dask_fit_with_corrector_equals_host_fit(tmp_path):
+    """A fit on a dask corpus through a corrector is the host fit, bit for bit on cpp (its
+    correct_rows gives a row the same bits in any chunk): the workers correct their blocks,
+    the client the touched rows it receives, with the same backend."""
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("dask.array")
+    if "cpp" not in BACKENDS:
+        pytest.skip("cpp backend not built")
+    from conftest import awkward
+    from nudgefast import _dask
+    ds = awkward(n=1237, d=37, seed=9)
+    stale = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    rng = np.random.default_rng(9)
+    fresh = _unit(np.tanh(stale @ rng.standard_normal((37, 37)))).astype(np.float32)
+    sample = np.sort(rng.choice(1237, 200, replace=False))
+    c = Corrector().fit(stale[sample], fresh[sample], index=sample)
+    np.save(tmp_path / "stale.npy", stale)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cl, distributed.Client(cl):
+        x = _dask.npy_corpus([tmp_path / "stale.npy"], block_rows=333)
+        for est in (NudgeN(backend="cpp", k_val=3), NudgeM(backend="cpp")):
+            a = est.fit(x, ds.train, ds.dev, corrector=c)
+            b = est.fit(stale, ds.train, ds.dev, corrector=c)
+            assert a.gamma == b.gamma
+            np.testing.assert_array_equal(a.indices, b.indices)
+            np.testing.assert_array_equal(a.vectors, b.vectors)
+        # rows numbered from an offset: the sample's fresh rows stay on their corpus rows
+        rows = _dask.as_corpus("corpus", x, "cpp", corrector=c)
+        q = np.ascontiguousarray(ds.dev.embeddings, dtype=np.float32)
+        s, i = _dask.topk_pass(None, q, rows, 7, row_offset=1000)
+        one = search(q, stale, 7, corrector=c, backend="cpp")
+        np.testing.assert_array_equal(i, one.indices + 1000)
+        np.testing.assert_array_equal(s, one.scores)
+
+
+def test_mlp_keeps_its_start_when_training_never_improves():
+    """One epoch with dev early stopping (checked every 2 epochs) still evaluates; a model
+    that never beats its start returns the start (the ridge map), not an error."""
+    from conftest import awkward
+    ds = awkward(n=400, d=11, seed=10, n_train=60, n_dev=20)
+    stale = np.ascontiguousarray(ds.corpus, dtype=np.float32)
+    rng = np.random.default_rng(10)
+    fresh = _unit(stale @ rng.standard_normal((11, 11))).astype(np.float32)
+    sample = np.sort(rng.choice(400, 80, replace=False))
+    c = Corrector("mlp", hidden=8, epochs=1, candidates=10)
+    c.fit(stale[sample], fresh[sample], index=sample, train=ds.train, corpus=stale, dev=ds.dev)
+    assert c.info["epochs"] == 1 and c.info["best_epoch"] in (0, 1)
+    ridge = Corrector(alpha=c.info["alpha"]).fit(stale[sample], fresh[sample], index=sample)
+    if c.info["best_epoch"] == 0:
+        np.testing.assert_array_equal(c.W0, ridge.W0)
+    with pytest.raises(ValueError, match="lr: must be a positive number"):
+        Corrector("mlp", lr=float("nan"))

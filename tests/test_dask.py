@@ -668,6 +668,23 @@ def test_apply_touched_only_npy_shards_in_place(client, tmp_path):
         res.apply(ro, ro, touched_only=True)
 
 
+def test_apply_touched_only_sharded_zarr(client, tmp_path):
+    """A sharded Zarr array (zarr 3) is written one shard per task: two tasks writing inner
+    chunks of one shard would each rewrite the whole shard, and one write would be lost."""
+    zarr = pytest.importorskip("zarr")
+    if not hasattr(zarr, "create_array"):
+        pytest.skip("zarr 2: no sharding")
+    ds, corpus, _ = _data()
+    res = NudgeN(k_val=3).fit(corpus, ds.train, ds.dev)
+    out = zarr.create_array(str(tmp_path / "s.zarr"), shape=corpus.shape, dtype="float32",
+                            chunks=(50, corpus.shape[1]), shards=(500, corpus.shape[1]))
+    out[...] = corpus
+    res.apply(_blocks(corpus), out, touched_only=True)
+    np.testing.assert_array_equal(out[...], _touched_only_want(corpus, res))
+    with pytest.raises(TypeError, match="a boolean mask would read the whole corpus"):
+        _dask.as_corpus("corpus", _blocks(corpus))[np.ones(corpus.shape[0], bool)]
+
+
 def test_apply_arguments(client, tmp_path):
     zarr = pytest.importorskip("zarr")
     ds, corpus, _ = _data()
