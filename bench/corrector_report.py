@@ -10,7 +10,7 @@ queries, k = 10: the old model end to end (old queries on the stale corpus); the
 fully re-embedded (and + NUDGE-N); the new queries on the uncorrected stale corpus (same d
 only); the corrected corpus for each corrector kind (``ridge``: the pairs, closed form;
 ``mlp``: the residual MLP (hidden 1024) learning from the train queries too, early-stopped on
-dev) at each budget b of re-embedded records, sampled uniformly and query-aware (train answers
+dev; ``linear``: the same training with hidden 0) at each budget b of re-embedded records, sampled uniformly and query-aware (train answers
 first, then the records the old model's train queries retrieve most); each + NUDGE-N fitted on
 the corrected corpus (train queries, dev for gamma), corrected inside the pass. Recall@10,
 NDCG@10 and, for the NDCG goal, the share of the gap between the old model and full
@@ -42,6 +42,10 @@ from nudgefast import benchmark, datasets
 from nudgefast.queryset import QuerySet
 
 log = logging.getLogger("corrector_report")
+#: The report's corrector kinds: the closed-form ridge map (pairs), the residual MLP (hidden
+#: 1024) and a linear map (hidden 0) trained like it, on the pairs and the train queries.
+KINDS = {"ridge": dict(kind="ridge"), "mlp": dict(kind="mlp", hidden=1024),
+         "linear": dict(kind="mlp", hidden=0)}
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
 
@@ -93,9 +97,9 @@ def quality(folder: Path, kinds, budgets, seed):
             sample = nf.choose_sample(n, b, strategy, train=train, old_queries=old["train"].embeddings,
                                       corpus=stale, seed=seed)
             for kind in kinds:
-                c = nf.Corrector(kind, old_model="all-MiniLM-L6-v2", new_model=folder.name,
-                                 seed=seed)
-                kw = dict(train=train, corpus=stale, dev=dev) if kind == "mlp" else {}
+                c = nf.Corrector(**KINDS[kind], old_model="all-MiniLM-L6-v2",
+                                 new_model=folder.name, seed=seed)
+                kw = dict(train=train, corpus=stale, dev=dev) if c.kind == "mlp" else {}
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     t0 = time.perf_counter()
@@ -162,7 +166,7 @@ def _machine():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(SHARED))
-    p.add_argument("--kinds", nargs="+", default=["ridge", "mlp"])
+    p.add_argument("--kinds", nargs="+", default=["ridge", "mlp"], choices=sorted(KINDS))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.25])
     p.add_argument("--rows", type=int, default=2_000_000, help="the cost pass's corpus rows")
     p.add_argument("--queries", type=int, nargs="+", default=[1000, 4000])
@@ -177,6 +181,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folders = [f for f in datasets.find(args.data) if (f / "stale_corpus.npy").exists()]
+    folders.sort(key=lambda f: (not f.name.endswith("-ft"), f.name))  # the goals' dataset first
     result = {"date": datetime.date.today().isoformat(), "machine": _machine(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                        capture_output=True, text=True).stdout.strip(),

@@ -433,17 +433,31 @@ def _reduce(parts):
                              allow_other_workers=True, pure=False)
 
     held = {}  # worker -> finished lists there, not merged yet
+
+    def place(fs, merge):
+        """Group finished lists by the worker holding them (one ``who_has`` for all); with
+        ``merge``, a worker's group reaching the fan-in is merged there."""
+        holders = client.who_has(fs)
+        for f in fs:
+            worker = (tuple(holders.get(f.key, ())) or (None,))[0]  # None: lost, recomputed
+            held.setdefault(worker, []).append(f)
+            if merge and len(held[worker]) >= MERGE_FAN_IN:
+                done.add(submit(held.pop(worker), worker))
+
+    # Lists are placed in batches of about MERGE_FAN_IN per worker (one who_has round trip
+    # per batch, not per block): a worker holds O(MERGE_FAN_IN) lists, not its every block's.
+    batch_size = MERGE_FAN_IN * max(1, len(client.scheduler_info().get("workers", {})))
     done = as_completed(client.compute(parts))
+    waiting = []
     for batch in done.batches():
         for f in batch:
             if f.status == "error":
                 f.result()  # raises the worker's error (a bad backend request, a read error)
-        holders = client.who_has(batch)
-        for f in batch:
-            worker = (tuple(holders.get(f.key, ())) or (None,))[0]  # None: lost, recomputed
-            held.setdefault(worker, []).append(f)
-            if len(held[worker]) >= MERGE_FAN_IN:
-                done.add(submit(held.pop(worker), worker))
+        waiting += batch
+        if len(waiting) >= batch_size:
+            place(waiting, merge=True)
+            waiting = []
+    place(waiting, merge=False)
     last = [submit(fs, w) if len(fs) > 1 else fs[0] for w, fs in held.items()]
     return _merge(*client.gather(last))
 

@@ -205,7 +205,7 @@ class Corrector:
             self.index, self.fresh = np.zeros(0, np.int64), None
         self.info["heldout_cos"] = float(held_out)  # the ridge map fitted without them
         if self.kind == "mlp":
-            mined = _Mined(self, corpus, train, dev) if train is not None else None
+            mined = _Mined(self, corpus, train, dev, rng) if train is not None else None
             on_pairs = mined is None or mined.dev is None
             if on_pairs:  # early-stopped on the held-out pairs: trained without them
                 W, b = _ridge(x[rest], y[rest], alpha)
@@ -564,14 +564,23 @@ def _heldout_cos(model, x, y):
     return float(np.mean(np.sum(pred * y, axis=1)))
 
 
+#: Random corpus records every query is also contrasted with (and dev re-ranks against): the
+#: map must not lift records outside the mined candidates (without them a map trained on a
+#: different model family re-ranked its candidates well and lost the rest of the corpus).
+RANDOM_POOL = 4096
+#: Of the pool, the records each training step adds to every query's candidates.
+RANDOM_NEGATIVES = 256
+
+
 class _Mined:
     """What the query loss reads: each train query's candidates (its answers first, then its
     top ``candidates`` records on the ridge-corrected corpus, one search pass for train and
     dev queries together), the dev queries' candidates (their top records only: re-ranked to
-    score an epoch), and the stale rows of every candidate (O((n_train + n_dev) K) rows,
-    whatever N), those of sampled records replaced by their fresh rows (constants)."""
+    score an epoch), a pool of random records (:data:`RANDOM_POOL`: extra negatives for both),
+    and the stale rows of every one of them (O((n_train + n_dev) K + pool) rows, whatever N),
+    those of sampled records replaced by their fresh rows (constants)."""
 
-    def __init__(self, c: Corrector, corpus, train, dev):
+    def __init__(self, c: Corrector, corpus, train, dev, rng=None):
         from .search import search
         from .queryset import check_answers
         k = int(c.candidates)
@@ -596,8 +605,11 @@ class _Mined:
             cand[i, :ans.size + rest.size] = np.concatenate([ans, rest])
             pos[i, :ans.size] = True
         dev_top = top[n_train:]
-        rows = np.unique(np.concatenate([cand[cand >= 0], dev_top[dev_top >= 0]]))
+        rng = np.random.default_rng(c.seed) if rng is None else rng
+        pool = rng.choice(n, min(n, RANDOM_POOL), replace=False)
+        rows = np.unique(np.concatenate([cand[cand >= 0], dev_top[dev_top >= 0], pool]))
         self.rows = rows
+        self.pool = np.searchsorted(rows, np.sort(pool))
         self.cand = np.where(cand >= 0, np.searchsorted(rows, cand), -1)
         self.pos = pos
         self.tq = np.ascontiguousarray(train.embeddings, dtype=np.float32)
@@ -621,13 +633,23 @@ class _Mined:
         """NDCG@10 of the dev queries re-ranking their mined candidates with ``forward``."""
         from .metrics import metrics
         z = self.corrected(forward)
-        idx = np.maximum(self.dev_cand, 0)
+        cand = self.with_pool(self.dev_cand, self.pool)
+        idx = np.maximum(cand, 0)
         s = np.einsum("qd,qkd->qk", self.dq, z[idx])
-        s[self.dev_cand < 0] = -np.inf
+        s[cand < 0] = -np.inf
         order = np.argsort(-s, axis=1, kind="stable")[:, :10]
-        ranked = np.take_along_axis(self.dev_cand, order, axis=1)
+        ranked = np.take_along_axis(cand, order, axis=1)
         ranked = np.where(ranked >= 0, self.rows[np.maximum(ranked, 0)], -1)
         return metrics(ranked, self.dev, 10)["ndcg@10"]
+
+    @staticmethod
+    def with_pool(cand, extra):
+        """``cand`` (n, K) local rows (-1 padding) with the ``extra`` rows appended to every
+        row, those already in the row masked (-1): no record twice in a ranking."""
+        more = np.broadcast_to(extra, (cand.shape[0], extra.size)).copy()
+        for i in range(cand.shape[0]):
+            more[i, np.isin(extra, cand[i])] = -1
+        return np.concatenate([cand, more], axis=1)
 
     def corrected(self, forward) -> np.ndarray:
         z = np.empty_like(self.fixed)
@@ -714,7 +736,10 @@ class _Trainer:
 
     def query_grads(self, qi, grads):
         mi = self.mined
-        cand, pos = mi.cand[qi], mi.pos[qi]
+        negatives = self.rng.choice(mi.pool, min(RANDOM_NEGATIVES, mi.pool.size),
+                                    replace=False)
+        cand = mi.with_pool(mi.cand[qi], negatives)
+        pos = np.concatenate([mi.pos[qi], np.zeros((qi.size, negatives.size), bool)], axis=1)
         valid = cand >= 0
         uniq, inv = np.unique(cand[valid], return_inverse=True)
         z = np.empty((uniq.size, mi.fixed.shape[1]), np.float32)
