@@ -8,10 +8,13 @@ fresh row) of a re-embedded sample maps every other record's stale row into the 
 
     y(x) = normalize(x W0 + b0 [+ relu(x W1 + b1) W2])        x: the unit stale row
 
-``kind="ridge"`` (the default): the linear map alone, closed-form ridge regression (exact,
-seconds; the penalty chosen on held-out pairs). ``kind="mlp"``: the ridge map plus a residual
-two-layer network, trained with Adam in NumPy from the ridge solution (the residual starts at
-zero), early-stopped on held-out pairs. ``d_old != d_new`` is allowed.
+``kind="ridge"`` (the default): the linear map alone, closed-form ridge regression on the
+pairs (exact, under a second; the penalty chosen on held-out pairs). ``kind="mlp"``: the
+ridge map plus a residual two-layer network (``hidden=0``: the linear map alone), trained with
+Adam in NumPy from the ridge solution (the residual starts at zero) on the pairs' cosine loss
+and, given the new model's train queries, the corrector paper's task loss (InfoNCE over each
+query's answers, its mined candidates and random records), early-stopped on dev (or held-out
+pairs). ``d_old != d_new`` is allowed.
 
 The corrected corpus uses each sampled record's true fresh row (:meth:`Corrector.fit`'s
 ``index``), and the map everywhere else. It is never materialised unless asked:
