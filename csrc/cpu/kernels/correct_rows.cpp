@@ -44,22 +44,7 @@ inline Vec vset1(float a) { return _mm256_set1_ps(a); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vrelu(Vec v) { return _mm256_max_ps(v, _mm256_setzero_ps()); }
 #else
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(__FMA__)
-// fmaf(a, b, c) without an FMA instruction (the same emulation as topk's baseline): a * b is
-// exact in double, so the double sum rounded to float rounds once unless it lies exactly halfway
-// between two floats (or among float subnormals); then std::fma.
-inline float fused(float a, float b, float c) {
-    const double s = static_cast<double>(a) * static_cast<double>(b) + static_cast<double>(c);
-    uint64_t bits;
-    std::memcpy(&bits, &s, sizeof bits);
-    const bool midpoint = (bits & 0x1fffffffu) == 0x10000000u;
-    const bool subnormal = ((bits >> 52) & 0x7ffu) < 1023u - 126u && (bits << 1) != 0;
-    if (midpoint || subnormal) return std::fma(a, b, c);
-    return static_cast<float>(s);
-}
-#else
-inline float fused(float a, float b, float c) { return std::fma(a, b, c); }
-#endif
+#include "fused_fma.hpp"  // fused(): the scalar FMA, one rounding
 // Four scalar lanes: the same tile geometry code, one rounding per step like the vector FMAs.
 struct Vec {
     float v[4];
